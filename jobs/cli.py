@@ -1,0 +1,178 @@
+"""``induction-sweep``: the command line (DESIGN §7).
+
+Exit status: 0 done; 2 bad input (one line on stderr, nothing written); 1 a failure during the
+run (rerunning the same command resumes). Heavy imports (Ray, TransformerLens) happen inside the
+commands, so ``bench`` and ``--help`` need neither Ray nor a cluster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Optional, Sequence
+
+PROG = "induction-sweep"
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 (argparse would print the whole usage)
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        sys.exit(2)
+
+
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="toy-2l, a TransformerLens name, or a checkpoint directory (local or s3://)")
+    p.add_argument("--out", required=True, help="output URI: a local path or s3://bucket/prefix")
+    p.add_argument("--experiment", default="all", help="token-powers, fixed-pair, neighbors or all (default)")
+    p.add_argument("--tokens", default=None, help="fixed tokens are ids 4..4+N-1; 'all' for the whole vocabulary "
+                   "(default: 10000, or all where the vocabulary is smaller)")
+    p.add_argument("--seqs", type=int, default=256, help="sequences per token and role (default 256)")
+    p.add_argument("--pairs", type=int, default=4096, help="sequences per fixed-pair scenario and for neighbors (default 4096)")
+    p.add_argument("--neighbors", type=int, default=20, help="K nearest neighbours of B to score (default 20)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", default="auto", help="auto (bf16 on GPU, fp32 on CPU), fp32, tf32 or bf16")
+    p.add_argument("--batch-size", type=int, default=None, help="sequences per forward (default: by device)")
+    p.add_argument("--shard-size", type=int, default=65536, help="sequences per shard file (default 65536)")
+    p.add_argument("--actors", default=None, help="N or auto: one per GPU, else one per 2 CPUs")
+    p.add_argument("--gpus-per-actor", type=float, default=None, help="GPUs per actor, fractions allowed")
+    p.add_argument("--address", default=None, help="join a running Ray cluster (default: start a local one)")
+    p.add_argument("--save-tokens", action="store_true", help="store each row's exact model inputs")
+    p.add_argument("--overwrite", action="store_true", help="replace a run with another config at --out")
+    p.add_argument("--pair-a", default=None, help='fixed A: a token string (" Fab") or an id')
+    p.add_argument("--pair-b", default=None, help='fixed B: a token string ("ien") or an id')
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog=PROG, description="Measure induction strength across a vocabulary, on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    add_run_options(sub.add_parser("run", help="run a sweep (local Ray cluster unless --address)"))
+
+    p = sub.add_parser("submit", help="submit a run to a Ray cluster as a Ray Job")
+    p.add_argument("--address", required=True, help="the cluster's dashboard, http://HEAD:8265")
+    p.add_argument("--wait", action="store_true", help="stream the job's logs and return its outcome")
+    p.add_argument("--python", default="python", help="interpreter on the cluster (default: python)")
+    p.add_argument("run_args", nargs=argparse.REMAINDER, help="the run's options (as for `run`)")
+
+    p = sub.add_parser("status", help="shards done/total of a run")
+    p.add_argument("uri")
+    p = sub.add_parser("fetch", help="copy a run's aggregates, plots and report to a directory")
+    p.add_argument("uri")
+    p.add_argument("--to", required=True)
+    p.add_argument("--shards", action="store_true", help="the shards too")
+    p = sub.add_parser("report", help="aggregate a run's shards again and rewrite its report")
+    p.add_argument("uri")
+
+    p = sub.add_parser("bench", help="throughput of the scorer against the plain TransformerLens loop")
+    p.add_argument("--model", default=None, help="default: random weights of attn-only-2l's shape")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    p.add_argument("--seconds", type=float, default=None, help="time per measurement (default 3 on CPU, 2 on GPU)")
+    p.add_argument("--actors", action="store_true", help="also measure 1 and 2 CPU actors through Ray")
+
+    p = sub.add_parser("export-model", help="write a model as a checkpoint directory (local or s3://)")
+    p.add_argument("model")
+    p.add_argument("dir")
+    return parser
+
+
+def run_config(args: argparse.Namespace):
+    from jobs.config import RunConfig, check_options
+
+    check_options(args.experiment, args.tokens, args.seqs, args.pairs, args.neighbors, args.batch_size, args.actors,
+                  args.gpus_per_actor, args.shard_size, args.precision)
+    from workers.experiments import EXPERIMENTS
+
+    return RunConfig(
+        model=args.model, out=args.out,
+        experiments=EXPERIMENTS if args.experiment == "all" else (args.experiment,),
+        seqs=args.seqs, pairs=args.pairs, neighbors=args.neighbors, seed=args.seed, precision=args.precision,
+        save_tokens=args.save_tokens, shard_size=args.shard_size, batch_size=args.batch_size,
+        actors=None if args.actors in (None, "auto") else int(args.actors), gpus_per_actor=args.gpus_per_actor,
+        address=args.address, overwrite=args.overwrite)
+
+
+def cmd_run(args) -> int:
+    from jobs import driver
+
+    cfg = run_config(args)
+    summary = driver.run(cfg, args.pair_a, args.pair_b, args.tokens, progress=not args.quiet)
+    print(json.dumps(summary, indent=2))
+    print(f"report: {cfg.out.rstrip('/')}/report.html")
+    return 0
+
+
+def cmd_submit(args) -> int:
+    from jobs import submit
+
+    run_args = [a for a in args.run_args if a != "--"]
+    run_config(build_parser().parse_args(["run", *run_args]))  # refuse bad options before submitting
+    return submit.submit(args.address, run_args, wait=args.wait, python=args.python)
+
+
+def cmd_status(args) -> int:
+    from jobs import results
+
+    print(results.status_text(args.uri))
+    return 0
+
+
+def cmd_fetch(args) -> int:
+    from jobs import results
+
+    for path in results.fetch(args.uri, args.to, shards=args.shards):
+        print(path)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from jobs import driver, manifest
+    from storage import open_store
+
+    store = open_store(args.uri)
+    summary = driver.finish(store, manifest.config_of(store))
+    print(json.dumps(summary, indent=2))
+    print(f"report: {store.join('report.html')}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from jobs import bench
+
+    return bench.main(args)
+
+
+def cmd_export(args) -> int:
+    from workers import models
+
+    models.export_model(models.load_model(args.model, "cpu"), args.dir)
+    print(f"exported {args.model} to {args.dir}")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "submit": cmd_submit, "status": cmd_status, "fetch": cmd_fetch, "report": cmd_report,
+            "bench": cmd_bench, "export-model": cmd_export}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    from jobs.errors import ConfigError, RunFailed
+    from storage import StorageError, StorageInputError
+    from workers.models import ModelInputError
+
+    try:
+        return COMMANDS[args.command](args)
+    except (ConfigError, ModelInputError, StorageInputError) as exc:
+        sys.stderr.write(f"{PROG}: error: {exc}\n")
+        return 2
+    except (RunFailed, StorageError) as exc:
+        sys.stderr.write(f"{PROG}: run failed: {exc}; rerunning the same command resumes\n")
+        return 1
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{PROG}: interrupted; rerunning the same command resumes\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

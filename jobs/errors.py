@@ -1,0 +1,9 @@
+"""The two kinds of failure the command line tells apart (DESIGN §7)."""
+
+
+class ConfigError(ValueError):
+    """Bad input: one line on stderr, exit 2, nothing written."""
+
+
+class RunFailed(RuntimeError):
+    """A failure during the run (exit 1): rerunning the same command resumes."""

@@ -1,0 +1,111 @@
+"""The run's manifest (``manifest.json``) and the state of its shards, read from storage alone."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from jobs.config import RunConfig, plan_shards
+from jobs.errors import ConfigError
+from storage import Store
+from storage.arrow import parquet_rows
+from workers.shard import ShardSpec
+
+MANIFEST = "manifest.json"
+RUN_PREFIXES = ("shards/", "aggregates/", "plots/", "report.html", "vocab.parquet", MANIFEST)
+
+
+def code_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        v = version("induction-sweep")
+    except PackageNotFoundError:
+        v = "unknown"
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
+                                capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return f"{v}+{commit}" if commit else v
+
+
+def read(store: Store) -> Optional[dict]:
+    try:
+        return json.loads(store.get(MANIFEST))
+    except FileNotFoundError:
+        return None
+
+
+def write(store: Store, cfg: RunConfig, n_shards: int, status: str, **extra) -> dict:
+    manifest = {
+        "config": cfg.science(),
+        "config_hash": cfg.config_hash,
+        "code_version": code_version(),
+        "shards": n_shards,
+        "status": status,
+        "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **extra,
+    }
+    store.put(MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+    return manifest
+
+
+def check_compatible(store: Store, cfg: RunConfig) -> Optional[dict]:
+    """The existing manifest if it is this config's; ConfigError for another config (unless --overwrite)."""
+    existing = read(store)
+    if existing is None or existing.get("config_hash") == cfg.config_hash or cfg.overwrite:
+        return existing
+    raise ConfigError(f"{store.uri} holds a run with another config (hash {existing.get('config_hash')}, "
+                      f"this one {cfg.config_hash}); use another --out or --overwrite")
+
+
+def clear(store: Store) -> None:
+    """Remove a previous run's files (for --overwrite)."""
+    for prefix in RUN_PREFIXES:
+        store.delete_prefix(prefix)
+
+
+@dataclass
+class ShardStates:
+    done: list[ShardSpec]
+    missing: list[ShardSpec]
+    corrupt: list[ShardSpec]
+
+    @property
+    def total(self) -> int:
+        return len(self.done) + len(self.missing) + len(self.corrupt)
+
+
+def shard_states(store: Store, cfg: RunConfig, specs: Optional[list[ShardSpec]] = None) -> ShardStates:
+    """Which planned shards are stored whole (a readable footer with the expected row count)."""
+    specs = plan_shards(cfg) if specs is None else specs
+    listing = store.list("shards/")
+    n_neighbors = cfg.work_params.n_neighbors
+
+    def whole(spec: ShardSpec) -> bool:
+        try:
+            return parquet_rows(store, spec.key, listing[spec.key]) == spec.n_rows(n_neighbors)
+        except Exception:
+            return False
+
+    present = [s for s in specs if s.key in listing]
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        ok = dict(zip((s.key for s in present), pool.map(whole, present)))
+    return ShardStates(
+        done=[s for s in present if ok[s.key]],
+        missing=[s for s in specs if s.key not in listing],
+        corrupt=[s for s in present if not ok[s.key]],
+    )
+
+
+def config_of(store: Store) -> RunConfig:
+    manifest = read(store)
+    if manifest is None:
+        raise ConfigError(f"no run at {store.uri} (no {MANIFEST})")
+    return RunConfig.from_science(manifest["config"], out=store.uri)

@@ -1,0 +1,132 @@
+"""The post's plots (PNG, matplotlib) and a self-contained ``report.html`` (images inlined)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from jobs.aggregate import FIXED_PAIR_RANGE, LOGODDS_BINS, LOGODDS_RANGE  # noqa: E402
+from storage import Store  # noqa: E402
+
+
+def _png(fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def token_powers_plot(hist: pd.DataFrame, summary: dict) -> bytes:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for role, color in (("A", "tab:blue"), ("B", "tab:orange")):
+        h = hist[hist.role == role]
+        mean = summary.get(f"mean_{role.lower()}_power", float("nan"))
+        ax.stairs(h["count"], np.append(h.bin_lo.values, h.bin_hi.values[-1]), fill=True, alpha=0.5, color=color,
+                  label=f"{role} power (mean {mean:.2f})")
+    ax.set(xlabel="induction strength (nats of log-odds)", ylabel="tokens",
+           title=f"A and B power over {summary.get('tokens')} tokens × {summary.get('seqs')} sequences")
+    ax.legend()
+    return _png(fig)
+
+
+def fixed_pair_strength_plot(hist: pd.DataFrame, pair: str) -> bytes:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for role, h in hist[hist.role.str.startswith("fixed-pair")].groupby("role", sort=False):
+        ax.stairs(h["count"], np.append(h.bin_lo.values, h.bin_hi.values[-1]), label=role.removeprefix("fixed-pair "))
+    ax.set(xlabel="induction strength on B", ylabel="sequences", xlim=FIXED_PAIR_RANGE,
+           title=f"Fixed pair {pair}: strength on B by scenario")
+    ax.legend(title="fixed")
+    return _png(fig)
+
+
+def fixed_pair_logodds_plot(cells: pd.DataFrame, scenarios: list[str]) -> bytes:
+    fig, axes = plt.subplots(1, len(scenarios), figsize=(4 * len(scenarios), 4), squeeze=False)
+    edges = np.linspace(*LOGODDS_RANGE, LOGODDS_BINS + 1)
+    for ax, scenario in zip(axes[0], scenarios):
+        grid = np.zeros((LOGODDS_BINS, LOGODDS_BINS))
+        c = cells[cells.scenario == scenario]
+        xi = np.searchsorted(edges, c.shuffled_lo.values + 1e-9) - 1
+        yi = np.searchsorted(edges, c.induction_lo.values + 1e-9) - 1
+        grid[yi, xi] = c["count"].values
+        ax.pcolormesh(edges, edges, np.ma.masked_equal(grid, 0), cmap="viridis")
+        ax.plot(LOGODDS_RANGE, LOGODDS_RANGE, "w--", lw=0.8)
+        ax.set(title=f"fixed: {scenario}", xlabel="log-odds of B, shuffled", ylabel="log-odds of B, induction")
+    return _png(fig)
+
+
+def neighbors_plot(neigh: pd.DataFrame) -> bytes:
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    shown = neigh[neigh.target.isin(["B", "N1", "N5", "N15", "R"])]
+    left.bar(shown.target, shown["mean"], yerr=shown["sem"], color="tab:green")
+    left.set(ylabel="mean induction strength", title="Strength by target")
+    curve = neigh[neigh.k >= 0].sort_values("k")
+    right.errorbar(curve.k, curve["mean"], yerr=curve["sem"], marker="o", ms=3)
+    r = neigh[neigh.target == "R"]
+    if len(r):
+        right.axhline(float(r["mean"].iloc[0]), color="gray", ls="--", label="random token R")
+        right.legend()
+    right.set(xlabel="k (0 = B itself, k = k-th nearest neighbour of B in W_U)", ylabel="mean strength",
+              title="Induction bleeding to neighbours of B")
+    return _png(fig)
+
+
+def render(store: Store, manifest: dict, agg: dict) -> dict[str, bytes]:
+    """Write plots/*.png and report.html; returns the plots."""
+    summary = agg.get("summary", {})
+    plots: dict[str, bytes] = {}
+    if "token_powers" in agg:
+        plots["token_powers.png"] = token_powers_plot(agg["histograms"], summary["token_powers"])
+    if "fixed_pair" in agg:
+        fp = summary["fixed_pair"]
+        pair = f"A={fp['pair_str'][0]!r} B={fp['pair_str'][1]!r}"
+        plots["fixed_pair_strength.png"] = fixed_pair_strength_plot(agg["histograms"], pair)
+        plots["fixed_pair_logodds.png"] = fixed_pair_logodds_plot(agg["fixed_pair_logodds"], list(agg["fixed_pair"].scenario.unique()))
+    if "neighbors" in agg:
+        plots["neighbors.png"] = neighbors_plot(agg["neighbors"])
+    for name, data in plots.items():
+        store.put(f"plots/{name}", data)
+    store.put("report.html", report_html(manifest, agg, plots).encode())
+    return plots
+
+
+def _img(data: bytes) -> str:
+    return f'<img src="data:image/png;base64,{base64.b64encode(data).decode()}">'
+
+
+def report_html(manifest: dict, agg: dict, plots: dict[str, bytes]) -> str:
+    cfg, summary = manifest["config"], agg.get("summary", {})
+    parts = [f"<h1>Induction sweep: {html.escape(str(cfg['model']))}</h1>",
+             "<p>Induction strength = log-odds of the target after <code>BOS, r×10, A, B, r×10, A</code> minus its "
+             "log-odds after the same 22 inner tokens shuffled (last position only).</p>"]
+    if "token_powers" in agg:
+        tp, table = summary["token_powers"], agg["token_powers"]
+        parts += ["<h2>Token powers</h2>",
+                  f"<p>For each of {tp['tokens']} tokens, {tp['seqs']} sequences with it as A (A power = mean strength on B) "
+                  f"and {tp['seqs']} with it as B (B power). Mean A power <b>{tp['mean_a_power']:.2f}</b> "
+                  f"(std {tp['std_a_power']:.2f}), mean B power <b>{tp['mean_b_power']:.2f}</b> (std {tp['std_b_power']:.2f}), "
+                  f"mean standard error {tp['mean_sem']:.3f}; correlation of A and B power {tp['corr_a_b']:.2f}.</p>",
+                  _img(plots["token_powers.png"]),
+                  "<h3>Weakest and strongest tokens as B</h3>",
+                  table.nsmallest(10, "b_power").to_html(index=False, float_format="%.2f"),
+                  table.nlargest(10, "b_power").to_html(index=False, float_format="%.2f")]
+    if "fixed_pair" in agg:
+        parts += ["<h2>Fixed pair</h2>", agg["fixed_pair"].pivot(index="scenario", columns="target", values="mean")
+                  .to_html(float_format="%.2f"), _img(plots["fixed_pair_strength.png"]), _img(plots["fixed_pair_logodds.png"])]
+    if "neighbors" in agg:
+        parts += ["<h2>Neighbours of B</h2>",
+                  "<p>Mean strength on B, on its k nearest neighbours in the unembedding (cosine), and on a random token.</p>",
+                  _img(plots["neighbors.png"]), agg["neighbors"].to_html(index=False, float_format="%.3f")]
+    parts += ["<h2>Run</h2>", f"<pre>{html.escape(json.dumps(manifest, indent=2))}</pre>"]
+    style = "body{font-family:sans-serif;max-width:1100px;margin:2em auto}img{max-width:100%}table{border-collapse:collapse}" \
+            "td,th{border:1px solid #ccc;padding:2px 6px}"
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>induction-sweep report</title><style>{style}</style></head>" \
+           f"<body>{''.join(parts)}</body></html>"

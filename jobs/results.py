@@ -1,0 +1,74 @@
+"""Finished runs, read through the storage layer: ``status``, ``fetch`` and the notebook API.
+
+    from jobs.results import open_run
+    run = open_run("s3://bucket/sweeps/attn-only-2l")     # or a local path
+    run.manifest, run.aggregates["token_powers"]           # dict, pandas DataFrames
+    run.shards().to_table(columns=["fixed_token", "strength"], filter=...)   # lazy pyarrow dataset
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.dataset as pads
+
+from jobs import aggregate, manifest
+from storage import Store, open_store
+from storage.arrow import filesystem
+
+FETCHED = ("manifest.json", "report.html", "vocab.parquet", "aggregates/", "plots/")
+
+
+@dataclass
+class Run:
+    store: Store
+    manifest: dict
+    aggregates: dict[str, pd.DataFrame | dict]
+
+    def shards(self, experiment: str | None = None) -> pads.Dataset:
+        """Every row, as a pyarrow dataset read lazily (footers first, then only the columns asked for)."""
+        prefix = f"shards/{experiment}/" if experiment else "shards/"
+        keys = sorted(k for k in self.store.list(prefix) if k.endswith(".parquet"))
+        return pads.dataset(keys, format="parquet", filesystem=filesystem(self.store))
+
+
+def open_run(uri: str) -> Run:
+    store = open_store(uri)
+    found = manifest.read(store)
+    if found is None:
+        raise FileNotFoundError(f"no run at {uri} (no manifest.json)")
+    return Run(store, found, aggregate.read(store))
+
+
+def status_text(uri: str) -> str:
+    store = open_store(uri)
+    cfg = manifest.config_of(store)
+    found = manifest.read(store)
+    states = manifest.shard_states(store, cfg)
+    lines = [f"{store.uri}: {found['status']}, shards {len(states.done)}/{states.total} done"
+             f" (model {cfg.model}, config {cfg.config_hash})"]
+    if states.corrupt:
+        lines.append(f"corrupt (recomputed by a rerun): {', '.join(s.key for s in states.corrupt)}")
+    if states.missing and found["status"] != "complete":
+        lines.append(f"missing: {len(states.missing)}")
+    if not states.missing and not states.corrupt and found["status"] == "complete":
+        lines.append("complete")
+    return "\n".join(lines)
+
+
+def fetch(uri: str, to: str, shards: bool = False) -> list[Path]:
+    """Copy aggregates, plots, report and manifest (and shards with ``shards``) into ``to``."""
+    store = open_store(uri)
+    if manifest.read(store) is None:
+        raise FileNotFoundError(f"no run at {uri} (no manifest.json)")
+    target = Path(to)
+    written = []
+    for prefix in FETCHED + (("shards/",) if shards else ()):
+        for key in sorted(store.list(prefix)):
+            path = target / key
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(store.get(key))
+            written.append(path)
+    return written

@@ -1,0 +1,125 @@
+"""End to end on a local Ray cluster with 2 actors: local and S3 (moto) storage, resume, status, fetch."""
+
+import io
+import json
+from dataclasses import replace
+
+import pandas as pd
+import pyarrow.dataset as pads
+import pytest
+
+from jobs import driver, manifest, results
+from jobs.config import RunConfig, plan_shards
+from jobs.errors import ConfigError
+from storage import open_store
+
+SMALL = dict(model="toy-2l", seqs=4, pairs=48, neighbors=5, shard_size=32, actors=2, batch_size=64)
+
+
+def small_run(out, **overrides) -> RunConfig:
+    return RunConfig(out=out, **{**SMALL, **overrides})
+
+
+def aggregates_of(uri):
+    return results.open_run(uri).aggregates
+
+
+def assert_same_aggregates(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        if isinstance(a[name], pd.DataFrame):
+            pd.testing.assert_frame_equal(a[name], b[name], check_exact=True)
+        else:
+            assert a[name] == b[name]
+
+
+@pytest.fixture(scope="module")
+def s3_run(ray_cluster, moto_server):
+    from storage.store import s3_client
+
+    s3_client().create_bucket(Bucket="sweep-runs")
+    uri = "s3://sweep-runs/run"
+    summary = driver.run(small_run(uri), tokens="24", progress=False)
+    return uri, summary
+
+
+def test_s3_run_writes_every_row_once(s3_run):
+    uri, summary = s3_run
+    run = results.open_run(uri)
+    assert run.manifest["status"] == "complete"
+    rows = run.shards("token-powers").to_table().to_pandas()
+    assert len(rows) == 24 * 4 * 2  # tokens × seqs × roles
+    assert not rows.duplicated(["scenario", "fixed_token", "seq"]).any()
+    assert set(rows.fixed_token) == set(range(4, 28))
+    fixed = run.shards("fixed-pair").to_table(columns=["scenario", "target"]).to_pandas()
+    assert len(fixed) == 4 * 48 * 6
+    neigh = run.shards("neighbors").to_table(filter=pads.field("target") == "N5").to_pandas()
+    assert len(neigh) == 48
+    tp = run.aggregates["token_powers"]
+    assert list(tp.columns) == ["token", "token_str", "a_power", "a_sem", "a_n", "b_power", "b_sem", "b_n"]
+    assert (tp.a_n == 4).all() and (tp.b_n == 4).all() and tp.token_str.iloc[0] == "#4"
+    assert summary["token_powers"]["mean_b_power"] == pytest.approx(tp.b_power.mean())
+    keys = open_store(uri).list()
+    for key in ("report.html", "plots/token_powers.png", "plots/neighbors.png", "plots/fixed_pair_strength.png",
+                "aggregates/histograms.parquet", "aggregates/fixed_pair.parquet", "aggregates/neighbors.parquet",
+                "aggregates/summary.json", "manifest.json"):
+        assert key in keys
+    hist = run.aggregates["histograms"]
+    assert hist[hist.role == "A"]["count"].sum() == 24 and len(hist[hist.role == "B"]) == 30
+
+
+def test_status_and_fetch(s3_run, tmp_path):
+    uri, _ = s3_run
+    text = results.status_text(uri)
+    n = len(plan_shards(manifest.config_of(open_store(uri))))
+    assert f"shards {n}/{n} done" in text and "complete" in text
+    paths = {p.relative_to(tmp_path / "got").as_posix() for p in results.fetch(uri, str(tmp_path / "got"))}
+    assert {"report.html", "manifest.json", "aggregates/token_powers.parquet", "plots/token_powers.png"} <= paths
+    assert not any(p.startswith("shards/") for p in paths)
+    with_shards = results.fetch(uri, str(tmp_path / "all"), shards=True)
+    assert sum(p.as_posix().count("/shards/") for p in with_shards) == n
+
+
+def test_resume_recomputes_only_what_is_missing_and_matches(ray_cluster, tmp_path):
+    whole = str(tmp_path / "whole")
+    driver.run(small_run(whole, experiments=("token-powers", "neighbors")), tokens="16", progress=False)
+
+    interrupted = str(tmp_path / "interrupted")
+    cfg = small_run(interrupted, experiments=("token-powers", "neighbors"))
+    driver.run(cfg, tokens="16", progress=False)
+    store = open_store(interrupted)
+    shards = sorted(store.list("shards/"))
+    kept = {k: store.get(k) for k in shards[::2]}
+    for key in shards[1::2]:  # as if the run had died half-way
+        store.delete_prefix(key)
+    store.delete_prefix("aggregates/")
+    driver.run(cfg, tokens="16", progress=False)
+    assert sorted(store.list("shards/")) == shards
+    assert all(store.get(k) == v for k, v in kept.items())  # finished shards were not redone
+    assert_same_aggregates(aggregates_of(whole), aggregates_of(interrupted))
+
+
+def test_another_config_is_refused_unless_overwrite(ray_cluster, tmp_path):
+    out = str(tmp_path / "run")
+    driver.run(small_run(out, experiments=("neighbors",)), progress=False)
+    before = open_store(out).get("manifest.json")
+    with pytest.raises(ConfigError, match="another config"):
+        driver.run(small_run(out, experiments=("neighbors",), seed=1), progress=False)
+    assert open_store(out).get("manifest.json") == before
+    driver.run(small_run(out, experiments=("neighbors",), seed=1, overwrite=True), progress=False)
+    assert json.loads(open_store(out).get("manifest.json"))["config"]["seed"] == 1
+
+
+def test_more_gpus_than_the_cluster_has_is_refused(ray_cluster, tmp_path):
+    with pytest.raises(ConfigError, match="more GPUs than the cluster has"):
+        driver.run(small_run(str(tmp_path / "g"), gpus_per_actor=1.0), progress=False)
+    assert not (tmp_path / "g").exists()
+
+
+def test_results_api_reads_a_local_run(ray_cluster, tmp_path):
+    out = str(tmp_path / "api")
+    driver.run(small_run(out, experiments=("fixed-pair",)), progress=False)
+    run = results.open_run(out)
+    fp = run.aggregates["fixed_pair"]
+    assert set(fp.scenario) == {"A+B", "A only", "B only", "none"} and (fp.n == 48).all()
+    assert run.shards().count_rows() == 4 * 48 * 6

@@ -1,0 +1,63 @@
+"""The compact forward against TransformerLens' own full forward on the same tokens."""
+
+import pytest
+import torch
+
+from workers import models
+from workers.scoring import Scorer, logodds
+from workers.sequences import FIRST_TOKEN, make_batch, sequence_keys
+
+BOUNDS = {"fp32": 1e-4, "bf16": 0.1}
+
+
+def seed_style(n: int, d_vocab: int):
+    seq = torch.arange(n)
+    keys = sequence_keys(7, "neighbors", 0, torch.full_like(seq, -1), seq)
+    return make_batch(keys, d_vocab, 1, torch.full_like(seq, -1), torch.full_like(seq, -1))
+
+
+def reference_strength(model, batch, targets) -> torch.Tensor:
+    """TransformerLens: model(tokens) + log_softmax at the last position, in float64 after the forward."""
+    lo = [logodds(torch.log_softmax(models.full_logits(model, t)[:, -1].double(), -1), targets)
+          for t in (batch.tokens, batch.shuffled)]
+    return lo[0] - lo[1]
+
+
+def check_parity(model, precision: str, n: int = 128):
+    batch = seed_style(n, model.cfg.d_vocab)
+    targets = torch.stack([batch.b, batch.a, batch.r], 1)
+    ref = reference_strength(model, batch, targets)
+    scorer = Scorer(model, precision)
+    assert scorer.path == "compact"
+    ind, shuf = scorer.strength(batch.tokens, batch.shuffled, targets)
+    err = ((ind - shuf).double() - ref).abs().max().item()
+    assert err <= BOUNDS[precision], f"{precision}: max |Δ strength| {err}"
+    return err
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_toy_2l(toy_model, precision):
+    check_parity(toy_model, precision, n=256)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_random_attn_only_2l_shape_reduced_vocab(precision):
+    model = models.random_model(d_vocab=4096, n_ctx=64, seed=3, perturb=True)
+    check_parity(model, precision)
+
+
+@pytest.mark.parametrize("shape", [
+    dict(n_layers=1),
+    dict(n_layers=3, positional_embedding_type="standard"),
+    dict(n_layers=2, normalization_type=None),
+])
+def test_other_attention_only_shapes(shape):
+    model = models.random_model(d_vocab=1024, n_ctx=32, d_model=64, n_heads=4, d_head=16, seed=4, perturb=True, **shape)
+    check_parity(model, "fp32", n=64)
+
+
+def test_models_with_mlps_take_transformer_lens_path():
+    model = models.random_model(d_vocab=512, n_ctx=32, d_model=64, n_heads=4, d_head=16, attn_only=False, d_mlp=128,
+                                act_fn="gelu")
+    assert models.attn_only_weights(model) is None
+    assert Scorer(model, "fp32").path == "transformer_lens"

@@ -1,0 +1,68 @@
+import math
+
+import pytest
+import torch
+
+from workers import models
+from workers.scoring import Scorer, cosine_neighbors, logodds
+from workers.sequences import FIRST_TOKEN
+
+
+def exact_logodds(logits: torch.Tensor, t: int) -> float:
+    """log p/(1-p) = x_t - logsumexp_{j != t} x_j, in float64."""
+    x = logits.double()
+    others = torch.cat([x[:t], x[t + 1 :]])
+    return float(x[t] - torch.logsumexp(others, 0))
+
+
+@pytest.mark.parametrize("gap", [0.0, 5.0, 20.0, 40.0, 80.0])
+def test_logodds_stable_for_p_near_one_and_zero(gap):
+    vocab = 5000
+    logits = torch.zeros(1, vocab)
+    logits[0, 10] = gap  # p(10) -> 1 as the gap grows, p(others) -> 0
+    got = logodds(logits.clone(), torch.tensor([[10, 11]]))
+    assert got.dtype == torch.float32
+    assert torch.isfinite(got).all()
+    assert abs(got[0, 0].item() - exact_logodds(logits[0], 10)) < 1e-4 * max(1, gap)
+    assert abs(got[0, 1].item() - exact_logodds(logits[0], 11)) < 1e-4 * max(1, gap)
+    # p near 1: float32 log-softmax alone would give lp == 0 and an infinite log-odds
+    if gap >= 40:
+        assert abs(got[0, 0].item() - (gap - math.log(vocab - 1))) < 1e-3
+
+
+def test_logodds_random_logits_match_float64():
+    torch.manual_seed(0)
+    logits = torch.randn(64, 3000) * 6
+    targets = torch.randint(0, 3000, (64, 5))
+    targets[:, 0] = logits.argmax(-1)  # include the top token
+    got = logodds(logits.clone(), targets)
+    ref = torch.tensor([[exact_logodds(logits[i], int(t)) for t in targets[i]] for i in range(64)])
+    assert (got.double() - ref).abs().max() < 1e-4
+
+
+def test_neighbors_match_a_direct_cosine_computation():
+    torch.manual_seed(1)
+    W_U = torch.randn(32, 300)
+    got = cosine_neighbors(W_U, 5, FIRST_TOKEN, chunk=64)
+    cos = torch.nn.functional.cosine_similarity(W_U.T[:, None, :], W_U.T[None, :, :], dim=-1)
+    for t in range(300):
+        ranked = [j for j in cos[t].argsort(descending=True).tolist() if j != t and j >= FIRST_TOKEN][:5]
+        assert got[t].tolist() == ranked
+
+
+def test_toy_neighbors_use_the_processed_unembedding(toy_model):
+    W_U = models.unembedding(toy_model)
+    assert W_U.mean(1).abs().max() < 1e-5  # centred across the vocabulary, as from_pretrained processes it
+    table = cosine_neighbors(W_U, 3, FIRST_TOKEN)
+    assert (table >= FIRST_TOKEN).all() and (table != torch.arange(len(table))[:, None]).all()
+
+
+def test_transformer_lens_path_matches_full_forward(toy_model):
+    """The fallback path (non attention-only models) against TransformerLens' own full forward."""
+    torch.manual_seed(2)
+    tokens = torch.randint(FIRST_TOKEN, 2048, (16, 24))
+    targets = torch.randint(FIRST_TOKEN, 2048, (16, 3))
+    ref = logodds(torch.log_softmax(models.full_logits(toy_model, tokens)[:, -1].double(), -1), targets)
+    scorer = Scorer(toy_model, "fp32", fast=False)
+    assert scorer.path == "transformer_lens"
+    assert (scorer.logodds(tokens, targets).double() - ref).abs().max() < 1e-4

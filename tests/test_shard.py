@@ -1,0 +1,60 @@
+import io
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from workers import models
+from workers.scoring import logodds
+from workers.shard import ShardRunner, ShardSpec, WorkParams
+
+
+@pytest.fixture(scope="module")
+def runner(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shards")
+    params = WorkParams("toy-2l", seed=3, n_neighbors=4, save_tokens=True, precision="fp32")
+    return ShardRunner(params, str(out), device="cpu", batch_size=37)
+
+
+def read(runner, spec):
+    return pq.read_table(io.BytesIO(runner.store.get(spec.key))).to_pandas()
+
+
+def test_token_powers_shard_rows(runner):
+    spec = ShardSpec("token-powers", "B", 0, seq_lo=0, seq_hi=8, token_lo=4, token_hi=36)
+    summary = runner.run(spec)
+    rows = read(runner, spec)
+    assert summary.rows == len(rows) == 32 * 8
+    assert not rows.duplicated(["scenario", "fixed_token", "seq"]).any()
+    assert (rows.b == rows.fixed_token).all() and set(rows.fixed_token) == set(range(4, 36))
+    assert (rows.target == "B").all() and (rows.target_token == rows.b).all()
+    np.testing.assert_allclose(rows.strength, rows.logodds_induction - rows.logodds_shuffled, atol=1e-6)
+
+
+def test_saved_tokens_reproduce_strength_through_transformer_lens(runner, toy_model):
+    spec = ShardSpec("fixed-pair", "A+B", 1, seq_lo=0, seq_hi=40)
+    runner.run(spec)
+    rows = read(runner, spec)
+    assert list(rows.target.unique()) == ["B", "A", "N1", "N2", "N3", "R"]
+    a, b = models.FALLBACK_PAIR
+    assert (rows.a == a).all() and (rows.b == b).all()
+    tokens = torch.tensor(np.stack(rows.tokens.to_numpy()), dtype=torch.int64)
+    shuffled = torch.tensor(np.stack(rows.shuffled_tokens.to_numpy()), dtype=torch.int64)
+    targets = torch.tensor(rows.target_token.to_numpy(), dtype=torch.int64)[:, None]
+    lo = [logodds(torch.log_softmax(models.full_logits(toy_model, t)[:, -1].double(), -1), targets)[:, 0]
+          for t in (tokens, shuffled)]
+    assert np.abs((lo[0] - lo[1]).numpy() - rows.strength.to_numpy()).max() < 1e-3
+    assert np.abs(lo[0].numpy() - rows.logodds_induction.to_numpy()).max() < 1e-3
+
+
+def test_shard_content_does_not_depend_on_batch_size(runner, tmp_path):
+    spec = ShardSpec("neighbors", "free", 2, seq_lo=10, seq_hi=60)
+    runner.run(spec)
+    other = ShardRunner(runner.params, str(tmp_path), device="cpu", batch_size=1000)
+    other.run(spec)
+    first, second = read(runner, spec), read(other, spec)
+    for column in ("a", "b", "seq", "target_token"):
+        assert (first[column] == second[column]).all()
+    np.testing.assert_allclose(first.strength, second.strength, atol=1e-4)
+    assert list(first.target.unique()) == ["B", "N1", "N2", "N3", "N4", "R"]

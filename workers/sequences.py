@@ -1,0 +1,129 @@
+"""Induction sequences and their shuffled controls, generated on the model's device.
+
+Layout (DESIGN §1): ``BOS, r×10, A, B, r×10, A`` — 24 tokens. The shuffled control permutes
+the 22 tokens between BOS and the final A, each sequence with its own permutation.
+
+Every random draw is a counter-based hash (splitmix64) of
+``(seed, experiment, scenario, fixed token, sequence index, draw number)``, so a sequence is the
+same whatever the batch, shard, actor or device that makes it, and a resumed run regenerates
+exactly the same work. Integer arithmetic wraps identically on every device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+FIRST_TOKEN = 4  # ids 0..3 are special in the attn-only models' tokenizer
+N_FILLER = 10
+SEQ_LEN = 1 + N_FILLER + 2 + N_FILLER + 1  # 24
+A_POS, B_POS = 1 + N_FILLER, 2 + N_FILLER  # 11, 12
+N_INNER = SEQ_LEN - 2  # the 22 tokens between BOS and the final A
+
+# Draw numbers (the hash counter) for each random quantity of one sequence.
+DRAW_FILLER = 0  # 20 draws
+DRAW_A = 20
+DRAW_B = 21
+DRAW_SHUFFLE = 22  # 22 draws
+DRAW_R = 44
+DRAW_CONTROL = 45  # draws reserved for control experiments
+
+EXPERIMENT_IDS = {"token-powers": 1, "fixed-pair": 2, "neighbors": 3}
+
+_MASK64 = (1 << 64) - 1
+
+
+def _signed(c: int) -> int:
+    c &= _MASK64
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+_GOLDEN = _signed(0x9E3779B97F4A7C15)
+_M1 = _signed(0xBF58476D1CE4E5B9)
+_M2 = _signed(0x94D049BB133111EB)
+
+
+def _shr(x: Int[Tensor, "*shape"], s: int) -> Int[Tensor, "*shape"]:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (x >> s) & ((1 << (64 - s)) - 1)
+
+
+def splitmix64(x: Int[Tensor, "*shape"]) -> Int[Tensor, "*shape"]:
+    """The splitmix64 step on int64 tensors (two's-complement wrap-around = mod 2**64)."""
+    z = x + _GOLDEN
+    z = (z ^ _shr(z, 30)) * _M1
+    z = (z ^ _shr(z, 27)) * _M2
+    return z ^ _shr(z, 31)
+
+
+def sequence_keys(
+    seed: int, experiment: str, scenario: int, fixed_token: Int[Tensor, "batch"], seq: Int[Tensor, "batch"]
+) -> Int[Tensor, "batch"]:
+    """One 64-bit key per sequence, a function of its identity alone."""
+    head = splitmix64(torch.tensor(_signed(seed), dtype=torch.int64, device=seq.device))
+    head = splitmix64(head ^ EXPERIMENT_IDS[experiment])
+    head = splitmix64(head ^ scenario)
+    return splitmix64(splitmix64(head ^ (fixed_token + 1)) ^ seq)
+
+
+def draws(keys: Int[Tensor, "batch"], first: int, n: int) -> Int[Tensor, "batch n"]:
+    """Draws ``first .. first+n-1`` of each sequence: non-negative 63-bit integers."""
+    counter = torch.arange(first + 1, first + n + 1, dtype=torch.int64, device=keys.device)
+    return _shr(splitmix64(keys[:, None] + counter * _GOLDEN), 1)
+
+
+def uniform_tokens(bits: Int[Tensor, "*shape"], d_vocab: int) -> Int[Tensor, "*shape"]:
+    """Map 63-bit draws to ids uniform on ``FIRST_TOKEN .. d_vocab-1`` (multiply-shift)."""
+    return FIRST_TOKEN + ((_shr(bits, 32) * (d_vocab - FIRST_TOKEN)) >> 31)
+
+
+@dataclass
+class SequenceBatch:
+    tokens: Int[Tensor, "batch 24"]  # BOS, r×10, A, B, r×10, A
+    shuffled: Int[Tensor, "batch 24"]  # BOS, permuted 22 inner tokens, A
+    a: Int[Tensor, "batch"]
+    b: Int[Tensor, "batch"]
+    r: Int[Tensor, "batch"]  # a fresh random target token per sequence
+    keys: Int[Tensor, "batch"]
+
+
+def make_batch(
+    keys: Int[Tensor, "batch"],
+    d_vocab: int,
+    bos: int,
+    a_fixed: Int[Tensor, "batch"],
+    b_fixed: Int[Tensor, "batch"],
+) -> SequenceBatch:
+    """Build induction sequences and shuffled controls from per-sequence keys.
+
+    ``a_fixed``/``b_fixed`` hold the fixed A/B id of each sequence, or -1 where it is drawn.
+    """
+    batch = keys.shape[0]
+    filler = uniform_tokens(draws(keys, DRAW_FILLER, 2 * N_FILLER), d_vocab)
+    drawn_ab = uniform_tokens(draws(keys, DRAW_A, 2), d_vocab)
+    a = torch.where(a_fixed >= 0, a_fixed, drawn_ab[:, 0])
+    b = torch.where(b_fixed >= 0, b_fixed, drawn_ab[:, 1])
+    bos_col = torch.full((batch, 1), bos, dtype=torch.int64, device=keys.device)
+    tokens = torch.cat(
+        [bos_col, filler[:, :N_FILLER], a[:, None], b[:, None], filler[:, N_FILLER:], a[:, None]], dim=1
+    )
+    return SequenceBatch(
+        tokens=tokens,
+        shuffled=shuffle_inner(tokens, keys),
+        a=a,
+        b=b,
+        r=uniform_tokens(draws(keys, DRAW_R, 1)[:, 0], d_vocab),
+        keys=keys,
+    )
+
+
+def shuffle_inner(tokens: Int[Tensor, "batch pos"], keys: Int[Tensor, "batch"]) -> Int[Tensor, "batch pos"]:
+    """Permute the tokens between the first and the last position, uniformly, per sequence."""
+    n_inner = tokens.shape[1] - 2
+    perm = torch.argsort(draws(keys, DRAW_SHUFFLE, n_inner), dim=1, stable=True)
+    shuffled = tokens.clone()
+    shuffled[:, 1:-1] = tokens[:, 1:-1].gather(1, perm)
+    return shuffled

@@ -107,7 +107,7 @@ def load_checkpoint(directory: Path, device: str | torch.device, name: Optional[
 
         state = load_file(str(directory / "model.safetensors"))
         model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
-        model.load_and_process_state_dict(state)
+        model.load_and_process_state_dict(state, fold_ln=cfg.normalization_type in ("LN", "RMS"))
     except ModelInputError:
         raise
     except Exception as exc:  # corrupt JSON, safetensors or state dict

@@ -32,11 +32,16 @@ def _heads(w: Float[Tensor, "heads d_model d_head"]) -> Float[Tensor, "d_model h
 
 
 class CompactForward(torch.nn.Module):
-    def __init__(self, w: AttnOnlyWeights, dtype: torch.dtype = torch.float32):
+    def __init__(self, w: AttnOnlyWeights, dtype: torch.dtype = torch.float32, compute: torch.dtype | None = None):
+        """``dtype`` rounds the weights and inputs of the projections (Q/K/V, O, unembedding);
+        ``compute`` runs them (default ``dtype``). Attention over the 24 positions, biases, the
+        layer-0 table and the residual stream stay float32: they cost little and carry most of the
+        bf16 error otherwise. bf16 rounding with float32 compute gives bf16 tensor-core numerics on
+        CPUs without native bf16, where bf16 products run about 90x slower than float32."""
         super().__init__()
         self.n_layers, self.n_heads, self.d_head = len(w.W_Q), w.W_Q[0].shape[0], w.W_Q[0].shape[2]
         self.shortformer, self.layer_norm, self.eps, self.scale = w.shortformer, w.layer_norm, w.eps, w.attn_scale
-        self.dtype = dtype
+        self.dtype, self.compute = dtype, compute or dtype
         zeros = torch.zeros_like(_heads(w.W_V[0]))
         for i in range(self.n_layers):
             W_QKV = torch.cat([_heads(w.W_Q[i]), _heads(w.W_K[i]), _heads(w.W_V[i])], dim=1)
@@ -44,47 +49,59 @@ class CompactForward(torch.nn.Module):
             # Shortformer positions are added to the query and key inputs (not values): (h + pos) @ W.
             pos_W = torch.cat([_heads(w.W_Q[i]), _heads(w.W_K[i]), zeros], dim=1)
             pos_QKV = w.W_pos @ pos_W if self.shortformer else W_QKV.new_zeros(w.W_pos.shape[0], W_QKV.shape[1])
-            self.register_buffer(f"W_QKV{i}", W_QKV.to(dtype))
+            self.register_buffer(f"W_QKV{i}", self.cast(W_QKV))
+            if i == 0 and self.shortformer:  # layer 0 reads the token embedding alone: one Q/K/V row per token
+                self.register_buffer("tok_QKV0", self.ln(w.W_E) @ W_QKV.float())
             self.register_buffer(f"pos_QKV{i}", (pos_QKV + b_QKV).float())
-            self.register_buffer(f"W_O{i}", w.W_O[i].reshape(-1, w.W_O[i].shape[-1]).to(dtype))
+            self.register_buffer(f"W_O{i}", self.cast(w.W_O[i].reshape(-1, w.W_O[i].shape[-1])))
             self.register_buffer(f"b_O{i}", w.b_O[i].float())
         self.register_buffer("W_E", w.W_E.float())
         self.register_buffer("W_pos", w.W_pos.float())
-        if self.shortformer:  # layer 0 reads the token embedding alone: one Q/K/V row per token
-            self.register_buffer("tok_QKV0", (self.ln(w.W_E) @ self.W_QKV0.float()).to(dtype))
-        self.register_buffer("W_U", w.W_U.to(dtype))
+        self.register_buffer("W_U", self.cast(w.W_U))
         self.register_buffer("W_U_rows", w.W_U.T.float().contiguous())  # float32 target logits
         self.register_buffer("b_U", w.b_U.float())
+
+    def cast(self, t: Float[Tensor, "..."]) -> Float[Tensor, "..."]:
+        return t.to(self.dtype).to(self.compute)
 
     def ln(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
         return layer_norm_pre(x, self.eps) if self.layer_norm else x.float()
 
+    def heads(self, t: Float[Tensor, "batch pos heads_x_d_head"]) -> Float[Tensor, "batch heads pos d_head"]:
+        return t.view(t.shape[0], t.shape[1], self.n_heads, self.d_head).transpose(1, 2)
+
     def forward(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch d_model"]:
         """The final-LayerNorm'd residual stream at the last position, in float32."""
         batch, n_pos = tokens.shape
+        width = self.n_heads * self.d_head
         x = self.W_E[tokens] if self.shortformer else self.W_E[tokens] + self.W_pos[:n_pos]
         for i in range(self.n_layers):
             last = i == self.n_layers - 1
-            pos_qkv = getattr(self, f"pos_QKV{i}")[:n_pos]
-            if i == 0 and self.shortformer:
-                qkv = self.tok_QKV0[tokens].float() + pos_qkv
+            W, bias = getattr(self, f"W_QKV{i}"), getattr(self, f"pos_QKV{i}")[:n_pos]  # bias: b_QKV + positions
+            if i == 0 and self.shortformer:  # a table lookup instead of a matrix product
+                qkv = self.tok_QKV0[tokens] + bias
+                q, kv = qkv[:, -1:, :width] if last else qkv[..., :width], qkv[..., width:]
+            elif last:  # keys and values at every position, the query at the last one only
+                h = self.cast(self.ln(x))
+                q = h[:, -1:] @ W[:, :width] + bias[-1:, :width]
+                kv = h @ W[:, width:] + bias[:, width:]
             else:
-                qkv = (self.ln(x).to(self.dtype) @ getattr(self, f"W_QKV{i}")).float() + pos_qkv
-            q, k, v = qkv.view(batch, n_pos, 3, self.n_heads, self.d_head).to(self.dtype).unbind(2)
-            k, v = k.transpose(1, 2), v.transpose(1, 2)  # batch heads pos d_head
-            if last:  # only the last position's query: one row of attention per head
-                scores = torch.einsum("bhd,bhpd->bhp", q[:, -1], k).float() / self.scale
-                z = torch.einsum("bhp,bhpd->bhd", scores.softmax(-1).to(self.dtype), v)
-                x = x[:, -1] + (z.reshape(batch, -1) @ getattr(self, f"W_O{i}")).float() + getattr(self, f"b_O{i}")
+                qkv = self.cast(self.ln(x)) @ W + bias
+                q, kv = qkv[..., :width], qkv[..., width:]
+            q, k, v = self.heads(q), self.heads(kv[..., :width]), self.heads(kv[..., width:])
+            if last:  # one row of attention per head: a plain softmax (see docs/PERFORMANCE.md)
+                pattern = ((q @ k.transpose(-1, -2)) / self.scale).softmax(-1)
+                z = (pattern @ v).reshape(batch, width)
+                x = x[:, -1]
             else:
-                z = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, is_causal=True, scale=1 / self.scale)
-                x = x + (z.transpose(1, 2).reshape(batch, n_pos, -1) @ getattr(self, f"W_O{i}")).float()
-                x = x + getattr(self, f"b_O{i}")
+                z = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1 / self.scale)
+                z = z.transpose(1, 2).reshape(batch, n_pos, width)
+            x = x + (self.cast(z) @ getattr(self, f"W_O{i}")).float() + getattr(self, f"b_O{i}")
         return self.ln(x)
 
     def logits(self, h: Float[Tensor, "batch d_model"]) -> Float[Tensor, "batch vocab"]:
         """Every logit of the last position, in the compute precision (for the log-sum-exp)."""
-        return torch.addmm(self.b_U.to(self.dtype), h.to(self.dtype), self.W_U)
+        return torch.addmm(self.cast(self.b_U), self.cast(h), self.W_U)
 
     def target_logits(self, h: Float[Tensor, "batch d_model"], targets: Int[Tensor, "batch n_targets"]) -> Float[Tensor, "batch n_targets"]:
         """The targets' logits recomputed in float32: accurate even when the rest is bf16."""

@@ -8,7 +8,8 @@ never built: one position is unembedded.
 
 from __future__ import annotations
 
-from typing import Optional
+import functools
+from typing import Callable, Optional
 
 import torch
 from jaxtyping import Float, Int
@@ -29,24 +30,32 @@ def resolve_precision(precision: str, device: torch.device | str) -> str:
     return precision
 
 
+def native_bf16(device: torch.device) -> bool:
+    """bf16 products at full speed: CUDA, or a CPU with AVX512-BF16/AMX (not AVX2 ones)."""
+    return device.type == "cuda" or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def logodds(
     logits: Float[Tensor, "batch vocab"],
     targets: Int[Tensor, "batch n_targets"],
     target_logits: Optional[Float[Tensor, "batch n_targets"]] = None,
+    exact_logit: Optional[Callable[[Int[Tensor, "batch k"]], Float[Tensor, "batch k"]]] = None,
 ) -> Float[Tensor, "batch n_targets"]:
     """log p/(1-p) of each target under softmax(logits), in float32 (float64 for float64 logits).
 
-    ``target_logits`` (float32) may replace the targets' entries of a low-precision ``logits``.
+    ``target_logits`` (float32) may replace the targets' entries of a low-precision ``logits``, and
+    ``exact_logit(ids)`` recomputes the top token's logit in float32 (it dominates the log-sum-exp).
     ``logits`` is consumed: its top entry is overwritten (it is a temporary of the forward).
     """
     work = torch.float64 if logits.dtype == torch.float64 else torch.float32  # float64 for references
     if target_logits is None:
         target_logits = logits.gather(1, targets).to(work)
     top_logit, top = logits.max(-1, keepdim=True)
+    top_logit = exact_logit(top) if exact_logit is not None else top_logit.to(work)
     is_top = targets == top
     # log of the softmax mass of every token but the top one (exact even when that mass is 1e-30)
     rest = torch.logsumexp(logits.scatter_(1, top, float("-inf")).to(work), dim=-1, keepdim=True)
-    lp = (target_logits - torch.logaddexp(top_logit.to(work), rest)).clamp(max=-1e-7 if work == torch.float32 else -1e-15)
+    lp = (target_logits - torch.logaddexp(top_logit, rest)).clamp(max=-1e-7 if work == torch.float32 else -1e-15)
     return torch.where(is_top, target_logits - rest, lp - torch.log(-torch.expm1(lp)))
 
 
@@ -77,7 +86,8 @@ class Scorer:
         self.precision = resolve_precision(precision, self.device)
         self.dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
         weights = models.attn_only_weights(model) if fast else None
-        self.compact = CompactForward(weights, self.dtype).to(self.device) if weights is not None else None
+        compute = self.dtype if native_bf16(self.device) else torch.float32
+        self.compact = CompactForward(weights, self.dtype, compute).to(self.device) if weights is not None else None
         self.path = "compact" if self.compact is not None else "transformer_lens"
         use_compile = self.device.type == "cuda" if compile is None else compile
         self._forward = torch.compile(self.compact, dynamic=False) if use_compile and self.compact is not None else self.compact
@@ -91,7 +101,8 @@ class Scorer:
         with self._matmul_precision():
             if self.compact is not None:
                 h = self._forward(tokens)
-                return logodds(self.compact.logits(h), targets, self.compact.target_logits(h, targets))
+                exact = functools.partial(self.compact.target_logits, h)
+                return logodds(self.compact.logits(h), targets, exact(targets), exact)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
                 logits = models.last_logits(self.model, tokens)
             return logodds(logits.float(), targets)

@@ -57,7 +57,8 @@ class CompactForward(torch.nn.Module):
             self.register_buffer(f"b_O{i}", w.b_O[i].float())
         self.register_buffer("W_E", w.W_E.float())
         self.register_buffer("W_pos", w.W_pos.float())
-        self.register_buffer("W_U", self.cast(w.W_U))
+        # b_U as one more row of W_U: the bias rides in the product instead of a pass over [batch, vocab]
+        self.register_buffer("W_U", self.cast(torch.cat([w.W_U, w.b_U[None]])))
         self.register_buffer("W_U_rows", w.W_U.T.float().contiguous())  # float32 target logits
         self.register_buffer("b_U", w.b_U.float())
 
@@ -79,7 +80,7 @@ class CompactForward(torch.nn.Module):
             last = i == self.n_layers - 1
             W, bias = getattr(self, f"W_QKV{i}"), getattr(self, f"pos_QKV{i}")[:n_pos]  # bias: b_QKV + positions
             if i == 0 and self.shortformer:  # a table lookup instead of a matrix product
-                qkv = self.tok_QKV0[tokens] + bias
+                qkv = self.tok_QKV0[tokens].add_(bias)
                 q, kv = qkv[:, -1:, :width] if last else qkv[..., :width], qkv[..., width:]
             elif last:  # keys and values at every position, the query at the last one only
                 h = self.cast(self.ln(x))
@@ -90,18 +91,19 @@ class CompactForward(torch.nn.Module):
                 q, kv = qkv[..., :width], qkv[..., width:]
             q, k, v = self.heads(q), self.heads(kv[..., :width]), self.heads(kv[..., width:])
             if last:  # one row of attention per head: a plain softmax (see docs/PERFORMANCE.md)
-                pattern = ((q @ k.transpose(-1, -2)) / self.scale).softmax(-1)
-                z = (pattern @ v).reshape(batch, width)
+                pattern = ((k @ q.transpose(-1, -2)) / self.scale).softmax(-2)  # batch heads pos 1
+                z = (pattern.transpose(-1, -2) @ v).reshape(batch, width)
                 x = x[:, -1]
             else:
                 z = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1 / self.scale)
                 z = z.transpose(1, 2).reshape(batch, n_pos, width)
-            x = x + (self.cast(z) @ getattr(self, f"W_O{i}")).float() + getattr(self, f"b_O{i}")
+            out = self.cast(z).flatten(0, -2) @ getattr(self, f"W_O{i}")
+            x = x + out.view(x.shape).float().add_(getattr(self, f"b_O{i}"))
         return self.ln(x)
 
     def logits(self, h: Float[Tensor, "batch d_model"]) -> Float[Tensor, "batch vocab"]:
         """Every logit of the last position, in the compute precision (for the log-sum-exp)."""
-        return torch.addmm(self.cast(self.b_U), self.cast(h), self.W_U)
+        return self.cast(torch.cat([h, h.new_ones(len(h), 1)], dim=1)) @ self.W_U
 
     def target_logits(self, h: Float[Tensor, "batch d_model"], targets: Int[Tensor, "batch n_targets"]) -> Float[Tensor, "batch n_targets"]:
         """The targets' logits recomputed in float32: accurate even when the rest is bf16."""

@@ -50,11 +50,13 @@ def logodds(
     work = torch.float64 if logits.dtype == torch.float64 else torch.float32  # float64 for references
     if target_logits is None:
         target_logits = logits.gather(1, targets).to(work)
-    top_logit, top = logits.max(-1, keepdim=True)
-    top_logit = exact_logit(top) if exact_logit is not None else top_logit.to(work)
+    logits = logits.to(work)
+    top_value, top = logits.max(-1, keepdim=True)
+    # log of the softmax mass of every token but the top one (exact even when that mass is 1e-30),
+    # in place: three passes over the vocabulary and no new [batch, vocab] tensor
+    rest = top_value + logits.sub_(top_value).exp_().scatter_(1, top, 0.0).sum(-1, keepdim=True).log()
+    top_logit = exact_logit(top) if exact_logit is not None else top_value
     is_top = targets == top
-    # log of the softmax mass of every token but the top one (exact even when that mass is 1e-30)
-    rest = torch.logsumexp(logits.scatter_(1, top, float("-inf")).to(work), dim=-1, keepdim=True)
     lp = (target_logits - torch.logaddexp(top_logit, rest)).clamp(max=-1e-7 if work == torch.float32 else -1e-15)
     return torch.where(is_top, target_logits - rest, lp - torch.log(-torch.expm1(lp)))
 

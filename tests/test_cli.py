@@ -1,0 +1,107 @@
+"""The command line: bad input refused before any work (exit 2, one line, nothing written), a real
+end-to-end run in a subprocess, and no credential anywhere in what a run writes or prints."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jobs.cli import main
+from storage import open_store
+
+RUN = ["run", "--model", "toy-2l", "--experiment", "neighbors", "--pairs", "16", "--neighbors", "3", "--quiet"]
+
+
+def refused(capsys, argv, match):
+    """Exit 2, exactly one line on stderr containing ``match``, no traceback."""
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("induction-sweep: error:"), err
+    assert match in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--model", "no-such-model"], "unknown model 'no-such-model'"),
+    (["--tokens", "0"], "--tokens must be a positive integer"),
+    (["--tokens", "-3"], "--tokens must be a positive integer"),
+    (["--tokens", "5000"], "d_vocab 2048"),
+    (["--seqs", "0"], "--seqs must be positive"),
+    (["--experiment", "induction"], "unknown experiment 'induction'"),
+    (["--pair-a", " Fab"], "has no tokenizer"),
+    (["--pair-b", "99999"], "outside 4..2047"),
+    (["--precision", "fp8"], "unknown precision"),
+    (["--actors", "two"], "--actors must be"),
+    (["--address", "127.0.0.1:1"], "cannot reach a Ray cluster at 127.0.0.1:1"),
+])
+def test_bad_options_are_refused_before_any_work(capsys, tmp_path, extra, match):
+    out = tmp_path / "out"
+    argv = RUN + ["--out", str(out)] + extra
+    if extra[0] == "--model":
+        argv = ["run", "--out", str(out), *extra]
+    refused(capsys, argv, match)
+    assert not out.exists()
+
+
+def test_missing_and_corrupt_checkpoints(capsys, tmp_path):
+    refused(capsys, ["run", "--model", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")], "unknown model")
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "config.json").write_text("{not json")
+    (tmp_path / "ckpt" / "model.safetensors").write_bytes(b"\0" * 10)
+    refused(capsys, ["run", "--model", str(tmp_path / "ckpt"), "--out", str(tmp_path / "o")], "cannot be loaded")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("uri, match", [
+    ("s3://", "malformed S3 URI"),
+    ("s3://UPPER_case/x", "malformed S3 URI"),
+    ("gs://bucket/x", "unsupported URI"),
+])
+def test_malformed_uris(capsys, uri, match):
+    refused(capsys, RUN + ["--out", uri], match)
+
+
+def test_missing_bucket_and_missing_credentials(capsys, moto_server, monkeypatch, tmp_path):
+    refused(capsys, RUN + ["--out", "s3://no-such-bucket-xyz/run"], "bucket 'no-such-bucket-xyz' does not exist")
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    refused(capsys, RUN + ["--out", "s3://any-bucket/run"], "no AWS credentials found")
+
+
+def test_another_config_on_the_same_out_and_too_many_gpus(capsys, ray_cluster, tmp_path):
+    out = str(tmp_path / "run")
+    assert main(RUN + ["--out", out]) == 0
+    capsys.readouterr()
+    before = {k: open_store(out).get(k) for k in open_store(out).list()}
+    refused(capsys, RUN + ["--out", out, "--seed", "1"], "holds a run with another config")
+    refused(capsys, RUN + ["--out", out, "--gpus-per-actor", "1"], "more GPUs than the cluster has (0)")
+    assert {k: open_store(out).get(k) for k in open_store(out).list()} == before
+
+
+def test_a_real_run_in_a_subprocess_writes_no_secret(bucket, tmp_path):
+    """Plant secret-looking credentials, run the CLI against moto, scan every output for them."""
+    secrets = {"AWS_SECRET_ACCESS_KEY": "sekritKEY0123456789abcdefXYZ", "AWS_SESSION_TOKEN": "sessTOKEN9876543210zyxwvut"}
+    env = {**os.environ, **secrets, "RAY_TMPDIR": str(tmp_path / "ray")}
+    (tmp_path / "ray").mkdir()
+    argv = [sys.executable, "-m", "jobs.cli", *RUN, "--experiment", "all", "--tokens", "8", "--seqs", "4",
+            "--actors", "2", "--out", f"s3://{bucket}/run"]
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parent.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout[: proc.stdout.rindex("}") + 1])
+    assert summary["token_powers"]["tokens"] == 8
+    store = open_store(f"s3://{bucket}/run")
+    blobs = {key: store.get(key) for key in store.list()}
+    assert "report.html" in blobs and any(k.startswith("shards/") for k in blobs)
+    logs = [p.read_bytes() for p in (tmp_path / "ray").rglob("*") if p.is_file() and p.stat().st_size < 50_000_000]
+    assert len(logs) > 5  # the Ray session's logs were found and are scanned too
+    for value in secrets.values():
+        assert value not in proc.stdout and value not in proc.stderr
+        assert not [k for k, data in blobs.items() if value.encode() in data]
+        assert not [i for i, data in enumerate(logs) if value.encode() in data]

@@ -1,0 +1,213 @@
+"""Failures a long sweep meets: a killed actor, a killed driver, S3 going away, a corrupt shard.
+Each ends with every row present exactly once and aggregates equal to an undisturbed run's."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pyarrow.parquet as pq
+import pytest
+
+from jobs import driver, manifest, results
+from jobs.config import RunConfig, plan_shards
+from jobs.errors import RunFailed
+from storage import open_store
+from tests.test_driver import assert_same_aggregates
+
+ROOT = Path(__file__).parent.parent
+SWEEP = dict(model="toy-2l", experiments=("token-powers",), seqs=16, shard_size=64, actors=2, batch_size=64)
+
+
+def sweep(out: str, **overrides) -> RunConfig:
+    return RunConfig(out=out, **{**SWEEP, **overrides})
+
+
+@pytest.fixture(scope="module")
+def baseline(ray_cluster, tmp_path_factory):
+    """The undisturbed run every faulty run is compared with."""
+    out = str(tmp_path_factory.mktemp("baseline") / "run")
+    driver.run(sweep(out), tokens="96", progress=False)
+    return results.open_run(out).aggregates
+
+
+def assert_complete_once(uri: str, tokens: int, seqs: int) -> None:
+    store = open_store(uri)
+    cfg = manifest.config_of(store)
+    states = manifest.shard_states(store, cfg)
+    assert not states.missing and not states.corrupt
+    assert sorted(store.list("shards/")) == sorted(s.key for s in plan_shards(cfg))  # nothing extra
+    rows = results.open_run(uri).shards().to_table(columns=["scenario", "fixed_token", "seq"]).to_pandas()
+    assert len(rows) == tokens * seqs * 2 and not rows.duplicated().any()
+
+
+def wait_for_shards(store, n: int, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while len(store.list("shards/")) < n:
+        assert time.time() < deadline, "the run wrote no shard"
+        time.sleep(0.05)
+
+
+def test_actor_killed_mid_run(baseline, tmp_path):
+    out = str(tmp_path / "run")
+    errors = []
+    thread = threading.Thread(target=lambda: errors.append(driver.run(sweep(out), tokens="96", progress=False)))
+    thread.start()
+    wait_for_shards(open_store(out), 2)
+    victims = [p for p in psutil.process_iter(["cmdline"]) if "ShardRunner" in " ".join(p.info["cmdline"] or [])]
+    assert victims, "no actor process found"
+    victims[0].send_signal(signal.SIGKILL)
+    thread.join(600)
+    assert len(open_store(out).list("shards/")) == len(plan_shards(manifest.config_of(open_store(out))))
+    assert_complete_once(out, 96, 16)
+    assert_same_aggregates(baseline, results.open_run(out).aggregates)
+
+
+def cli(out: str, env=None) -> list[str]:
+    return [sys.executable, "-m", "jobs.cli", "run", "--model", "toy-2l", "--experiment", "token-powers",
+            "--tokens", "96", "--seqs", "16", "--shard-size", "64", "--actors", "2", "--batch-size", "64",
+            "--quiet", "--out", out]
+
+
+def test_driver_killed_mid_run_resumes_to_identical_aggregates(baseline, tmp_path):
+    out = str(tmp_path / "run")
+    env = {**os.environ, "RAY_TMPDIR": str(tmp_path)}
+    proc = subprocess.Popen(cli(out), env=env, cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    store = open_store(out)
+    wait_for_shards(store, 3)
+    seen = set()
+    for _ in range(20):  # whatever is visible under shards/ is a whole Parquet file
+        for key in store.list("shards/"):
+            pq.read_metadata(str(Path(out) / key))
+            seen.add(key)
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local cluster it started
+    proc.wait(30)
+    done_before = len(store.list("shards/"))
+    assert 0 < done_before < len(plan_shards(manifest.config_of(store)))
+    assert manifest.read(store)["status"] == "running"
+    rerun = subprocess.run(cli(out), env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert_complete_once(out, 96, 16)
+    assert_same_aggregates(baseline, results.open_run(out).aggregates)
+
+
+class Switch:
+    """A TCP forwarder in front of the moto server that can be switched off (connections refused)."""
+
+    def __init__(self, target_port: int):
+        self.target, self.listener, self.conns = target_port, None, []
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+
+    def on(self):
+        self.listener = socket.create_server(("127.0.0.1", self.port), reuse_port=True)
+        threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
+
+    def off(self):
+        self.listener.close()
+        for c in self.conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+                c.close()
+            except OSError:
+                pass
+        self.conns = []
+
+    def _accept(self, listener):
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            self.conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src, dst):
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.close()
+                except OSError:
+                    pass
+
+
+@pytest.fixture
+def switched_s3(moto_server, bucket, monkeypatch):
+    switch = Switch(int(moto_server.rsplit(":", 1)[1]))
+    switch.on()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{switch.port}")
+    yield switch, bucket
+    try:
+        switch.off()
+    except Exception:
+        pass
+
+
+def test_s3_down_for_seconds_is_retried(baseline, switched_s3, monkeypatch):
+    switch, bucket = switched_s3
+    monkeypatch.setenv("INDUCTION_SWEEP_S3_ATTEMPTS", "12")  # forwarded to the actors
+    out = f"s3://{bucket}/outage"
+    done = []
+    thread = threading.Thread(target=lambda: done.append(driver.run(sweep(out), tokens="96", progress=False)))
+    thread.start()
+    wait_for_shards(open_store(out), 2)
+    switch.off()
+    time.sleep(3)
+    switch.on()
+    thread.join(600)
+    assert done, "the run did not finish"
+    assert_complete_once(out, 96, 16)
+    assert_same_aggregates(baseline, results.open_run(out).aggregates)
+
+
+def test_s3_gone_for_good_fails_clearly_then_resumes(baseline, switched_s3, monkeypatch):
+    switch, bucket = switched_s3
+    monkeypatch.setenv("INDUCTION_SWEEP_S3_ATTEMPTS", "2")
+    out = f"s3://{bucket}/gone"
+    failure = []
+
+    def target():
+        try:
+            driver.run(sweep(out), tokens="96", progress=False)
+        except RunFailed as exc:
+            failure.append(exc)
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    wait_for_shards(open_store(out), 2)
+    switch.off()
+    thread.join(600)
+    assert failure and "S3" in str(failure[0])
+    switch.on()
+    driver.run(sweep(out), tokens="96", progress=False)
+    assert_complete_once(out, 96, 16)
+    assert_same_aggregates(baseline, results.open_run(out).aggregates)
+
+
+def test_corrupt_shard_is_named_by_status_and_recomputed(baseline, tmp_path):
+    out = str(tmp_path / "run")
+    driver.run(sweep(out), tokens="96", progress=False)
+    victim = sorted(open_store(out).list("shards/"))[3]
+    path = Path(out) / victim
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    assert victim in results.status_text(out)
+    driver.run(sweep(out), tokens="96", progress=False)
+    assert victim not in results.status_text(out)
+    assert_complete_once(out, 96, 16)
+    assert_same_aggregates(baseline, results.open_run(out).aggregates)

@@ -124,7 +124,7 @@ def s3_client():
 
     attempts = int(os.environ.get("INDUCTION_SWEEP_S3_ATTEMPTS", "10"))
     config = Config(retries={"mode": "standard", "max_attempts": attempts}, connect_timeout=5, read_timeout=60)
-    return boto3.client("s3", config=config)
+    return boto3.session.Session().client("s3", config=config)  # a fresh credential lookup
 
 
 class S3Store(Store):

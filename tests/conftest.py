@@ -41,6 +41,14 @@ def wait_for_port(port: int, timeout: float = 30.0) -> None:
     raise TimeoutError(f"nothing listening on 127.0.0.1:{port}")
 
 
+@pytest.fixture
+def short_tmp():
+    """A short temporary directory: Ray's unix socket paths must stay under 107 bytes."""
+    path = Path(tempfile.mkdtemp(prefix="rs-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def toy_model():
     from workers import models

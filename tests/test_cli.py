@@ -85,21 +85,21 @@ def test_another_config_on_the_same_out_and_too_many_gpus(capsys, ray_cluster, t
     assert {k: open_store(out).get(k) for k in open_store(out).list()} == before
 
 
-def test_a_real_run_in_a_subprocess_writes_no_secret(bucket, tmp_path):
+def test_a_real_run_in_a_subprocess_writes_no_secret(bucket, short_tmp):
     """Plant secret-looking credentials, run the CLI against moto, scan every output for them."""
     secrets = {"AWS_SECRET_ACCESS_KEY": "sekritKEY0123456789abcdefXYZ", "AWS_SESSION_TOKEN": "sessTOKEN9876543210zyxwvut"}
-    env = {**os.environ, **secrets, "RAY_TMPDIR": str(tmp_path / "ray")}
-    (tmp_path / "ray").mkdir()
+    env = {**os.environ, **secrets, "RAY_TMPDIR": str(short_tmp)}
     argv = [sys.executable, "-m", "jobs.cli", *RUN, "--experiment", "all", "--tokens", "8", "--seqs", "4",
             "--actors", "2", "--out", f"s3://{bucket}/run"]
     proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parent.parent)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads(proc.stdout[: proc.stdout.rindex("}") + 1])
+    start = proc.stdout.index("\n{\n") + 1  # the summary follows any log lines
+    summary = json.loads(proc.stdout[start : proc.stdout.index("\n}\n", start) + 2])
     assert summary["token_powers"]["tokens"] == 8
     store = open_store(f"s3://{bucket}/run")
     blobs = {key: store.get(key) for key in store.list()}
     assert "report.html" in blobs and any(k.startswith("shards/") for k in blobs)
-    logs = [p.read_bytes() for p in (tmp_path / "ray").rglob("*") if p.is_file() and p.stat().st_size < 50_000_000]
+    logs = [p.read_bytes() for p in short_tmp.rglob("*") if p.is_file() and p.stat().st_size < 50_000_000]
     assert len(logs) > 5  # the Ray session's logs were found and are scanned too
     for value in secrets.values():
         assert value not in proc.stdout and value not in proc.stderr

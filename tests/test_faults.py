@@ -74,9 +74,9 @@ def cli(out: str, env=None) -> list[str]:
             "--quiet", "--out", out]
 
 
-def test_driver_killed_mid_run_resumes_to_identical_aggregates(baseline, tmp_path):
+def test_driver_killed_mid_run_resumes_to_identical_aggregates(baseline, tmp_path, short_tmp):
     out = str(tmp_path / "run")
-    env = {**os.environ, "RAY_TMPDIR": str(tmp_path)}
+    env = {**os.environ, "RAY_TMPDIR": str(short_tmp)}
     proc = subprocess.Popen(cli(out), env=env, cwd=ROOT, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     store = open_store(out)

@@ -14,9 +14,9 @@ from tests.conftest import VENV_BIN, free_port, wait_for_port
 
 
 @pytest.fixture
-def ray_head(tmp_path, moto_server):
+def ray_head(short_tmp, moto_server):
     dashboard, gcs = free_port(), free_port()
-    temp = tmp_path / "ray-head"
+    temp = short_tmp
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
     proc = subprocess.Popen(
         [str(VENV_BIN / "ray"), "start", "--head", "--block", "--num-cpus=2", "--include-dashboard=true",

@@ -155,13 +155,14 @@ def main(args) -> int:
               f"{best['ratio']:6.1f}x   err {err:.1e}   {best['peak_mem_mb']:8.0f} MB", flush=True)
         del scorer
 
-    if args.actors:
+    report = {"model": name, "device": str(device), "threads": torch.get_num_threads(), "plain_seq_per_s": plain_rate,
+              "plain_max_abs_err_strength": plain_err, "plain_peak_mem_mb": plain_mem, "results": results}
+    if args.actors:  # needs Ray: imported only here
         from jobs.bench_actors import actor_scaling
 
-        for line in actor_scaling(args.model or "toy-2l"):
-            print(line, flush=True)
+        report["actors"] = scaling = actor_scaling(args.model or "toy-2l")
+        print(f"  run on {scaling['model']}: 1 CPU actor {scaling['pairs_per_s_1_actor']:,.0f} pairs/s, 2 actors "
+              f"{scaling['pairs_per_s_2_actors']:,.0f} pairs/s = {scaling['scaling']:.2f} x (2 x one actor)", flush=True)
     if args.json:
-        print(json.dumps({"model": name, "device": str(device), "threads": torch.get_num_threads(),
-                          "plain_seq_per_s": plain_rate, "plain_max_abs_err_strength": plain_err,
-                          "plain_peak_mem_mb": plain_mem, "results": results}))
+        print(json.dumps(report))
     return 0

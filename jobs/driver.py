@@ -131,7 +131,11 @@ def plan_actors(cfg: RunConfig, resources: dict) -> ActorPlan:
     return ActorPlan(count, 0, min(threads, cpus / count), "cpu", threads)
 
 
-def execute(ray, cfg: RunConfig, todo: list[ShardSpec], plan: ActorPlan, progress: bool, already: int, total: int) -> None:
+def execute(ray, cfg: RunConfig, todo: list[ShardSpec], plan: ActorPlan, progress: bool, already: int,
+            total: int) -> list[tuple[float, int]]:
+    """Run ``todo`` on ``plan.count`` actors; returns (time, sequences) of each completed shard."""
+    import time
+
     from tqdm import tqdm
 
     Runner = ray.remote(ShardRunner).options(
@@ -151,7 +155,7 @@ def execute(ray, cfg: RunConfig, todo: list[ShardSpec], plan: ActorPlan, progres
             submit(actor)
     bar = tqdm(total=sum(s.n_sequences for s in todo), unit="seq", unit_scale=True, disable=not progress,
                desc=f"{plan.count} {plan.device} actor(s), shards {already}/{total}", mininterval=1.0)
-    done = already
+    done, completed = already, []
     try:
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
@@ -160,6 +164,7 @@ def execute(ray, cfg: RunConfig, todo: list[ShardSpec], plan: ActorPlan, progres
             done += 1
             bar.set_description(f"{plan.count} {plan.device} actor(s), shards {done}/{total}", refresh=False)
             bar.update(summary.sequences)
+            completed.append((time.perf_counter(), summary.sequences))
             submit(actor)
     except Exception as exc:
         cause = getattr(exc, "cause", None) or exc
@@ -168,3 +173,4 @@ def execute(ray, cfg: RunConfig, todo: list[ShardSpec], plan: ActorPlan, progres
         bar.close()
         for actor in actors:
             ray.kill(actor)
+    return completed

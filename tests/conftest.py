@@ -93,3 +93,24 @@ def ray_cluster():
     yield ray
     ray.shutdown()
     shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def tokenized_checkpoint(tmp_path_factory):
+    """A small random attention-only model with a real (word-level) tokenizer, as a checkpoint directory."""
+    from tokenizers import Regex, Tokenizer, models as tok_models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from workers import models
+
+    words = ["<unk>", "<|BOS|>", "<pad>", "<|EOS|>", " Fab", "ien"] + [f" w{i}" for i in range(58)]
+    tokenizer = Tokenizer(tok_models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r" ?[A-Za-z0-9]+|[^A-Za-z0-9 ]"), behavior="isolated")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<|BOS|>", unk_token="<unk>",
+                                   pad_token="<pad>", eos_token="<|EOS|>")
+    model = models.random_model(d_vocab=len(words), n_ctx=32, d_model=64, n_heads=4, d_head=16, seed=8)
+    model.cfg.model_name = "tiny-words"
+    path = tmp_path_factory.mktemp("ckpt") / "tiny-words"
+    models.export_model(model, str(path))
+    fast.save_pretrained(str(path))  # the optional tokenizer files of a checkpoint directory
+    return path

@@ -56,6 +56,13 @@ def test_missing_and_corrupt_checkpoints(capsys, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_pair_strings_that_are_not_single_tokens(capsys, tokenized_checkpoint, tmp_path):
+    base = ["run", "--model", str(tokenized_checkpoint), "--experiment", "fixed-pair", "--out", str(tmp_path / "o")]
+    refused(capsys, base + ["--pair-a", " Fab ien"], "is not a single token of")
+    refused(capsys, base + ["--pair-b", "Fabien"], "is not a token of")
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("uri, match", [
     ("s3://", "malformed S3 URI"),
     ("s3://UPPER_case/x", "malformed S3 URI"),

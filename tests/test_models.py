@@ -95,3 +95,15 @@ def test_resolve_token(toy_model):
     with pytest.raises(models.ModelInputError, match="outside"):
         models.resolve_token(toy_model, "2048", "--pair-b")
     assert models.default_pair(toy_model) == models.FALLBACK_PAIR
+
+
+def test_checkpoint_with_a_tokenizer(tokenized_checkpoint):
+    model = models.load_model(str(tokenized_checkpoint))
+    assert model.tokenizer is not None and models.bos_id(model) == 1
+    assert models.token_strings(model)[4:6] == [" Fab", "ien"]
+    assert models.default_pair(model) == (4, 5)  # the post's " Fab" / "ien"
+    assert models.resolve_token(model, " w7", "--pair-a") == 13
+    with pytest.raises(models.ModelInputError, match="not a single token"):
+        models.resolve_token(model, " Fab ien", "--pair-a")
+    with pytest.raises(models.ModelInputError, match="not a token"):
+        models.resolve_token(model, "Fabien", "--pair-b")

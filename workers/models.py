@@ -179,6 +179,9 @@ def resolve_token(model, text: str | int, option: str) -> int:
         raise ModelInputError(f"{option} {text!r}: model {model.cfg.model_name} has no tokenizer; give an integer id")
     else:
         ids = model.tokenizer.encode(text, add_special_tokens=False)
+        unknown = model.tokenizer.unk_token_id
+        if len(ids) == 1 and ids[0] == unknown and text != model.tokenizer.unk_token:
+            raise ModelInputError(f"{option} {text!r} is not a token of {model.cfg.model_name} (it encodes to the unknown token)")
         if len(ids) != 1:
             raise ModelInputError(f"{option} {text!r} is not a single token of {model.cfg.model_name} ({len(ids)} tokens)")
         token = ids[0]

@@ -64,6 +64,8 @@ def aggregate(store: Store, cfg: RunConfig, token_strings: list[str]) -> dict[st
     fp_hist = np.zeros((len(fp_scenarios), FIXED_PAIR_BINS), dtype=np.int64)
     fp_hist2d = np.zeros((len(fp_scenarios), LOGODDS_BINS, LOGODDS_BINS), dtype=np.int64)
     neigh = Moments(len(nb_targets))
+    ctl_targets = experiments.target_names(experiments.CONTROLS[0], n_neighbors)
+    controls = {c: Moments(len(ctl_targets)) for c in experiments.CONTROLS}
 
     for spec in plan_shards(cfg):
         t = pq.read_table(io.BytesIO(store.get(spec.key)), columns=COLUMNS)
@@ -78,6 +80,8 @@ def aggregate(store: Store, cfg: RunConfig, token_strings: list[str]) -> dict[st
             fp_hist[i] += np.histogram(strength[on_b], FIXED_PAIR_BINS, FIXED_PAIR_RANGE)[0]
             fp_hist2d[i] += np.histogram2d(t["logodds_shuffled"].to_numpy()[on_b], t["logodds_induction"].to_numpy()[on_b],
                                            LOGODDS_BINS, [LOGODDS_RANGE, LOGODDS_RANGE])[0].astype(np.int64)
+        elif spec.experiment in controls:
+            controls[spec.experiment].add(_codes(t["target"], ctl_targets), strength)
         else:
             neigh.add(_codes(t["target"], nb_targets), strength)
 
@@ -126,6 +130,14 @@ def aggregate(store: Store, cfg: RunConfig, token_strings: list[str]) -> dict[st
             "mean": neigh.mean(), "sem": neigh.sem(), "n": neigh.n.astype(np.int64)})
         means = dict(zip(nb_targets, neigh.mean()))
         summary["neighbors"] = {t: float(means[t]) for t in ("B", "N1", "N5", "N15", "R") if t in means}
+    present = [c for c in experiments.CONTROLS if c in cfg.experiments]
+    if present:
+        out["controls"] = pd.DataFrame(
+            [(c, t, controls[c].mean()[j], controls[c].sem()[j], int(controls[c].n[j]))
+             for c in present for j, t in enumerate(ctl_targets)],
+            columns=["experiment", "target", "mean", "sem", "n"])
+        summary["controls"] = {c: {t: float(controls[c].mean()[ctl_targets.index(t)]) for t in ("B", "A", "R")}
+                               for c in present}
     if hist_rows:
         out["histograms"] = pd.DataFrame(hist_rows, columns=["role", "bin_lo", "bin_hi", "count"])
     out["summary"] = summary

@@ -24,7 +24,8 @@ class Parser(argparse.ArgumentParser):
 def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="toy-2l, a TransformerLens name, or a checkpoint directory (local or s3://)")
     p.add_argument("--out", required=True, help="output URI: a local path or s3://bucket/prefix")
-    p.add_argument("--experiment", default="all", help="token-powers, fixed-pair, neighbors or all (default)")
+    p.add_argument("--experiment", default="all", help="token-powers, fixed-pair, neighbors, all (the post's three, default), "
+                   "controls (no-b, b-elsewhere, no-first-a), or a comma-separated list")
     p.add_argument("--tokens", default=None, help="fixed tokens are ids 4..4+N-1; 'all' for the whole vocabulary "
                    "(default: 10000, or all where the vocabulary is smaller)")
     p.add_argument("--seqs", type=int, default=256, help="sequences per token and role (default 256)")
@@ -78,15 +79,12 @@ def build_parser() -> Parser:
 
 
 def run_config(args: argparse.Namespace):
-    from jobs.config import RunConfig, check_options
+    from jobs.config import RunConfig, check_options, parse_experiments
 
     check_options(args.experiment, args.tokens, args.seqs, args.pairs, args.neighbors, args.batch_size, args.actors,
                   args.gpus_per_actor, args.shard_size, args.precision)
-    from workers.experiments import EXPERIMENTS
-
     return RunConfig(
-        model=args.model, out=args.out,
-        experiments=EXPERIMENTS if args.experiment == "all" else (args.experiment,),
+        model=args.model, out=args.out, experiments=parse_experiments(args.experiment),
         seqs=args.seqs, pairs=args.pairs, neighbors=args.neighbors, seed=args.seed, precision=args.precision,
         save_tokens=args.save_tokens, shard_size=args.shard_size, batch_size=args.batch_size,
         actors=None if args.actors in (None, "auto") else int(args.actors), gpus_per_actor=args.gpus_per_actor,

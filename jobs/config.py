@@ -56,7 +56,7 @@ class RunConfig:
 
     @property
     def needs_neighbors(self) -> bool:
-        return any(e in self.experiments for e in ("fixed-pair", "neighbors"))
+        return any(e != "token-powers" for e in self.experiments)
 
     @classmethod
     def from_science(cls, science: dict, **execution) -> "RunConfig":
@@ -65,12 +65,24 @@ class RunConfig:
         return cls(**s, **execution)
 
 
+def parse_experiments(text: str) -> tuple[str, ...]:
+    """``all`` (the post's three), ``controls`` (the mechanism controls), or a comma-separated list."""
+    known = experiments.EXPERIMENTS + experiments.CONTROLS
+    groups = {"all": experiments.EXPERIMENTS, "controls": experiments.CONTROLS}
+    chosen: list[str] = []
+    for name in text.split(","):
+        name = name.strip()
+        if name not in known and name not in groups:
+            raise ConfigError(f"unknown experiment {name!r}: choose from {', '.join(known)}, all or controls")
+        chosen += [e for e in groups.get(name, (name,)) if e not in chosen]
+    return tuple(chosen)
+
+
 def check_options(experiment: str, tokens: str | None, seqs: int, pairs: int, neighbors: int,
                   batch_size: Optional[int], actors: Optional[str], gpus_per_actor: Optional[float],
                   shard_size: int, precision: str) -> None:
     """Checks that need no model."""
-    if experiment != "all" and experiment not in experiments.EXPERIMENTS:
-        raise ConfigError(f"unknown experiment {experiment!r}: choose {', '.join(experiments.EXPERIMENTS)} or all")
+    parse_experiments(experiment)
     if tokens is not None and tokens != "all" and (not tokens.lstrip("-").isdigit() or int(tokens) <= 0):
         raise ConfigError(f"--tokens must be a positive integer or 'all', not {tokens!r}")
     for name, value in (("--seqs", seqs), ("--pairs", pairs), ("--shard-size", shard_size)):

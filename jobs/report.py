@@ -79,6 +79,27 @@ def neighbors_plot(neigh: pd.DataFrame) -> bytes:
     return _png(fig)
 
 
+def controls_plot(controls: pd.DataFrame, neighbors: pd.DataFrame | None) -> bytes:
+    """Mean strength on B, A and R: plain induction against each control."""
+    table = controls.pivot(index="experiment", columns="target", values="mean")
+    errors = controls.pivot(index="experiment", columns="target", values="sem")
+    if neighbors is not None:  # plain induction with free A and B (the neighbors experiment)
+        base = neighbors.set_index("target")
+        table.loc["induction"] = {"B": base.loc["B", "mean"], "R": base.loc["R", "mean"]}
+        errors.loc["induction"] = {"B": base.loc["B", "sem"], "R": base.loc["R", "sem"]}
+    order = [e for e in ("induction", "no-first-a", "b-elsewhere", "no-b") if e in table.index]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.27
+    for i, target in enumerate(("B", "A", "R")):
+        ax.bar(np.arange(len(order)) + (i - 1) * width, table.loc[order, target], width,
+               yerr=errors.loc[order, target], label=f"on {target}")
+    ax.set_xticks(np.arange(len(order)), order)
+    ax.axhline(0, color="black", lw=0.5)
+    ax.set(ylabel="mean induction strength", title="Is it B's presence or the A→B pair?")
+    ax.legend()
+    return _png(fig)
+
+
 def render(store: Store, manifest: dict, agg: dict) -> dict[str, bytes]:
     """Write plots/*.png and report.html; returns the plots."""
     summary = agg.get("summary", {})
@@ -92,6 +113,8 @@ def render(store: Store, manifest: dict, agg: dict) -> dict[str, bytes]:
         plots["fixed_pair_logodds.png"] = fixed_pair_logodds_plot(agg["fixed_pair_logodds"], list(agg["fixed_pair"].scenario.unique()))
     if "neighbors" in agg:
         plots["neighbors.png"] = neighbors_plot(agg["neighbors"])
+    if "controls" in agg:
+        plots["controls.png"] = controls_plot(agg["controls"], agg.get("neighbors"))
     for name, data in plots.items():
         store.put(f"plots/{name}", data)
     store.put("report.html", report_html(manifest, agg, plots).encode())
@@ -125,6 +148,16 @@ def report_html(manifest: dict, agg: dict, plots: dict[str, bytes]) -> str:
         parts += ["<h2>Neighbours of B</h2>",
                   "<p>Mean strength on B, on its k nearest neighbours in the unembedding (cosine), and on a random token.</p>",
                   _img(plots["neighbors.png"]), agg["neighbors"].to_html(index=False, float_format="%.3f")]
+    if "controls" in agg:
+        c = summary["controls"]
+        lines = "".join(f"<li><b>{html.escape(e)}</b>: strength on B {v['B']:.2f}, on A {v['A']:.2f}, "
+                        f"on a random token {v['R']:.2f}</li>" for e, v in c.items())
+        parts += ["<h2>Mechanism controls</h2>",
+                  "<p><code>no-b</code>: the first B replaced by a random token, so B is nowhere in the context; "
+                  "<code>b-elsewhere</code>: B at a random filler position instead of right after the first A; "
+                  "<code>no-first-a</code>: the first A replaced, B kept in place (B present, no A→B pair). "
+                  "Each against its own shuffled control.</p>", f"<ul>{lines}</ul>", _img(plots["controls.png"]),
+                  agg["controls"].pivot(index="experiment", columns="target", values="mean").to_html(float_format="%.2f")]
     parts += ["<h2>Run</h2>", f"<pre>{html.escape(json.dumps(manifest, indent=2))}</pre>"]
     style = "body{font-family:sans-serif;max-width:1100px;margin:2em auto}img{max-width:100%}table{border-collapse:collapse}" \
             "td,th{border:1px solid #ccc;padding:2px 6px}"

@@ -123,3 +123,15 @@ def test_results_api_reads_a_local_run(ray_cluster, tmp_path):
     fp = run.aggregates["fixed_pair"]
     assert set(fp.scenario) == {"A+B", "A only", "B only", "none"} and (fp.n == 48).all()
     assert run.shards().count_rows() == 4 * 48 * 6
+
+
+def test_mechanism_controls_run_and_are_compared_with_induction(ray_cluster, tmp_path):
+    out = str(tmp_path / "controls")
+    summary = driver.run(small_run(out, experiments=("neighbors", "no-b", "b-elsewhere", "no-first-a")),
+                         progress=False)
+    controls = results.open_run(out).aggregates["controls"]
+    assert set(controls.experiment) == {"no-b", "b-elsewhere", "no-first-a"} and (controls.n == 48).all()
+    assert list(controls[controls.experiment == "no-b"].target) == ["B", "A", "N1", "N2", "N3", "R"]
+    # toy-2l predicts B from the A→B pair, not from B's mere presence
+    assert summary["neighbors"]["B"] > 5 and summary["controls"]["no-b"]["B"] < 1
+    assert "plots/controls.png" in open_store(out).list("plots/")

@@ -83,3 +83,37 @@ def test_uniform_tokens_cover_the_range_evenly():
     counts = torch.bincount(toks, minlength=14)[FIRST_TOKEN:].float()
     assert counts.min() > 0.9 * 2000 and counts.max() < 1.1 * 2000
     assert torch.bincount(toks, minlength=14)[:FIRST_TOKEN].sum() == 0
+
+
+def control_batch(control, n=400):
+    seq = torch.arange(n)
+    keys = sequence_keys(0, control, 0, torch.full_like(seq, -1), seq)
+    none = torch.full_like(seq, -1)
+    return make_batch(keys, 1000, 1, none, none, control), make_batch(keys, 1000, 1, none, none)
+
+
+def test_control_no_b_removes_the_first_b():
+    ctl, plain = control_batch("no-b")
+    assert (ctl.tokens[:, B_POS] != ctl.b).float().mean() > 0.99  # equal only by chance
+    keep = [p for p in range(SEQ_LEN) if p != B_POS]
+    assert torch.equal(ctl.tokens[:, keep], plain.tokens[:, keep])
+    assert torch.equal(ctl.shuffled[:, 1:-1].sort(1).values, ctl.tokens[:, 1:-1].sort(1).values)
+
+
+def test_control_no_first_a_keeps_b_without_the_pair():
+    ctl, _ = control_batch("no-first-a")
+    assert (ctl.tokens[:, B_POS] == ctl.b).all() and (ctl.tokens[:, -1] == ctl.a).all()
+    assert (ctl.tokens[:, A_POS] != ctl.a).float().mean() > 0.99
+
+
+def test_control_b_elsewhere_moves_b_to_a_filler_position():
+    ctl, plain = control_batch("b-elsewhere")
+    assert (ctl.tokens[:, B_POS] != ctl.b).float().mean() > 0.99
+    moved = (ctl.tokens != plain.tokens)
+    moved[:, B_POS] = False
+    assert (moved.sum(1) <= 1).all() and moved.any(1).float().mean() > 0.99  # one filler slot now holds B
+    rows = moved.any(1)  # (elsewhere the filler there was B already, by chance)
+    where = moved.float().argmax(1)[rows]
+    assert (ctl.tokens[rows][torch.arange(len(where)), where] == ctl.b[rows]).all()
+    assert set(where.tolist()) <= set(range(1, A_POS)) | set(range(B_POS + 1, SEQ_LEN - 1))
+    assert len(set(where.tolist())) == 20  # every filler position is used

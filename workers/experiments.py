@@ -10,7 +10,8 @@ from torch import Tensor
 
 from workers.sequences import SequenceBatch
 
-EXPERIMENTS = ("token-powers", "fixed-pair", "neighbors")
+EXPERIMENTS = ("token-powers", "fixed-pair", "neighbors")  # the seed post's
+CONTROLS = ("no-b", "b-elsewhere", "no-first-a")  # mechanism controls (workers/sequences.py apply_control)
 FIXED_PAIR_NEIGHBORS = 3  # the post's fixed-pair study scores N1..N3
 
 
@@ -35,7 +36,9 @@ FIXED_PAIR_SCENARIOS = (
     Scenario("fixed-pair", "none", 3, False, False),
 )
 NEIGHBORS_SCENARIO = Scenario("neighbors", "free", 0, False, False)
-SCENARIOS = {s.experiment + "/" + s.name: s for s in TOKEN_POWER_ROLES + FIXED_PAIR_SCENARIOS + (NEIGHBORS_SCENARIO,)}
+CONTROL_SCENARIOS = tuple(Scenario(c, "free", 0, False, False) for c in CONTROLS)
+SCENARIOS = {s.experiment + "/" + s.name: s
+             for s in TOKEN_POWER_ROLES + FIXED_PAIR_SCENARIOS + (NEIGHBORS_SCENARIO,) + CONTROL_SCENARIOS}
 
 
 def scenarios(experiment: str) -> tuple[Scenario, ...]:
@@ -45,7 +48,7 @@ def scenarios(experiment: str) -> tuple[Scenario, ...]:
 def target_names(experiment: str, n_neighbors: int) -> list[str]:
     if experiment == "token-powers":
         return ["B"]
-    if experiment == "fixed-pair":
+    if experiment == "fixed-pair" or experiment in CONTROLS:
         return ["B", "A"] + [f"N{k}" for k in range(1, min(FIXED_PAIR_NEIGHBORS, n_neighbors) + 1)] + ["R"]
     return ["B"] + [f"N{k}" for k in range(1, n_neighbors + 1)] + ["R"]
 

@@ -32,7 +32,12 @@ def resolve_precision(precision: str, device: torch.device | str) -> str:
 
 def native_bf16(device: torch.device) -> bool:
     """bf16 products at full speed: CUDA, or a CPU with AVX512-BF16/AMX (not AVX2 ones)."""
-    return device.type == "cuda" or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if device.type == "cuda":
+        return True
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # builds without oneDNN
+        return False
 
 
 def logodds(

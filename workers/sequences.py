@@ -31,7 +31,8 @@ DRAW_SHUFFLE = 22  # 22 draws
 DRAW_R = 44
 DRAW_CONTROL = 45  # draws reserved for control experiments
 
-EXPERIMENT_IDS = {"token-powers": 1, "fixed-pair": 2, "neighbors": 3}
+EXPERIMENT_IDS = {"token-powers": 1, "fixed-pair": 2, "neighbors": 3, "no-b": 4, "b-elsewhere": 5, "no-first-a": 6}
+FILLER_POS = tuple(range(1, A_POS)) + tuple(range(B_POS + 1, SEQ_LEN - 1))
 
 _MASK64 = (1 << 64) - 1
 
@@ -96,10 +97,12 @@ def make_batch(
     bos: int,
     a_fixed: Int[Tensor, "batch"],
     b_fixed: Int[Tensor, "batch"],
+    control: str | None = None,
 ) -> SequenceBatch:
     """Build induction sequences and shuffled controls from per-sequence keys.
 
     ``a_fixed``/``b_fixed`` hold the fixed A/B id of each sequence, or -1 where it is drawn.
+    ``control`` alters the sequence before it is shuffled (see ``apply_control``).
     """
     batch = keys.shape[0]
     filler = uniform_tokens(draws(keys, DRAW_FILLER, 2 * N_FILLER), d_vocab)
@@ -110,6 +113,7 @@ def make_batch(
     tokens = torch.cat(
         [bos_col, filler[:, :N_FILLER], a[:, None], b[:, None], filler[:, N_FILLER:], a[:, None]], dim=1
     )
+    tokens = apply_control(tokens, keys, control, d_vocab)
     return SequenceBatch(
         tokens=tokens,
         shuffled=shuffle_inner(tokens, keys),
@@ -127,3 +131,29 @@ def shuffle_inner(tokens: Int[Tensor, "batch pos"], keys: Int[Tensor, "batch"]) 
     shuffled = tokens.clone()
     shuffled[:, 1:-1] = tokens[:, 1:-1].gather(1, perm)
     return shuffled
+
+
+def apply_control(tokens: Int[Tensor, "batch pos"], keys: Int[Tensor, "batch"], control: str | None,
+                  d_vocab: int) -> Int[Tensor, "batch pos"]:
+    """The mechanism controls: is it B's presence, or the A→B pair, that carries the prediction?
+
+    ``no-b``: the first B replaced by a random token (B nowhere in the context, but by chance);
+    ``b-elsewhere``: B moved to a random filler position, a random token in its place;
+    ``no-first-a``: the first A replaced by a random token, B kept where it was.
+    """
+    if control is None:
+        return tokens
+    out = tokens.clone()
+    fresh = uniform_tokens(draws(keys, DRAW_CONTROL, 1)[:, 0], d_vocab)
+    if control == "no-b":
+        out[:, B_POS] = fresh
+    elif control == "no-first-a":
+        out[:, A_POS] = fresh
+    elif control == "b-elsewhere":
+        slots = torch.tensor(FILLER_POS, device=tokens.device)
+        slot = slots[(_shr(draws(keys, DRAW_CONTROL + 1, 1)[:, 0], 32) * len(FILLER_POS)) >> 31]
+        out[:, B_POS] = fresh
+        out[torch.arange(len(out), device=out.device), slot] = tokens[:, B_POS]
+    else:
+        raise ValueError(f"unknown control {control!r}")
+    return out

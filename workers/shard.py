@@ -129,7 +129,8 @@ class ShardRunner:
         else:
             a_fixed = torch.full_like(seq, pair_a if scenario.fix_a else -1)
             b_fixed = torch.full_like(seq, pair_b if scenario.fix_b else -1)
-        batch = make_batch(keys, self.d_vocab, self.bos, a_fixed, b_fixed)
+        control = scenario.experiment if scenario.experiment in experiments.CONTROLS else None
+        batch = make_batch(keys, self.d_vocab, self.bos, a_fixed, b_fixed, control)
         targets = experiments.target_tokens(names, batch, self.neighbors)
         induction, shuffled = self.scorer.strength(batch.tokens, batch.shuffled, targets)
         out = dict(fixed=fixed, seq=seq, a=batch.a, b=batch.b, targets=targets, induction=induction, shuffled=shuffled)

@@ -67,9 +67,20 @@ def aggregate(store: Store, cfg: RunConfig, token_strings: list[str]) -> dict[st
     ctl_targets = experiments.target_names(experiments.CONTROLS[0], n_neighbors)
     controls = {c: Moments(len(ctl_targets)) for c in experiments.CONTROLS}
 
+    head_sums: dict[tuple[str, str], dict[str, float]] = {}  # (experiment, scenario) -> column -> sum on B rows
+    head_n: dict[tuple[str, str], int] = {}
     for spec in plan_shards(cfg):
-        t = pq.read_table(io.BytesIO(store.get(spec.key)), columns=COLUMNS)
+        f = pq.ParquetFile(io.BytesIO(store.get(spec.key)))
+        head_columns = [n for n in f.schema_arrow.names if n[:1] == "h" and n[1:2].isdigit() or n.startswith("rest_")]
+        t = f.read(columns=COLUMNS + head_columns)
         strength = t["strength"].to_numpy()
+        if head_columns and spec.experiment != "token-powers":
+            target = t["target"].combine_chunks()
+            on_b = target.indices.to_numpy(zero_copy_only=False) == target.dictionary.to_pylist().index("B")
+            sums = head_sums.setdefault((spec.experiment, spec.scenario), dict.fromkeys(head_columns, 0.0))
+            for name in head_columns:
+                sums[name] += float(t[name].to_numpy()[on_b].astype(np.float64).sum())
+            head_n[(spec.experiment, spec.scenario)] = head_n.get((spec.experiment, spec.scenario), 0) + int(on_b.sum())
         if spec.experiment == "token-powers":
             powers[spec.scenario].add(t["fixed_token"].to_numpy(), strength)
         elif spec.experiment == "fixed-pair":
@@ -138,10 +149,26 @@ def aggregate(store: Store, cfg: RunConfig, token_strings: list[str]) -> dict[st
             columns=["experiment", "target", "mean", "sem", "n"])
         summary["controls"] = {c: {t: float(controls[c].mean()[ctl_targets.index(t)]) for t in ("B", "A", "R")}
                                for c in present}
+    if head_sums:
+        out["heads"] = heads_table(head_sums, head_n)
     if hist_rows:
         out["histograms"] = pd.DataFrame(hist_rows, columns=["role", "bin_lo", "bin_hi", "count"])
     out["summary"] = summary
     return out
+
+
+def heads_table(sums: dict[tuple[str, str], dict[str, float]], counts: dict[tuple[str, str], int]) -> pd.DataFrame:
+    """Mean per-head measurements on B: one row per (experiment, scenario, head), then ``rest``."""
+    rows = []
+    for (experiment, scenario), col in sums.items():
+        n = counts[(experiment, scenario)]
+        heads = sorted({name.split("_")[0] for name in col if name[0] == "h"}, key=lambda h: int(h[1:])) + ["rest"]
+        for head in heads:
+            get = lambda key: col.get(f"{head}_{key}", float("nan")) / n  # noqa: E731
+            rows.append((experiment, scenario, head, get("attn_b"), get("attn_a"), get("attn_b_shuf"), get("attn_a_shuf"),
+                         get("dla_b"), get("dla_b_shuf"), get("dla_b") - get("dla_b_shuf"), n))
+    return pd.DataFrame(rows, columns=["experiment", "scenario", "head", "attn_b", "attn_a", "attn_b_shuf", "attn_a_shuf",
+                                       "dla_b", "dla_b_shuf", "contribution", "n"])
 
 
 def write(store: Store, aggregates: dict[str, pd.DataFrame | dict]) -> None:

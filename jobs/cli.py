@@ -39,6 +39,8 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpus-per-actor", type=float, default=None, help="GPUs per actor, fractions allowed")
     p.add_argument("--address", default=None, help="join a running Ray cluster (default: start a local one)")
     p.add_argument("--save-tokens", action="store_true", help="store each row's exact model inputs")
+    p.add_argument("--heads", action="store_true", help="store per-head attention and logit attribution "
+                   "of the last layer in every row (attention-only models)")
     p.add_argument("--overwrite", action="store_true", help="replace a run with another config at --out")
     p.add_argument("--pair-a", default=None, help='fixed A: a token string (" Fab") or an id')
     p.add_argument("--pair-b", default=None, help='fixed B: a token string ("ien") or an id')
@@ -86,7 +88,7 @@ def run_config(args: argparse.Namespace):
     return RunConfig(
         model=args.model, out=args.out, experiments=parse_experiments(args.experiment),
         seqs=args.seqs, pairs=args.pairs, neighbors=args.neighbors, seed=args.seed, precision=args.precision,
-        save_tokens=args.save_tokens, shard_size=args.shard_size, batch_size=args.batch_size,
+        save_tokens=args.save_tokens, shard_size=args.shard_size, heads=args.heads, batch_size=args.batch_size,
         actors=None if args.actors in (None, "auto") else int(args.actors), gpus_per_actor=args.gpus_per_actor,
         address=args.address, overwrite=args.overwrite)
 

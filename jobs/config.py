@@ -30,6 +30,7 @@ class RunConfig:
     save_tokens: bool = False
     pair: tuple[int, int] = models.FALLBACK_PAIR
     shard_size: int = 65536  # sequences per shard
+    heads: bool = False  # per-head measurements in every row
     # execution only: not part of the config hash
     batch_size: Optional[int] = field(default=None, compare=False)
     actors: Optional[int] = field(default=None, compare=False)  # None: auto
@@ -38,7 +39,7 @@ class RunConfig:
     overwrite: bool = field(default=False, compare=False)
 
     SCIENCE = ("model", "experiments", "tokens", "seqs", "pairs", "neighbors", "seed", "precision",
-               "save_tokens", "pair", "shard_size")
+               "save_tokens", "pair", "shard_size", "heads")
 
     def science(self) -> dict:
         d = asdict(self)
@@ -52,7 +53,7 @@ class RunConfig:
     @property
     def work_params(self) -> WorkParams:
         return WorkParams(self.model, self.seed, self.neighbors if self.needs_neighbors else 0, self.pair,
-                          self.save_tokens, self.precision)
+                          self.save_tokens, self.precision, self.heads)
 
     @property
     def needs_neighbors(self) -> bool:
@@ -115,6 +116,8 @@ def resolve(cfg: RunConfig, model, tokens: str | None, pair_a: Optional[str], pa
                               f"so at most {available} tokens (ids {FIRST_TOKEN}..{vocab - 1}); use --tokens all")
     if cfg.neighbors > available - 1:
         raise ConfigError(f"--neighbors {cfg.neighbors} exceeds the {available - 1} candidate neighbours of {cfg.model}")
+    if cfg.heads and models.attn_only_weights(model) is None:
+        raise ConfigError(f"--heads needs an attention-only model; {cfg.model} is not one")
     default_a, default_b = models.default_pair(model)
     try:
         a = models.resolve_token(model, pair_a, "--pair-a") if pair_a is not None else default_a

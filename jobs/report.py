@@ -100,6 +100,26 @@ def controls_plot(controls: pd.DataFrame, neighbors: pd.DataFrame | None) -> byt
     return _png(fig)
 
 
+def heads_plot(heads: pd.DataFrame) -> bytes:
+    """Each last-layer head's share of logit(B) - mean logit (induction minus shuffled), and its attention to B."""
+    groups = list(dict.fromkeys(heads.experiment + " / " + heads.scenario))
+    names = list(dict.fromkeys(heads["head"]))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
+    width = 0.8 / len(groups)
+    for i, group in enumerate(groups):
+        g = heads[(heads.experiment + " / " + heads.scenario) == group].set_index("head").loc[names]
+        x = np.arange(len(names)) + (i - (len(groups) - 1) / 2) * width
+        left.bar(x, g["contribution"], width, label=group)
+        right.bar(x[:-1], g["attn_b"].iloc[:-1], width, label=group)
+    left.set_xticks(np.arange(len(names)), names)
+    left.axhline(0, color="black", lw=0.5)
+    left.set(ylabel="Δ direct logit attribution to B", title="Who writes B: heads of the last layer, and the rest")
+    right.set_xticks(np.arange(len(names) - 1), names[:-1])
+    right.set(ylabel="attention", ylim=(0, 1), title="Attention from the final A to the slot after the first A")
+    left.legend(fontsize=8)
+    return _png(fig)
+
+
 def render(store: Store, manifest: dict, agg: dict) -> dict[str, bytes]:
     """Write plots/*.png and report.html; returns the plots."""
     summary = agg.get("summary", {})
@@ -113,6 +133,8 @@ def render(store: Store, manifest: dict, agg: dict) -> dict[str, bytes]:
         plots["fixed_pair_logodds.png"] = fixed_pair_logodds_plot(agg["fixed_pair_logodds"], list(agg["fixed_pair"].scenario.unique()))
     if "neighbors" in agg:
         plots["neighbors.png"] = neighbors_plot(agg["neighbors"])
+    if "heads" in agg:
+        plots["heads.png"] = heads_plot(agg["heads"])
     if "controls" in agg:
         plots["controls.png"] = controls_plot(agg["controls"], agg.get("neighbors"))
     for name, data in plots.items():
@@ -158,6 +180,18 @@ def report_html(manifest: dict, agg: dict, plots: dict[str, bytes]) -> str:
                   "<code>no-first-a</code>: the first A replaced, B kept in place (B present, no A→B pair). "
                   "Each against its own shuffled control.</p>", f"<ul>{lines}</ul>", _img(plots["controls.png"]),
                   agg["controls"].pivot(index="experiment", columns="target", values="mean").to_html(float_format="%.2f")]
+    if "heads" in agg:
+        h = agg["heads"]
+        top = h[h["head"] != "rest"].sort_values("contribution", ascending=False).iloc[0]
+        parts += ["<h2>Heads</h2>",
+                  "<p>Per sequence, in the scoring forward: each last-layer head's attention from the final A to the "
+                  "slot after the first A (B) and to the first A, in the induction sequence and its shuffled control, "
+                  "and its direct logit attribution to B (its output through the final LayerNorm scale and the "
+                  "unembedding, against the mean logit). Heads plus <code>rest</code> (embeddings, earlier layers, "
+                  "biases) add up to logit(B) − mean logit; <i>contribution</i> is induction minus shuffled. "
+                  f"Largest: head {top['head']} of {top['experiment']} / {top['scenario']}, {top['contribution']:.2f} "
+                  f"nats of logit, attention to B {top['attn_b']:.2f}.</p>",
+                  _img(plots["heads.png"]), h.to_html(index=False, float_format="%.3f")]
     parts += ["<h2>Run</h2>", f"<pre>{html.escape(json.dumps(manifest, indent=2))}</pre>"]
     style = "body{font-family:sans-serif;max-width:1100px;margin:2em auto}img{max-width:100%}table{border-collapse:collapse}" \
             "td,th{border:1px solid #ccc;padding:2px 6px}"

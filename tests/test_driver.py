@@ -127,11 +127,17 @@ def test_results_api_reads_a_local_run(ray_cluster, tmp_path):
 
 def test_mechanism_controls_run_and_are_compared_with_induction(ray_cluster, tmp_path):
     out = str(tmp_path / "controls")
-    summary = driver.run(small_run(out, experiments=("neighbors", "no-b", "b-elsewhere", "no-first-a")),
+    summary = driver.run(small_run(out, experiments=("neighbors", "no-b", "b-elsewhere", "no-first-a"), heads=True),
                          progress=False)
     controls = results.open_run(out).aggregates["controls"]
     assert set(controls.experiment) == {"no-b", "b-elsewhere", "no-first-a"} and (controls.n == 48).all()
     assert list(controls[controls.experiment == "no-b"].target) == ["B", "A", "N1", "N2", "N3", "R"]
     # toy-2l predicts B from the A→B pair, not from B's mere presence
     assert summary["neighbors"]["B"] > 5 and summary["controls"]["no-b"]["B"] < 1
-    assert "plots/controls.png" in open_store(out).list("plots/")
+    assert {"plots/controls.png", "plots/heads.png"} <= set(open_store(out).list("plots/"))
+    heads = results.open_run(out).aggregates["heads"]
+    assert set(heads.experiment) == {"neighbors", "no-b", "b-elsewhere", "no-first-a"} and (heads.n == 48).all()
+    plain = heads[heads.experiment == "neighbors"].set_index("head")
+    assert list(plain.index) == ["h0", "h1", "h2", "h3", "rest"] and plain.loc["h0":"h3", "attn_b"].max() > 0.5
+    rows = results.open_run(out).shards("neighbors").to_table(columns=["h0_attn_b", "h3_dla_b_shuf", "rest_dla_b"])
+    assert rows.num_rows == 48 * 7

@@ -71,8 +71,12 @@ class CompactForward(torch.nn.Module):
     def heads(self, t: Float[Tensor, "batch pos heads_x_d_head"]) -> Float[Tensor, "batch heads pos d_head"]:
         return t.view(t.shape[0], t.shape[1], self.n_heads, self.d_head).transpose(1, 2)
 
-    def forward(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch d_model"]:
-        """The final-LayerNorm'd residual stream at the last position, in float32."""
+    def forward(self, tokens: Int[Tensor, "batch pos"], trace: dict | None = None) -> Float[Tensor, "batch d_model"]:
+        """The final-LayerNorm'd residual stream at the last position, in float32.
+
+        ``trace`` (a dict) receives the last layer's attention pattern of the last position, each
+        head's output there and the residual stream before the final LayerNorm (workers/heads.py).
+        """
         batch, n_pos = tokens.shape
         width = self.n_heads * self.d_head
         x = self.W_E[tokens] if self.shortformer else self.W_E[tokens] + self.W_pos[:n_pos]
@@ -94,11 +98,17 @@ class CompactForward(torch.nn.Module):
                 pattern = ((k @ q.transpose(-1, -2)) / self.scale).softmax(-2)  # batch heads pos 1
                 z = (pattern.transpose(-1, -2) @ v).reshape(batch, width)
                 x = x[:, -1]
+                if trace is not None:
+                    W_O = getattr(self, f"W_O{i}").float().view(self.n_heads, self.d_head, -1)
+                    trace["pattern"] = pattern[..., 0].float()
+                    trace["head_out"] = torch.einsum("bhe,hed->bhd", z.float().view(batch, self.n_heads, -1), W_O)
             else:
                 z = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1 / self.scale)
                 z = z.transpose(1, 2).reshape(batch, n_pos, width)
             out = self.cast(z).flatten(0, -2) @ getattr(self, f"W_O{i}")
             x = x + out.view(x.shape).float().add_(getattr(self, f"b_O{i}"))
+        if trace is not None:
+            trace["resid"] = x
         return self.ln(x)
 
     def logits(self, h: Float[Tensor, "batch d_model"]) -> Float[Tensor, "batch vocab"]:

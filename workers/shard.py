@@ -22,6 +22,7 @@ from torch import Tensor
 from storage import open_store
 from workers import experiments, models
 from workers.experiments import Scenario
+from workers.heads import head_measures
 from workers.scoring import Scorer, cosine_neighbors
 from workers.sequences import FIRST_TOKEN, make_batch, sequence_keys
 
@@ -36,6 +37,7 @@ class WorkParams:
     pair: tuple[int, int] = models.FALLBACK_PAIR
     save_tokens: bool = False
     precision: str = "auto"
+    heads: bool = False  # per-head attention and logit attribution columns (workers/heads.py)
 
 
 @dataclass(frozen=True)
@@ -136,6 +138,8 @@ class ShardRunner:
         out = dict(fixed=fixed, seq=seq, a=batch.a, b=batch.b, targets=targets, induction=induction, shuffled=shuffled)
         if self.params.save_tokens:
             out.update(tokens=batch.tokens, shuffled_tokens=batch.shuffled)
+        if self.params.heads:
+            out.update(head_measures(self.scorer.compact, batch))
         return out
 
 
@@ -159,6 +163,7 @@ ROW_SCHEMA = pa.schema([
     ("logodds_shuffled", pa.float32()),
     ("strength", pa.float32()),
 ])
+ROW_KEYS = {"fixed", "seq", "a", "b", "targets", "induction", "shuffled", "tokens", "shuffled_tokens"}
 TOKEN_FIELDS = [("tokens", pa.list_(pa.int32())), ("shuffled_tokens", pa.list_(pa.int32()))]
 
 
@@ -188,9 +193,13 @@ def rows_table(spec: ShardSpec, names: list[str], c: dict[str, np.ndarray], save
         pa.array((induction - shuffled).astype(np.float32)),
     ]
     schema = ROW_SCHEMA
+    extra = [k for k in c if k not in ROW_KEYS]  # per-head measurements, one value per sequence
+    for name in extra:
+        arrays.append(pa.array(np.repeat(c[name].astype(np.float32), n_t)))
+    schema = pa.schema(list(ROW_SCHEMA) + [(name, pa.float32()) for name in extra])
     if save_tokens:
         for name in ("tokens", "shuffled_tokens"):
             seqs = np.repeat(c[name].astype(np.int32), n_t, axis=0)
             arrays.append(pa.FixedSizeListArray.from_arrays(seqs.reshape(-1), seqs.shape[1]).cast(pa.list_(pa.int32())))
-        schema = pa.schema(list(ROW_SCHEMA) + TOKEN_FIELDS)
+        schema = pa.schema(list(schema) + TOKEN_FIELDS)
     return pa.Table.from_arrays(arrays, schema=schema)

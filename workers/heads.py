@@ -1,0 +1,52 @@
+"""Per-head measurements of the last attention layer, at the last position, in the scoring forward.
+
+For each head: its attention from the final A to the slot right after the first A (B, in plain
+induction) and to the first A, in the induction sequence and in its shuffled control (following
+those two tokens to wherever the shuffle put them); and its direct logit attribution to B — its
+output through the final LayerNorm's scale and the unembedding, against the mean logit. The heads'
+attributions plus ``rest`` (embeddings, earlier layers, biases) add up to logit(B) − mean logit.
+"""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from workers.fast import CompactForward
+from workers.sequences import A_POS, B_POS, SequenceBatch, shuffled_positions
+
+
+def attribution(compact: CompactForward, trace: dict, b: Int[Tensor, "batch"]) -> Float[Tensor, "batch heads_plus_1"]:
+    """Direct logit attribution to ``b`` of each head, then of everything else (last column)."""
+    resid, head_out = trace["resid"], trace["head_out"]
+    u = compact.W_U_rows[b] - compact.W_U_rows.mean(0)  # logit(B) - mean logit, per unit of LN output
+    bias = compact.b_U[b] - compact.b_U.mean()
+    if compact.layer_norm:
+        centred = resid - resid.mean(-1, keepdim=True)
+        scale = torch.sqrt(centred.pow(2).mean(-1, keepdim=True) + compact.eps)
+        heads = torch.einsum("bhd,bd->bh", head_out - head_out.mean(-1, keepdim=True), u) / scale
+        total = torch.einsum("bd,bd->b", centred, u) / scale[:, 0] + bias
+    else:
+        heads = torch.einsum("bhd,bd->bh", head_out, u)
+        total = torch.einsum("bd,bd->b", resid, u) + bias
+    return torch.cat([heads, (total - heads.sum(1))[:, None]], dim=1)
+
+
+@torch.inference_mode()
+def head_measures(compact: CompactForward, batch: SequenceBatch) -> dict[str, Tensor]:
+    """Per-sequence, per-head columns (float32), for the induction sequence and its shuffled control."""
+    out: dict[str, Tensor] = {}
+    rows = torch.arange(len(batch.b), device=batch.b.device)
+    moved = shuffled_positions(batch.keys, [A_POS, B_POS])
+    for name, tokens, a_pos, b_pos in (("", batch.tokens, A_POS, B_POS), ("_shuf", batch.shuffled, moved[:, 0], moved[:, 1])):
+        trace: dict = {}
+        compact(tokens, trace)
+        pattern = trace["pattern"]  # batch heads pos
+        dla = attribution(compact, trace, batch.b)
+        for h in range(compact.n_heads):
+            out[f"h{h}_attn_b{name}"] = pattern[rows, h, b_pos]
+            out[f"h{h}_attn_a{name}"] = pattern[rows, h, a_pos]
+            out[f"h{h}_dla_b{name}"] = dla[:, h]
+        out[f"rest_dla_b{name}"] = dla[:, -1]
+    return out

@@ -10,12 +10,14 @@ from __future__ import annotations
 import os
 import shlex
 import sys
+import time
 from pathlib import Path
 
 from jobs.errors import ConfigError
 from storage.store import FORWARDED_ENV
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+AGENT_WAIT_S = 60
 EXCLUDES = [".venv", ".git", "runs", "out", "**/__pycache__", "*.egg-info", ".pytest_cache"]
 
 
@@ -28,10 +30,16 @@ def submit(address: str, run_args: list[str], wait: bool = False, python: str = 
         raise ConfigError(f"cannot reach the Ray Jobs API at {address}: {str(exc).splitlines()[0][:200]}") from None
     entrypoint = shlex.join([python, "-m", "jobs.cli", "run", "--quiet", *run_args])
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
-    job_id = client.submit_job(
-        entrypoint=entrypoint,
-        runtime_env={"working_dir": str(PROJECT_ROOT), "excludes": EXCLUDES, "env_vars": env},
-    )
+    runtime_env = {"working_dir": str(PROJECT_ROOT), "excludes": EXCLUDES, "env_vars": env}
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:  # a head that has just started answers "No available agent" for a few seconds
+        try:
+            job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
+            break
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(1)
     print(job_id, flush=True)
     if not wait:
         return 0

@@ -171,6 +171,28 @@ def heads_table(sums: dict[tuple[str, str], dict[str, float]], counts: dict[tupl
                                        "dla_b", "dla_b_shuf", "contribution", "n"])
 
 
+def add_circuits(agg: dict, model) -> None:
+    """Join per-token circuit scores (workers/circuits.py) with A and B power, and correlate them."""
+    import torch
+
+    from workers import models
+    from workers.circuits import circuit_scores
+
+    weights = models.attn_only_weights(model)
+    powers = agg.get("token_powers")
+    if weights is None or powers is None:
+        return
+    scores = circuit_scores(weights, torch.tensor(powers.token.to_numpy()))
+    table = powers[["token", "token_str", "a_power", "b_power"]].copy()
+    for name, values in scores.items():
+        table[name] = values.numpy()
+    rows = [(score, power, float(table[power].rank().corr(table[score].rank())))  # Spearman, without scipy
+            for score in scores for power in ("a_power", "b_power")]
+    agg["circuits"] = table
+    agg["circuit_correlations"] = pd.DataFrame(rows, columns=["score", "power", "spearman"])
+    agg["summary"]["circuits"] = {f"{s} vs {p}": r for s, p, r in rows if s.endswith("_best")}
+
+
 def write(store: Store, aggregates: dict[str, pd.DataFrame | dict]) -> None:
     for name, value in aggregates.items():
         if isinstance(value, pd.DataFrame):

@@ -70,6 +70,8 @@ def finish(store: Store, cfg: RunConfig) -> dict:
     if states.missing or states.corrupt:
         raise RunFailed(f"{len(states.missing)} shards missing and {len(states.corrupt)} corrupt under {store.uri}")
     agg = aggregate.aggregate(store, cfg, read_vocab(store))
+    if cfg.heads:
+        aggregate.add_circuits(agg, models.load_model(cfg.model, "cpu"))
     aggregate.write(store, agg)
     done = manifest.write(store, cfg, states.total, "complete")
     report.render(store, done, agg)

@@ -120,6 +120,18 @@ def heads_plot(heads: pd.DataFrame) -> bytes:
     return _png(fig)
 
 
+def circuits_plot(table: pd.DataFrame, corr: pd.DataFrame) -> bytes:
+    pairs = [(s, p) for s, p in (("ov_rank_best", "b_power"), ("qk_rank_best", "a_power")) if s in table]
+    fig, axes = plt.subplots(1, len(pairs), figsize=(6 * len(pairs), 4), squeeze=False)
+    for ax, (score, power) in zip(axes[0], pairs):
+        rho = corr[(corr.score == score) & (corr.power == power)].spearman.iloc[0]
+        ax.scatter(np.log10(1 + table[score]), table[power], s=4, alpha=0.4)
+        kind = "OV copying of B" if score.startswith("ov") else "QK prefix matching of A"
+        ax.set(xlabel=f"log10(1 + rank) — {kind}, best head (0 = perfect)", ylabel=power.replace("_", " "),
+               title=f"{power[0].upper()} power against {kind} (Spearman {rho:.2f})")
+    return _png(fig)
+
+
 def render(store: Store, manifest: dict, agg: dict) -> dict[str, bytes]:
     """Write plots/*.png and report.html; returns the plots."""
     summary = agg.get("summary", {})
@@ -135,6 +147,8 @@ def render(store: Store, manifest: dict, agg: dict) -> dict[str, bytes]:
         plots["neighbors.png"] = neighbors_plot(agg["neighbors"])
     if "heads" in agg:
         plots["heads.png"] = heads_plot(agg["heads"])
+    if "circuits" in agg:
+        plots["circuits.png"] = circuits_plot(agg["circuits"], agg["circuit_correlations"])
     if "controls" in agg:
         plots["controls.png"] = controls_plot(agg["controls"], agg.get("neighbors"))
     for name, data in plots.items():
@@ -192,6 +206,15 @@ def report_html(manifest: dict, agg: dict, plots: dict[str, bytes]) -> str:
                   f"Largest: head {top['head']} of {top['experiment']} / {top['scenario']}, {top['contribution']:.2f} "
                   f"nats of logit, attention to B {top['attn_b']:.2f}.</p>",
                   _img(plots["heads.png"]), h.to_html(index=False, float_format="%.3f")]
+    if "circuits" in agg:
+        corr = agg["circuit_correlations"]
+        parts += ["<h2>Circuit scores</h2>",
+                  "<p>From the weights alone, for every fixed token: the rank of B among the logits its own "
+                  "embedding makes through each last-layer head's OV circuit (copying), and the rank of A among "
+                  "candidate previous tokens for the last-layer query of A against keys built by layer 0's OV "
+                  "circuits (prefix matching). Spearman correlations with A and B power:</p>",
+                  corr.pivot(index="score", columns="power", values="spearman").to_html(float_format="%.2f"),
+                  _img(plots["circuits.png"])]
     parts += ["<h2>Run</h2>", f"<pre>{html.escape(json.dumps(manifest, indent=2))}</pre>"]
     style = "body{font-family:sans-serif;max-width:1100px;margin:2em auto}img{max-width:100%}table{border-collapse:collapse}" \
             "td,th{border:1px solid #ccc;padding:2px 6px}"

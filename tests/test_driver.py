@@ -127,8 +127,8 @@ def test_results_api_reads_a_local_run(ray_cluster, tmp_path):
 
 def test_mechanism_controls_run_and_are_compared_with_induction(ray_cluster, tmp_path):
     out = str(tmp_path / "controls")
-    summary = driver.run(small_run(out, experiments=("neighbors", "no-b", "b-elsewhere", "no-first-a"), heads=True),
-                         progress=False)
+    summary = driver.run(small_run(out, experiments=("token-powers", "neighbors", "no-b", "b-elsewhere", "no-first-a"),
+                                   heads=True), tokens="16", progress=False)
     controls = results.open_run(out).aggregates["controls"]
     assert set(controls.experiment) == {"no-b", "b-elsewhere", "no-first-a"} and (controls.n == 48).all()
     assert list(controls[controls.experiment == "no-b"].target) == ["B", "A", "N1", "N2", "N3", "R"]
@@ -141,3 +141,8 @@ def test_mechanism_controls_run_and_are_compared_with_induction(ray_cluster, tmp
     assert list(plain.index) == ["h0", "h1", "h2", "h3", "rest"] and plain.loc["h0":"h3", "attn_b"].max() > 0.5
     rows = results.open_run(out).shards("neighbors").to_table(columns=["h0_attn_b", "h3_dla_b_shuf", "rest_dla_b"])
     assert rows.num_rows == 48 * 7
+    circuits = results.open_run(out).aggregates["circuits"]  # per-token circuit scores joined with the powers
+    assert list(circuits.token) == list(range(4, 20)) and {"a_power", "b_power", "ov_rank_h0", "qk_rank_best"} <= set(circuits)
+    assert set(summary["circuits"]) == {"ov_rank_best vs a_power", "ov_rank_best vs b_power",
+                                        "qk_rank_best vs a_power", "qk_rank_best vs b_power"}
+    assert "plots/circuits.png" in open_store(out).list("plots/")

@@ -112,3 +112,24 @@ def test_a_real_run_in_a_subprocess_writes_no_secret(bucket, short_tmp):
         assert value not in proc.stdout and value not in proc.stderr
         assert not [k for k, data in blobs.items() if value.encode() in data]
         assert not [i for i, data in enumerate(logs) if value.encode() in data]
+
+
+def test_wrong_credentials(capsys, monkeypatch):
+    """A moto server that authenticates: after creating the bucket, unknown keys are refused."""
+    from tests.conftest import VENV_BIN, free_port, wait_for_port
+    from storage.store import s3_client
+
+    port = free_port()
+    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "1"}
+    proc = subprocess.Popen([str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+        s3_client().create_bucket(Bucket="guarded")
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAWRONGWRONGWRONG0")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")
+        refused(capsys, RUN + ["--out", "s3://guarded/run"], "denied: check the AWS credentials")
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -21,7 +21,10 @@ def ray_head(short_tmp, moto_server):
     proc = subprocess.Popen(
         [str(VENV_BIN / "ray"), "start", "--head", "--block", "--num-cpus=2", "--include-dashboard=true",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--port={gcs}", f"--temp-dir={temp}",
-         "--disable-usage-stats"],
+         "--disable-usage-stats",
+         # the session's other Ray cluster (tests/conftest.py) holds the default agent ports
+         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+         f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for_port(dashboard, timeout=90)

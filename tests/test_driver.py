@@ -1,8 +1,6 @@
 """End to end on a local Ray cluster with 2 actors: local and S3 (moto) storage, resume, status, fetch."""
 
-import io
 import json
-from dataclasses import replace
 
 import pandas as pd
 import pyarrow.dataset as pads

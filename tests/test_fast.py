@@ -5,7 +5,7 @@ import torch
 
 from workers import models
 from workers.scoring import Scorer, logodds
-from workers.sequences import FIRST_TOKEN, make_batch, sequence_keys
+from workers.sequences import make_batch, sequence_keys
 
 BOUNDS = {"fp32": 1e-4, "bf16": 0.1}
 

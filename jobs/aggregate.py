@@ -75,8 +75,7 @@ def aggregate(store: Store, cfg: RunConfig, token_strings: list[str]) -> dict[st
         t = f.read(columns=COLUMNS + head_columns)
         strength = t["strength"].to_numpy()
         if head_columns and spec.experiment != "token-powers":
-            target = t["target"].combine_chunks()
-            on_b = target.indices.to_numpy(zero_copy_only=False) == target.dictionary.to_pylist().index("B")
+            on_b = _codes(t["target"], experiments.target_names(spec.experiment, n_neighbors)) == 0  # B comes first
             sums = head_sums.setdefault((spec.experiment, spec.scenario), dict.fromkeys(head_columns, 0.0))
             for name in head_columns:
                 sums[name] += float(t[name].to_numpy()[on_b].astype(np.float64).sum())

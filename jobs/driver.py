@@ -56,22 +56,23 @@ def run(cfg: RunConfig, pair_a: Optional[str] = None, pair_b: Optional[str] = No
         manifest.clear(store)
     manifest.write(store, cfg, len(specs), "running")
     write_vocab(store, models.token_strings(model))
-    del model
     states = manifest.shard_states(store, cfg, specs)
     todo = states.missing + states.corrupt
     if todo:
         execute(ray, cfg, todo, actors, progress, already=len(states.done), total=len(specs))
-    return finish(store, cfg)
+    return finish(store, cfg, model)
 
 
-def finish(store: Store, cfg: RunConfig) -> dict:
-    """Aggregate every shard, draw the plots, write the report; mark the run complete."""
+def finish(store: Store, cfg: RunConfig, model=None) -> dict:
+    """Aggregate every shard, draw the plots, write the report; mark the run complete.
+
+    ``model`` (the driver's CPU copy) is needed for circuit scores with ``--heads``; loaded if absent."""
     states = manifest.shard_states(store, cfg)
     if states.missing or states.corrupt:
         raise RunFailed(f"{len(states.missing)} shards missing and {len(states.corrupt)} corrupt under {store.uri}")
     agg = aggregate.aggregate(store, cfg, read_vocab(store))
     if cfg.heads:
-        aggregate.add_circuits(agg, models.load_model(cfg.model, "cpu"))
+        aggregate.add_circuits(agg, model if model is not None else models.load_model(cfg.model, "cpu"))
     aggregate.write(store, agg)
     done = manifest.write(store, cfg, states.total, "complete")
     report.render(store, done, agg)

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 from jobs.config import RunConfig, plan_shards
 from storage import Store
 from workers import experiments
+from workers.heads import is_head_column
 from workers.sequences import FIRST_TOKEN
 
 POWER_BINS = 30
@@ -71,7 +72,7 @@ def aggregate(store: Store, cfg: RunConfig, token_strings: list[str]) -> dict[st
     head_n: dict[tuple[str, str], int] = {}
     for spec in plan_shards(cfg):
         f = pq.ParquetFile(io.BytesIO(store.get(spec.key)))
-        head_columns = [n for n in f.schema_arrow.names if n[:1] == "h" and n[1:2].isdigit() or n.startswith("rest_")]
+        head_columns = [n for n in f.schema_arrow.names if is_head_column(n)]
         t = f.read(columns=COLUMNS + head_columns)
         strength = t["strength"].to_numpy()
         if head_columns and spec.experiment != "token-powers":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 import socket
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Optional
@@ -137,8 +138,6 @@ def plan_actors(cfg: RunConfig, resources: dict) -> ActorPlan:
 def execute(ray, cfg: RunConfig, todo: list[ShardSpec], plan: ActorPlan, progress: bool, already: int,
             total: int) -> list[tuple[float, int]]:
     """Run ``todo`` on ``plan.count`` actors; returns (time, sequences) of each completed shard."""
-    import time
-
     from tqdm import tqdm
 
     Runner = ray.remote(ShardRunner).options(

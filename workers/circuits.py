@@ -45,12 +45,11 @@ def circuit_scores(w: AttnOnlyWeights, tokens: Int[Tensor, "n"], chunk: int = 10
         q_pos, k_pos = w.W_pos[SEQ_LEN - 1], w.W_pos[B_POS]
         # shortformer: positions join the query/key input after the LayerNorm; otherwise the residual
         keys_in = ln(prev) + k_pos if w.shortformer else ln(prev + k_pos)
+        queries_in = E[tokens] + q_pos if w.shortformer else ln(w.W_E[tokens] + q_pos)
         for h in range(n_heads):
             K = keys_in @ w.W_K[last][h] + w.b_K[last][h]
-            ranks = []
-            for t in tokens.split(chunk):
-                query = E[t] + q_pos if w.shortformer else ln(w.W_E[t] + q_pos)
-                ranks.append(_rank((query @ w.W_Q[last][h] + w.b_Q[last][h]) @ K.T, t))
+            ranks = [_rank((q_in @ w.W_Q[last][h] + w.b_Q[last][h]) @ K.T, t)
+                     for q_in, t in zip(queries_in.split(chunk), tokens.split(chunk))]
             out[f"qk_rank_h{h}"] = torch.cat(ranks)
     for kind in ("ov", "qk"):
         heads = [v for k, v in out.items() if k.startswith(kind)]

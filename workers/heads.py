@@ -33,6 +33,11 @@ def attribution(compact: CompactForward, trace: dict, b: Int[Tensor, "batch"]) -
     return torch.cat([heads, (total - heads.sum(1))[:, None]], dim=1)
 
 
+def is_head_column(name: str) -> bool:
+    """A row column written by ``head_measures`` (``h<k>_...`` or ``rest_...``)."""
+    return name[:1] == "h" and name[1:2].isdigit() or name.startswith("rest_")
+
+
 @torch.inference_mode()
 def head_measures(compact: CompactForward, batch: SequenceBatch) -> dict[str, Tensor]:
     """Per-sequence, per-head columns (float32), for the induction sequence and its shuffled control."""

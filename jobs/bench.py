@@ -100,14 +100,83 @@ def reference_strength(model, batch, device) -> torch.Tensor:
     return out[0] - out[1]
 
 
+TOKEN_POWERS_SEQS = 10_000 * 256 * 2 * 2  # the post's run: tokens × seqs × roles (A, B) × (induction, shuffled)
+TARGETS = {"cpu": {"fp32": 10.0, "bf16": 25.0}, "cuda": {"tf32": 1.5e6, "bf16": 3.0e6}}  # × plain / seq/s
+BOUNDS = {"fp32": 1e-3, "tf32": 0.1, "bf16": 0.1}
+
+
+def variants(device: torch.device) -> list[dict]:
+    """Scorer options to try: on CUDA the fused unembedding kernel against torch's logits (both
+    compiled); on a CPU eager against torch.compile (Inductor's C++ backend)."""
+    if device.type == "cuda":
+        return [{"compile": True, "fused": True}, {"compile": True, "fused": False}]
+    return [{"compile": False}, {"compile": True}]
+
+
+def profile_step(step: Callable[[], None], device: torch.device, rows: int = 12) -> str:
+    """The busiest kernels (CUDA) or operators (CPU) of one step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows)
+
+
+def measure(model, precision: str, options: dict, sample, reference, batches, device, seconds: float,
+            plain_rate: float, profile: bool) -> dict:
+    """The scorer's error on the reference tokens, and its best throughput over ``batches``."""
+    scorer = Scorer(model, precision, **options)
+    ind, shuf = scorer.strength(sample.tokens, sample.shuffled, sample.b[:, None])
+    err = float(((ind - shuf)[:, 0].double() - reference).abs().max())
+    best, best_step = None, None
+    d_vocab, bos = models.d_vocab(model), models.bos_id(model)
+    for batch in batches:
+        data = bench_batch(batch // 2, d_vocab, bos, device, offset=REFERENCE_SEQS)
+
+        def step(data=data):
+            scorer.strength(data.tokens, data.shuffled, data.b[:, None])
+
+        try:
+            rate, mem = throughput(step, batch, device, seconds)
+        except torch.OutOfMemoryError:
+            break
+        if best is None or rate > best["seq_per_s"]:
+            best, best_step = {"precision": precision, **options, "path": scorer.path, "batch": batch, "seq_per_s": rate,
+                               "ratio": rate / plain_rate, "max_abs_err_strength": err, "peak_mem_mb": mem,
+                               "token_powers_s": TOKEN_POWERS_SEQS / rate}, step
+    if profile and best_step is not None:
+        best["profile"] = profile_step(best_step, device)
+    best.update(scorer.options)  # what ran, after any fallback from torch.compile or the Triton kernel
+    return best
+
+
+def targets(device: torch.device, results: list[dict]) -> dict:
+    """Each target of the issue for this device: reached or not, with the figure."""
+    out = {}
+    for precision, goal in TARGETS[device.type].items():
+        rows = [r for r in results if r["precision"] == precision]
+        if not rows:
+            continue
+        best = max(rows, key=lambda r: r["seq_per_s"])
+        figure = best["ratio"] if device.type == "cpu" else best["seq_per_s"]
+        out[precision] = {"goal": goal, "figure": figure, "reached": figure >= goal,
+                          "accurate": best["max_abs_err_strength"] <= BOUNDS[precision]}
+    return out
+
+
 def main(args) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     seconds = args.seconds or (2.0 if device.type == "cuda" else 3.0)
     model = models.load_model(args.model, device) if args.model else models.random_model(device=device)
     d_vocab, bos = models.d_vocab(model), models.bos_id(model)
     name = args.model or model.cfg.model_name
-    print(f"bench: {name} (d_model {model.cfg.d_model}, d_vocab {d_vocab}) on {device}, {torch.get_num_threads()} threads",
-          flush=True)
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    print(f"bench: {name} (d_model {model.cfg.d_model}, d_vocab {d_vocab}) on {gpu or device}, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}", flush=True)
 
     sample = bench_batch(REFERENCE_SEQS, d_vocab, bos, device)
     reference = reference_strength(model, sample, device)
@@ -127,36 +196,32 @@ def main(args) -> int:
     print(f"  plain loop  fp32  batch {PLAIN_BATCH:6d}: {plain_rate:12,.0f} seq/s   1.0x   err {plain_err:.1e}   "
           f"{plain_mem:8.0f} MB", flush=True)
 
-    batches = [8192, 32768, 65536] if device.type == "cuda" else [256, 1024, 4096]
+    batches = args.batches or ([8192, 32768, 65536] if device.type == "cuda" else [256, 1024, 4096])
     results = []
     for precision in PRECISIONS:
         if precision == "tf32" and device.type != "cuda":
             continue  # TF32 is a CUDA matmul mode; on a CPU it is fp32
-        scorer = Scorer(model, precision)
-        ind, shuf = scorer.strength(sample.tokens, sample.shuffled, sample.b[:, None])
-        err = float(((ind - shuf)[:, 0].double() - reference).abs().max())
-        best = None
-        for batch in batches:
-            data = bench_batch(batch // 2, d_vocab, bos, device, offset=REFERENCE_SEQS)
-            targets = data.b[:, None]
+        for options in variants(device):
+            best = measure(model, precision, options, sample, reference, batches, device, seconds, plain_rate,
+                           args.profile)
+            results.append(best)
+            print(f"  scorer {best['path']:>8} {precision:5} {json.dumps(options):34} batch {best['batch']:6d}: "
+                  f"{best['seq_per_s']:12,.0f} seq/s {best['ratio']:6.1f}x   err {best['max_abs_err_strength']:.1e}   "
+                  f"{best['peak_mem_mb']:8.0f} MB   token-powers {best['token_powers_s']:,.1f} s", flush=True)
+            if args.profile:
+                print(best["profile"], flush=True)
 
-            def step():
-                scorer.strength(data.tokens, data.shuffled, targets)
-
-            try:
-                rate, mem = throughput(step, batch, device, seconds)
-            except torch.OutOfMemoryError:
-                break
-            if best is None or rate > best["seq_per_s"]:
-                best = {"precision": precision, "batch": batch, "seq_per_s": rate, "ratio": rate / plain_rate,
-                        "max_abs_err_strength": err, "peak_mem_mb": mem, "path": scorer.path}
-        results.append(best)
-        print(f"  scorer {best['path']:>8} {precision:5} batch {best['batch']:6d}: {best['seq_per_s']:12,.0f} seq/s "
-              f"{best['ratio']:6.1f}x   err {err:.1e}   {best['peak_mem_mb']:8.0f} MB", flush=True)
-        del scorer
-
-    report = {"model": name, "device": str(device), "threads": torch.get_num_threads(), "plain_seq_per_s": plain_rate,
-              "plain_max_abs_err_strength": plain_err, "plain_peak_mem_mb": plain_mem, "results": results}
+    report = {"model": name, "device": gpu or str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "plain_seq_per_s": plain_rate, "plain_max_abs_err_strength": plain_err, "plain_peak_mem_mb": plain_mem,
+              "results": [{k: v for k, v in r.items() if k != "profile"} for r in results],
+              "targets": targets(device, results)}
+    if device.type != "cuda":
+        report["gpu"] = ("not measured: no CUDA device here; run scripts/device/bench.sh on a GPU machine"
+                         if not torch.cuda.is_available() else "not measured: --device cpu")
+    for precision, t in report["targets"].items():
+        print(f"  target {device.type} {precision}: {t['figure']:,.1f} against {t['goal']:,} "
+              f"{'reached' if t['reached'] else 'NOT reached'}, accuracy {'within' if t['accurate'] else 'OUTSIDE'} "
+              f"{BOUNDS[precision]}", flush=True)
     if args.actors:  # needs Ray: imported only here
         from jobs.bench_actors import actor_scaling
 

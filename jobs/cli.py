@@ -73,6 +73,9 @@ def build_parser() -> Parser:
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.add_argument("--seconds", type=float, default=None, help="time per measurement (default 3 on CPU, 2 on GPU)")
     p.add_argument("--actors", action="store_true", help="also measure 1 and 2 CPU actors through Ray")
+    p.add_argument("--batches", type=lambda v: [int(b) for b in v.split(",")], default=None,
+                   help="comma-separated batch sizes to try (default 256,1024,4096 on CPU; 8192,32768,65536 on CUDA)")
+    p.add_argument("--profile", action="store_true", help="print the busiest kernels of each scorer's best step")
 
     p = sub.add_parser("export-model", help="write a model as a checkpoint directory (local or s3://)")
     p.add_argument("model")

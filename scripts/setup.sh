@@ -10,4 +10,4 @@ pip() { .venv/bin/python -m pip install -q --disable-pip-version-check "$@"; }
 pip --upgrade pip
 pip "torch==${TORCH_VERSION:-2.13.0}"
 pip -e ".[test]"
-.venv/bin/python -c "import torch, transformer_lens, ray, boto3, moto, pyarrow; print('setup ok: torch', torch.__version__, '| ray', ray.__version__)"
+.venv/bin/python -c "import torch, transformer_lens, ray, boto3, moto, pyarrow, triton; print('setup ok: torch', torch.__version__, '| ray', ray.__version__)"

@@ -23,15 +23,19 @@ def reference_strength(model, batch, targets) -> torch.Tensor:
     return lo[0] - lo[1]
 
 
-def check_parity(model, precision: str, n: int = 128):
+def check_parity(model, precision: str, n: int = 128, **scorer_options):
     batch = seed_style(n, model.cfg.d_vocab)
     targets = torch.stack([batch.b, batch.a, batch.r], 1)
     ref = reference_strength(model, batch, targets)
-    scorer = Scorer(model, precision)
+    scorer = Scorer(model, precision, **scorer_options)
     assert scorer.path == "compact"
     ind, shuf = scorer.strength(batch.tokens, batch.shuffled, targets)
     err = ((ind - shuf).double() - ref).abs().max().item()
     assert err <= BOUNDS[precision], f"{precision}: max |Δ strength| {err}"
+    # what was asked for ran, rather than the fallback taken when a compiler fails
+    on_cuda = scorer.device.type == "cuda"  # where both default to on
+    assert scorer.options["compiled"] == scorer_options.get("compile", on_cuda)
+    assert scorer.options["fused"] == scorer_options.get("fused", on_cuda)
     return err
 
 
@@ -61,3 +65,10 @@ def test_models_with_mlps_take_transformer_lens_path():
                                 act_fn="gelu")
     assert models.attn_only_weights(model) is None
     assert Scorer(model, "fp32").path == "transformer_lens"
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_compiled_forward(precision):
+    """torch.compile of the compact forward (the default on CUDA), here through Inductor's CPU backend."""
+    model = models.random_model(d_vocab=4096, n_ctx=64, seed=3, perturb=True)
+    check_parity(model, precision, compile=True)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from workers import models
-from workers.scoring import Scorer, cosine_neighbors, logodds
+from workers.scoring import FirstCallFallback, Scorer, cosine_neighbors, logodds
 from workers.sequences import FIRST_TOKEN
 
 
@@ -66,3 +66,31 @@ def test_transformer_lens_path_matches_full_forward(toy_model):
     scorer = Scorer(toy_model, "fp32", fast=False)
     assert scorer.path == "transformer_lens"
     assert (scorer.logodds(tokens, targets).double() - ref).abs().max() < 1e-4
+
+
+def test_first_call_fallback_switches_once_and_warns():
+    calls = []
+
+    def broken(x):
+        calls.append("primary")
+        raise RuntimeError("no kernel for this machine\nlong compiler log")
+
+    guarded = FirstCallFallback(broken, lambda x: x + 1, "the compiler")
+    with pytest.warns(UserWarning, match="the compiler failed .RuntimeError: no kernel for this machine.; using"):
+        assert guarded(1) == 2
+    assert guarded(2) == 3 and calls == ["primary"] and guarded.primary_ok is False
+
+
+def test_failure_after_a_first_success_is_raised():
+    state = {"n": 0}
+
+    def flaky(x):
+        state["n"] += 1
+        if state["n"] > 1:
+            raise RuntimeError("out of memory")
+        return x
+
+    guarded = FirstCallFallback(flaky, lambda x: -x, "the compiler")
+    assert guarded(5) == 5
+    with pytest.raises(RuntimeError, match="out of memory"):
+        guarded(5)

@@ -5,7 +5,9 @@ Against TransformerLens' full forward (all positions, all logits) it
   * for shortformer models (positions enter queries and keys only, as in attn-only-Nl), looks up
     layer 0's Q/K/V per token from a table made once per vocabulary, since the residual stream
     there is the token embedding alone;
-  * in the last layer, computes the query of the last position only;
+  * in the last layer, computes no keys or values at all: with one query per head,
+    ``q · (W_K h_j)`` is ``(W_K^T q) · h_j`` and ``Σ_j p_j W_V h_j`` is ``W_V (Σ_j p_j h_j)``, so the
+    per-position work is two dot products per head instead of a [pos, d_model] × [d_model, 2 heads·d_head] product;
   * unembeds one position, and recomputes the target logits in float32 for the log-odds.
 It is checked against TransformerLens' own forward in tests/test_fast.py.
 """
@@ -33,28 +35,40 @@ def _heads(w: Float[Tensor, "heads d_model d_head"]) -> Float[Tensor, "d_model h
 
 class CompactForward(torch.nn.Module):
     def __init__(self, w: AttnOnlyWeights, dtype: torch.dtype = torch.float32, compute: torch.dtype | None = None):
-        """``dtype`` rounds the weights and inputs of the projections (Q/K/V, O, unembedding);
-        ``compute`` runs them (default ``dtype``). Attention over the 24 positions, biases, the
-        layer-0 table and the residual stream stay float32: they cost little and carry most of the
-        bf16 error otherwise. bf16 rounding with float32 compute gives bf16 tensor-core numerics on
-        CPUs without native bf16, where bf16 products run about 90x slower than float32."""
+        """``dtype`` rounds the weights and inputs of the projections (Q/K/V, O, V and O of the last
+        layer, unembedding); ``compute`` runs them (default ``dtype``); their sums are float32.
+        Attention over the 24 positions (the last layer's query and ``W_K^T q`` included: one row
+        per head), biases, the layer-0 table and the residual stream stay float32: they cost little
+        and carry most of the bf16 error otherwise. bf16 rounding with float32 compute gives bf16
+        tensor-core numerics on CPUs, where bf16 products run up to 90x slower than float32."""
         super().__init__()
         self.n_layers, self.n_heads, self.d_head = len(w.W_Q), w.W_Q[0].shape[0], w.W_Q[0].shape[2]
         self.shortformer, self.layer_norm, self.eps, self.scale = w.shortformer, w.layer_norm, w.eps, w.attn_scale
         self.dtype, self.compute = dtype, compute or dtype
-        zeros = torch.zeros_like(_heads(w.W_V[0]))
-        for i in range(self.n_layers):
+        # bf16 tensor cores sum in float32; torch returns those sums rounded to bf16 unless asked
+        # (CUDA's mm/bmm out_dtype). Keeping them float32 is what holds toy-2l's bf16 error to 0.09.
+        self.float_sums = self.compute != torch.float32 and "dtype" in torch.ops.aten.mm.overloads()
+        # Shortformer positions are added to the query and key inputs (not values): (h + pos) @ W.
+        pos = w.W_pos if self.shortformer else torch.zeros_like(w.W_pos)
+        for i in range(self.n_layers - 1):
             W_QKV = torch.cat([_heads(w.W_Q[i]), _heads(w.W_K[i]), _heads(w.W_V[i])], dim=1)
             b_QKV = torch.cat([w.b_Q[i].flatten(), w.b_K[i].flatten(), w.b_V[i].flatten()])
-            # Shortformer positions are added to the query and key inputs (not values): (h + pos) @ W.
-            pos_W = torch.cat([_heads(w.W_Q[i]), _heads(w.W_K[i]), zeros], dim=1)
-            pos_QKV = w.W_pos @ pos_W if self.shortformer else W_QKV.new_zeros(w.W_pos.shape[0], W_QKV.shape[1])
+            pos_QKV = torch.cat([pos @ _heads(w.W_Q[i]), pos @ _heads(w.W_K[i]), pos.new_zeros(len(pos), W_QKV.shape[1] // 3)], 1)
             self.register_buffer(f"W_QKV{i}", self.cast(W_QKV))
             if i == 0 and self.shortformer:  # layer 0 reads the token embedding alone: one Q/K/V row per token
                 self.register_buffer("tok_QKV0", self.ln(w.W_E) @ W_QKV.float())
             self.register_buffer(f"pos_QKV{i}", (pos_QKV + b_QKV).float())
-            self.register_buffer(f"W_O{i}", self.cast(w.W_O[i].reshape(-1, w.W_O[i].shape[-1])))
+            self.register_buffer(f"W_O{i}", self.cast(w.W_O[i].flatten(0, 1)))
             self.register_buffer(f"b_O{i}", w.b_O[i].float())
+        last = self.n_layers - 1
+        self.register_buffer("W_Q_last", _heads(w.W_Q[last]).float())  # float32: the query decides where induction looks
+        self.register_buffer("q_bias", (pos @ _heads(w.W_Q[last]) + w.b_Q[last].flatten()).float())  # pos heads_x_d_head
+        self.register_buffer("W_K_last", w.W_K[last].float())  # heads d_model d_head
+        self.register_buffer("k_bias", (torch.einsum("pd,hde->phe", pos, w.W_K[last]) + w.b_K[last]).float())
+        self.register_buffer("W_V_last", self.cast(w.W_V[last]))
+        self.register_buffer("b_V_last", w.b_V[last].float())
+        self.register_buffer("W_O_last", self.cast(w.W_O[last].flatten(0, 1)))
+        self.register_buffer("b_O_last", w.b_O[last].float())
         self.register_buffer("W_E", w.W_E.float())
         self.register_buffer("W_pos", w.W_pos.float())
         # b_U as one more row of W_U: the bias rides in the product instead of a pass over [batch, vocab]
@@ -64,6 +78,15 @@ class CompactForward(torch.nn.Module):
 
     def cast(self, t: Float[Tensor, "..."]) -> Float[Tensor, "..."]:
         return t.to(self.dtype).to(self.compute)
+
+    def project(self, x: Float[Tensor, "*batch rows k"], W: Float[Tensor, "*batch k n"]) -> Float[Tensor, "*batch rows n"]:
+        """``x @ W`` with inputs in the projection precision and a float32 result."""
+        x = self.cast(x)
+        if self.compute == torch.float32:
+            return x @ W
+        if self.float_sums:
+            return (torch.mm if W.dim() == 2 else torch.bmm)(x, W, out_dtype=torch.float32)
+        return (x @ W).float()  # a torch without out_dtype: sums rounded to bf16
 
     def ln(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
         return layer_norm_pre(x, self.eps) if self.layer_norm else x.float()
@@ -77,43 +100,52 @@ class CompactForward(torch.nn.Module):
         ``trace`` (a dict) receives the last layer's attention pattern of the last position, each
         head's output there and the residual stream before the final LayerNorm (workers/heads.py).
         """
-        batch, n_pos = tokens.shape
-        width = self.n_heads * self.d_head
-        x = self.W_E[tokens] if self.shortformer else self.W_E[tokens] + self.W_pos[:n_pos]
-        for i in range(self.n_layers):
-            last = i == self.n_layers - 1
-            W, bias = getattr(self, f"W_QKV{i}"), getattr(self, f"pos_QKV{i}")[:n_pos]  # bias: b_QKV + positions
-            if i == 0 and self.shortformer:  # a table lookup instead of a matrix product
-                qkv = self.tok_QKV0[tokens].add_(bias)
-                q, kv = qkv[:, -1:, :width] if last else qkv[..., :width], qkv[..., width:]
-            elif last:  # keys and values at every position, the query at the last one only
-                h = self.cast(self.ln(x))
-                q = h[:, -1:] @ W[:, :width] + bias[-1:, :width]
-                kv = h @ W[:, width:] + bias[:, width:]
-            else:
-                qkv = self.cast(self.ln(x)) @ W + bias
-                q, kv = qkv[..., :width], qkv[..., width:]
-            q, k, v = self.heads(q), self.heads(kv[..., :width]), self.heads(kv[..., width:])
-            if last:  # one row of attention per head: a plain softmax (see docs/PERFORMANCE.md)
-                pattern = ((k @ q.transpose(-1, -2)) / self.scale).softmax(-2)  # batch heads pos 1
-                z = (pattern.transpose(-1, -2) @ v).reshape(batch, width)
-                x = x[:, -1]
-                if trace is not None:
-                    W_O = getattr(self, f"W_O{i}").float().view(self.n_heads, self.d_head, -1)
-                    trace["pattern"] = pattern[..., 0].float()
-                    trace["head_out"] = torch.einsum("bhe,hed->bhd", z.float().view(batch, self.n_heads, -1), W_O)
-            else:
-                z = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1 / self.scale)
-                z = z.transpose(1, 2).reshape(batch, n_pos, width)
-            out = self.cast(z).flatten(0, -2) @ getattr(self, f"W_O{i}")
-            x = x + out.view(x.shape).float().add_(getattr(self, f"b_O{i}"))
+        x = self.W_E[tokens] if self.shortformer else self.W_E[tokens] + self.W_pos[: tokens.shape[1]]
+        for i in range(self.n_layers - 1):
+            x = x + self.attend_all(i, x, tokens)
+        x = x[:, -1] + self.attend_last(x, trace)
         if trace is not None:
             trace["resid"] = x
         return self.ln(x)
 
+    def attend_all(self, i: int, x: Float[Tensor, "batch pos d_model"], tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
+        """A causal attention layer's output at every position."""
+        batch, n_pos = tokens.shape
+        bias = getattr(self, f"pos_QKV{i}")[:n_pos]  # b_QKV + positions
+        if i == 0 and self.shortformer:  # a table lookup instead of a matrix product
+            qkv = self.tok_QKV0[tokens].add_(bias)
+        else:
+            qkv = self.project(self.ln(x).flatten(0, 1), getattr(self, f"W_QKV{i}")).view(batch, n_pos, -1) + bias
+        q, k, v = (self.heads(t) for t in qkv.chunk(3, dim=-1))
+        z = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1 / self.scale)
+        out = self.project(z.transpose(1, 2).reshape(batch * n_pos, -1), getattr(self, f"W_O{i}"))
+        return out.view(batch, n_pos, -1).add_(getattr(self, f"b_O{i}"))
+
+    def attend_last(self, x: Float[Tensor, "batch pos d_model"], trace: dict | None) -> Float[Tensor, "batch d_model"]:
+        """The last layer's output at the last position, keys and values folded into the query side."""
+        batch, n_pos, _ = x.shape
+        h = self.ln(x)
+        q = h[:, -1] @ self.W_Q_last + self.q_bias[n_pos - 1]
+        q = q.view(batch, self.n_heads, self.d_head)
+        u = torch.einsum("bhe,hde->bhd", q, self.W_K_last)  # W_K^T q: what each position's h is scored by
+        scores = torch.einsum("bpd,bhd->bhp", h, u) + torch.einsum("bhe,phe->bhp", q, self.k_bias[:n_pos])
+        # one row of attention per head: a plain softmax (see docs/PERFORMANCE.md)
+        pattern = (scores / self.scale).softmax(-1)
+        mixed = torch.einsum("bhp,bpd->bhd", pattern, h)  # Σ_j p_j h_j, so W_V is applied once per head
+        z = self.project(mixed.transpose(0, 1), self.W_V_last).transpose(0, 1) + self.b_V_last  # batch heads d_head
+        if trace is not None:
+            W_O = self.W_O_last.float().view(self.n_heads, self.d_head, -1)
+            trace["pattern"] = pattern
+            trace["head_out"] = torch.einsum("bhe,hed->bhd", z, W_O)
+        return self.project(z.flatten(1), self.W_O_last) + self.b_O_last
+
+    def unembed_input(self, h: Float[Tensor, "batch d_model"]) -> Float[Tensor, "batch d_model_plus_1"]:
+        """``h`` with a 1 appended (b_U is the last row of W_U), in the projection precision."""
+        return self.cast(torch.cat([h, h.new_ones(len(h), 1)], dim=1))
+
     def logits(self, h: Float[Tensor, "batch d_model"]) -> Float[Tensor, "batch vocab"]:
-        """Every logit of the last position, in the compute precision (for the log-sum-exp)."""
-        return self.cast(torch.cat([h, h.new_ones(len(h), 1)], dim=1)) @ self.W_U
+        """Every logit of the last position, in float32 (for the log-sum-exp)."""
+        return self.project(self.unembed_input(h), self.W_U)
 
     def target_logits(self, h: Float[Tensor, "batch d_model"], targets: Int[Tensor, "batch n_targets"]) -> Float[Tensor, "batch n_targets"]:
         """The targets' logits recomputed in float32: accurate even when the rest is bf16."""

@@ -9,6 +9,8 @@ never built: one position is unembedded.
 from __future__ import annotations
 
 import functools
+import importlib.util
+import warnings
 from typing import Callable, Optional
 
 import torch
@@ -31,39 +33,46 @@ def resolve_precision(precision: str, device: torch.device | str) -> str:
 
 
 def native_bf16(device: torch.device) -> bool:
-    """bf16 products at full speed: CUDA, or a CPU with AVX512-BF16/AMX (not AVX2 ones)."""
-    if device.type == "cuda":
-        return True
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # builds without oneDNN
-        return False
+    """bf16 products on the hardware: CUDA. CPUs round inputs to bf16 and multiply in float32: on
+    AVX2 bf16 products run ~90x slower than float32, and where they are fast (AMX) torch's CPU
+    product rounds its float32 sums to bf16, which toy-2l's sharp attention does not tolerate
+    (0.12 nats, measured by forcing that path)."""
+    return device.type == "cuda"
 
 
-def logodds(
-    logits: Float[Tensor, "batch vocab"],
-    targets: Int[Tensor, "batch n_targets"],
-    target_logits: Optional[Float[Tensor, "batch n_targets"]] = None,
-    exact_logit: Optional[Callable[[Int[Tensor, "batch k"]], Float[Tensor, "batch k"]]] = None,
-) -> Float[Tensor, "batch n_targets"]:
-    """log p/(1-p) of each target under softmax(logits), in float32 (float64 for float64 logits).
+def softmax_parts(logits: Float[Tensor, "batch vocab"]) -> tuple[Float[Tensor, "batch 1"], Int[Tensor, "batch 1"], Float[Tensor, "batch 1"]]:
+    """(top logit, its token, log of the softmax mass of every *other* token, unnormalised).
 
-    ``target_logits`` (float32) may replace the targets' entries of a low-precision ``logits``, and
-    ``exact_logit(ids)`` recomputes the top token's logit in float32 (it dominates the log-sum-exp).
-    ``logits`` is consumed: its top entry is overwritten (it is a temporary of the forward).
+    The mass is summed without the top token, so it is exact even when it is 1e-30 of the top.
+    In place: three passes over the vocabulary and no new [batch, vocab] tensor; ``logits`` is
+    consumed. The fused kernel (workers/unembed_lse.py) returns the same from ``h`` and ``W_U``.
     """
-    work = torch.float64 if logits.dtype == torch.float64 else torch.float32  # float64 for references
-    if target_logits is None:
-        target_logits = logits.gather(1, targets).to(work)
-    logits = logits.to(work)
     top_value, top = logits.max(-1, keepdim=True)
-    # log of the softmax mass of every token but the top one (exact even when that mass is 1e-30),
-    # in place: three passes over the vocabulary and no new [batch, vocab] tensor
     rest = top_value + logits.sub_(top_value).exp_().scatter_(1, top, 0.0).sum(-1, keepdim=True).log()
-    top_logit = exact_logit(top) if exact_logit is not None else top_value
-    is_top = targets == top
-    lp = (target_logits - torch.logaddexp(top_logit, rest)).clamp(max=-1e-7 if work == torch.float32 else -1e-15)
-    return torch.where(is_top, target_logits - rest, lp - torch.log(-torch.expm1(lp)))
+    return top_value, top, rest
+
+
+def logodds_from_parts(
+    targets: Int[Tensor, "batch n_targets"],
+    target_logits: Float[Tensor, "batch n_targets"],
+    top: Int[Tensor, "batch 1"],
+    top_logit: Float[Tensor, "batch 1"],
+    rest: Float[Tensor, "batch 1"],
+) -> Float[Tensor, "batch n_targets"]:
+    """log p/(1-p) of each target: for the top token 1 - p is the mass of the rest; for any other
+    p <= 1/2 and ``log(-expm1(log p))`` is exact."""
+    eps = -1e-15 if target_logits.dtype == torch.float64 else -1e-7
+    lp = (target_logits - torch.logaddexp(top_logit, rest)).clamp(max=eps)
+    return torch.where(targets == top, target_logits - rest, lp - torch.log(-torch.expm1(lp)))
+
+
+def logodds(logits: Float[Tensor, "batch vocab"], targets: Int[Tensor, "batch n_targets"]) -> Float[Tensor, "batch n_targets"]:
+    """log p/(1-p) of each target under softmax(logits), in float32 (float64 for float64 logits).
+    ``logits`` is consumed."""
+    logits = logits.to(torch.float64 if logits.dtype == torch.float64 else torch.float32)  # float64 for references
+    target_logits = logits.gather(1, targets)
+    top_value, top, rest = softmax_parts(logits)
+    return logodds_from_parts(targets, target_logits, top, top_value, rest)
 
 
 def cosine_neighbors(W_U: Float[Tensor, "d_model vocab"], k: int, first_token: int, chunk: int = 4096) -> Int[Tensor, "vocab k"]:
@@ -87,7 +96,9 @@ class Scorer:
     path, which still unembeds the last position only.
     """
 
-    def __init__(self, model, precision: str = "auto", fast: bool = True, compile: Optional[bool] = None):
+    def __init__(self, model, precision: str = "auto", fast: bool = True, compile: Optional[bool] = None,
+                 fused: Optional[bool] = None):
+        """``fused``: the Triton unembedding + log-sum-exp (default on CUDA where Triton is installed)."""
         self.model = model
         self.device = model.W_E.device
         self.precision = resolve_precision(precision, self.device)
@@ -96,8 +107,34 @@ class Scorer:
         compute = self.dtype if native_bf16(self.device) else torch.float32
         self.compact = CompactForward(weights, self.dtype, compute).to(self.device) if weights is not None else None
         self.path = "compact" if self.compact is not None else "transformer_lens"
+        if self.compact is None:
+            return
         use_compile = self.device.type == "cuda" if compile is None else compile
-        self._forward = torch.compile(self.compact, dynamic=False) if use_compile and self.compact is not None else self.compact
+        self._forward = FirstCallFallback(torch.compile(self.compact, dynamic=False), self.compact, "torch.compile") \
+            if use_compile else self.compact
+        if fused is None:
+            fused = self.device.type == "cuda" and importlib.util.find_spec("triton") is not None
+        self._softmax_parts = self._torch_softmax_parts
+        if fused:
+            from workers.unembed_lse import unembed_lse  # Triton: imported only where it runs
+
+            self._unembed_lse = unembed_lse
+            self._softmax_parts = FirstCallFallback(self._fused_softmax_parts, self._torch_softmax_parts, "the Triton kernel")
+
+    def _torch_softmax_parts(self, h: Float[Tensor, "batch d_model"]):
+        return softmax_parts(self.compact.logits(h))
+
+    def _fused_softmax_parts(self, h: Float[Tensor, "batch d_model"]):
+        return self._unembed_lse(self.compact.unembed_input(h), self.compact.W_U, tf32=self.precision == "tf32")
+
+    @property
+    def options(self) -> dict:
+        """What this scorer runs (after any fallback)."""
+        if self.compact is None:
+            return {"compiled": False, "fused": False}
+        compiled = isinstance(self._forward, FirstCallFallback) and self._forward.primary_ok is not False
+        fused = isinstance(self._softmax_parts, FirstCallFallback) and self._softmax_parts.primary_ok is not False
+        return {"compiled": compiled, "fused": fused}
 
     def _matmul_precision(self):
         """TF32 only where asked for; fp32 means full float32 products on every device."""
@@ -108,8 +145,10 @@ class Scorer:
         with self._matmul_precision():
             if self.compact is not None:
                 h = self._forward(tokens)
+                top_value, top, rest = self._softmax_parts(h)
+                # the targets and the top token (it dominates the log-sum-exp) recomputed in float32
                 exact = functools.partial(self.compact.target_logits, h)
-                return logodds(self.compact.logits(h), targets, exact(targets), exact)
+                return logodds_from_parts(targets, exact(targets), top, exact(top), rest)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
                 logits = models.last_logits(self.model, tokens)
             return logodds(logits.float(), targets)
@@ -120,6 +159,30 @@ class Scorer:
         """(logodds on the induction sequences, logodds on their shuffled controls), one forward."""
         both = self.logodds(torch.cat([tokens, shuffled]), torch.cat([targets, targets]))
         return both[: len(tokens)], both[len(tokens) :]
+
+
+class FirstCallFallback:
+    """``primary`` unless its first call fails, then ``fallback`` (with a warning) from then on:
+    a compiler that cannot build a kernel on some machine must not stop a run, and the fallback
+    computes the same numbers. Failures after a first success are raised."""
+
+    def __init__(self, primary: Callable, fallback: Callable, what: str):
+        self.primary, self.fallback, self.what, self.primary_ok = primary, fallback, what, None
+
+    def __call__(self, *args):
+        if self.primary_ok is False:
+            return self.fallback(*args)
+        if self.primary_ok:
+            return self.primary(*args)
+        try:
+            out = self.primary(*args)
+        except Exception as e:  # noqa: BLE001 - any compiler error; the fallback is exact
+            warnings.warn(f"{self.what} failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                          "using the plain torch path")
+            self.primary_ok = False
+            return self.fallback(*args)
+        self.primary_ok = True
+        return out
 
 
 class _TF32:

@@ -1,0 +1,48 @@
+"""The fused unembedding + log-sum-exp kernel against materialised logits, and inside the scorer
+against TransformerLens' own forward. Without a GPU it runs under Triton's interpreter."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # read when the kernel is defined, so before the import below
+pytest.importorskip("triton")
+
+from workers.scoring import Scorer, softmax_parts  # noqa: E402
+from workers.unembed_lse import unembed_lse  # noqa: E402
+
+from test_fast import check_parity  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def reference(h: torch.Tensor, W: torch.Tensor):
+    return softmax_parts(h.double() @ W.double())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matches_materialised_logits(dtype):
+    g = torch.Generator().manual_seed(0)
+    batch, k, vocab = 70, 97, 1000  # none a multiple of a tile: every edge is masked
+    h = torch.randn(batch, k, generator=g)
+    h[1] = -h[0]
+    W = torch.randn(k, vocab, generator=g) / k**0.5
+    W[:, 700] = h[0] * 60 / h[0].dot(h[0])  # row 0: one token 50 nats above the rest (their mass ~1e-22 of it)
+    W[:, 3] = W[:, 5] = h[1] * 30 / h[1].dot(h[1])  # row 1: a tie for the top
+    h, W = h.to(dtype).to(DEVICE), W.to(dtype).to(DEVICE)
+    top_value, top, rest = unembed_lse(h, W)
+    ref_value, ref_top, ref_rest = reference(h.cpu(), W.cpu())
+    assert top[0, 0] == 700 and (top_value[0] - rest[0]).item() > 40
+    assert top[1, 0] in (3, 5)
+    assert torch.equal(top.cpu(), ref_top)
+    assert (top_value.cpu().double() - ref_value).abs().max() < 1e-4
+    assert (rest.cpu().double() - ref_rest).abs().max() < 1e-4  # exact even where the rest is 1e-20 of the top
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_scorer_with_fused_kernel_matches_transformer_lens(toy_model, precision):
+    scorer = Scorer(toy_model, precision, fused=True)
+    assert scorer._unembed_lse is unembed_lse
+    check_parity(toy_model, precision, n=64, fused=True)

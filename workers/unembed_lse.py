@@ -1,0 +1,84 @@
+"""Fused unembedding + log-sum-exp (Triton): the [batch, vocab] logits are never written.
+
+Each program takes a block of rows and walks the vocabulary in tiles: one tile of logits is made
+by ``tl.dot`` in float32 and folded at once into a running (top value, top index, mass of every
+other token relative to the top). The mass excludes the top token by index, not by subtracting
+1, so it stays exact when it is 1e-30 of the top (p(B) near 1). The output is what
+``workers.scoring.softmax_parts`` computes from materialised logits.
+
+On CUDA it is the scorer's default; elsewhere it runs under Triton's interpreter
+(``TRITON_INTERPRET=1``, set before this module is imported), which is how the tests check it
+without a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from jaxtyping import Float, Int
+from torch import Tensor
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+if INTERPRET:  # numpy emulation: one small tile, no tuning
+    CONFIGS = [triton.Config({"BLOCK_B": 16, "BLOCK_V": 64, "BLOCK_K": 32})]
+else:
+    CONFIGS = [
+        triton.Config({"BLOCK_B": b, "BLOCK_V": v, "BLOCK_K": 64}, num_warps=w, num_stages=s)
+        for b, v, w, s in [(128, 128, 8, 3), (128, 256, 8, 3), (64, 128, 4, 4), (128, 64, 4, 4), (256, 128, 8, 3)]
+    ]
+
+
+@triton.autotune(configs=CONFIGS, key=["K", "V", "PRECISION"])
+@triton.jit
+def _unembed_lse_kernel(
+    h_ptr, w_ptr, top_value_ptr, top_ptr, rest_ptr, B, K, V,
+    PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    m = tl.full((BLOCK_B,), float("-inf"), tl.float32)  # running top logit
+    idx = tl.zeros((BLOCK_B,), tl.int32)  # its token
+    s = tl.zeros((BLOCK_B,), tl.float32)  # Σ exp(logit - m) over every other token seen
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        acc = tl.zeros((BLOCK_B, BLOCK_V), tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            h = tl.load(h_ptr + rows[:, None] * K + ks[None, :], mask=(rows[:, None] < B) & (ks[None, :] < K), other=0.0)
+            w = tl.load(w_ptr + ks[:, None] * V + cols[None, :], mask=(ks[:, None] < K) & (cols[None, :] < V), other=0.0)
+            acc = tl.dot(h, w, acc, input_precision=PRECISION)
+        acc = tl.where(cols[None, :] < V, acc, float("-inf"))
+        tile_m = tl.max(acc, axis=1)
+        tile_idx = tl.argmax(acc, axis=1).to(tl.int32)
+        others = tl.where(cols[None, :] == (v0 + tile_idx)[:, None], float("-inf"), acc - tile_m[:, None])
+        tile_s = tl.sum(tl.exp(others), axis=1)
+        # merge: whichever top loses joins the mass of the others
+        new = tile_m > m
+        s = tl.where(new, (s + 1.0) * tl.exp(m - tile_m) + tile_s, s + (tile_s + 1.0) * tl.exp(tile_m - m))
+        idx = tl.where(new, v0 + tile_idx, idx)
+        m = tl.where(new, tile_m, m)
+    ok = rows < B
+    tl.store(top_value_ptr + rows, m, mask=ok)
+    tl.store(top_ptr + rows, idx, mask=ok)
+    tl.store(rest_ptr + rows, m + tl.log(s), mask=ok)
+
+
+def unembed_lse(
+    h: Float[Tensor, "batch k"], W_U: Float[Tensor, "k vocab"], tf32: bool = False
+) -> tuple[Float[Tensor, "batch 1"], Int[Tensor, "batch 1"], Float[Tensor, "batch 1"]]:
+    """(top logit, its token, log Σ exp over every other token) of ``h @ W_U``, accumulated in
+    float32. float32 inputs multiply in full float32 unless ``tf32``."""
+    if INTERPRET and h.dtype == torch.bfloat16:
+        # The interpreter multiplies bf16 bit patterns (triton-lang/triton#11584). bf16 -> float32 is
+        # exact and tensor cores multiply bf16 exactly with float32 sums, so this is the same arithmetic.
+        h, W_U = h.float(), W_U.float()
+    h, W_U = h.contiguous(), W_U.contiguous()
+    (B, K), V = h.shape, W_U.shape[1]
+    top_value = torch.empty(B, 1, device=h.device, dtype=torch.float32)
+    top = torch.empty(B, 1, device=h.device, dtype=torch.int32)
+    rest = torch.empty_like(top_value)
+    _unembed_lse_kernel[lambda meta: (triton.cdiv(B, meta["BLOCK_B"]),)](
+        h, W_U, top_value, top, rest, B, K, V, PRECISION="tf32" if tf32 else "ieee")
+    return top_value, top.long(), rest

@@ -20,6 +20,10 @@ os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ["INDUCTION_SWEEP_S3_ATTEMPTS"] = "3"
+# Without a GPU, Triton kernels run under its interpreter. Triton reads this once, when it is first
+# imported (torch.compile imports it too), so it is set before any test module loads.
+if not shutil.which("nvidia-smi"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 VENV_BIN = Path(sys.executable).parent
 

@@ -1,13 +1,10 @@
 """The fused unembedding + log-sum-exp kernel against materialised logits, and inside the scorer
-against TransformerLens' own forward. Without a GPU it runs under Triton's interpreter."""
-
-import os
+against TransformerLens' own forward. Without a GPU it runs under Triton's interpreter
+(TRITON_INTERPRET=1, set in conftest.py)."""
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # read when the kernel is defined, so before the import below
 pytest.importorskip("triton")
 
 from workers.scoring import Scorer, softmax_parts  # noqa: E402

@@ -110,6 +110,8 @@ class Scorer:
         if self.compact is None:
             return
         use_compile = self.device.type == "cuda" if compile is None else compile
+        if use_compile and self.dtype != compute:  # emulated bf16: Inductor would drop the roundings otherwise
+            torch._inductor.config.emulate_precision_casts = True
         self._forward = FirstCallFallback(torch.compile(self.compact, dynamic=False), self.compact, "torch.compile") \
             if use_compile else self.compact
         if fused is None:

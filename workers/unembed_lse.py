@@ -37,7 +37,7 @@ def _unembed_lse_kernel(
     h_ptr, w_ptr, top_value_ptr, top_ptr, rest_ptr, B, K, V,
     PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    rows = (tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)  # int64 offsets: k × vocab can pass 2^31
     m = tl.full((BLOCK_B,), float("-inf"), tl.float32)  # running top logit
     idx = tl.zeros((BLOCK_B,), tl.int32)  # its token
     s = tl.zeros((BLOCK_B,), tl.float32)  # Σ exp(logit - m) over every other token seen
@@ -45,7 +45,7 @@ def _unembed_lse_kernel(
         cols = v0 + tl.arange(0, BLOCK_V)
         acc = tl.zeros((BLOCK_B, BLOCK_V), tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
+            ks = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
             h = tl.load(h_ptr + rows[:, None] * K + ks[None, :], mask=(rows[:, None] < B) & (ks[None, :] < K), other=0.0)
             w = tl.load(w_ptr + ks[:, None] * V + cols[None, :], mask=(ks[:, None] < K) & (cols[None, :] < V), other=0.0)
             acc = tl.dot(h, w, acc, input_precision=PRECISION)
@@ -79,6 +79,8 @@ def unembed_lse(
     top_value = torch.empty(B, 1, device=h.device, dtype=torch.float32)
     top = torch.empty(B, 1, device=h.device, dtype=torch.int32)
     rest = torch.empty_like(top_value)
+    # "tf32" is Triton's default; only float32 inputs read it
+    precision = "ieee" if h.dtype == torch.float32 and not tf32 else "tf32"
     _unembed_lse_kernel[lambda meta: (triton.cdiv(B, meta["BLOCK_B"]),)](
-        h, W_U, top_value, top, rest, B, K, V, PRECISION="tf32" if tf32 else "ieee")
+        h, W_U, top_value, top, rest, B, K, V, PRECISION=precision)
     return top_value, top.long(), rest

@@ -6,8 +6,8 @@ Against TransformerLens' full forward (all positions, all logits) it
     layer 0's Q/K/V per token from a table made once per vocabulary, since the residual stream
     there is the token embedding alone;
   * in the last layer, computes no keys or values at all: with one query per head,
-    ``q · (W_K h_j)`` is ``(W_K^T q) · h_j`` and ``Σ_j p_j W_V h_j`` is ``W_V (Σ_j p_j h_j)``, so the
-    per-position work is two dot products per head instead of a [pos, d_model] × [d_model, 2 heads·d_head] product;
+    ``q · (W_K h_j)`` is ``(W_K^T q) · h_j`` and ``Σ_j p_j W_V h_j`` is ``W_V (Σ_j p_j h_j)``, so
+    each position costs two dot products per head instead of a row of the K/V projection;
   * unembeds one position, and recomputes the target logits in float32 for the log-odds.
 It is checked against TransformerLens' own forward in tests/test_fast.py.
 """
@@ -108,7 +108,9 @@ class CompactForward(torch.nn.Module):
             trace["resid"] = x
         return self.ln(x)
 
-    def attend_all(self, i: int, x: Float[Tensor, "batch pos d_model"], tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
+    def attend_all(
+        self, i: int, x: Float[Tensor, "batch pos d_model"], tokens: Int[Tensor, "batch pos"]
+    ) -> Float[Tensor, "batch pos d_model"]:
         """A causal attention layer's output at every position."""
         batch, n_pos = tokens.shape
         bias = getattr(self, f"pos_QKV{i}")[:n_pos]  # b_QKV + positions
@@ -129,7 +131,7 @@ class CompactForward(torch.nn.Module):
         q = q.view(batch, self.n_heads, self.d_head)
         u = torch.einsum("bhe,hde->bhd", q, self.W_K_last)  # W_K^T q: what each position's h is scored by
         scores = torch.einsum("bpd,bhd->bhp", h, u) + torch.einsum("bhe,phe->bhp", q, self.k_bias[:n_pos])
-        # one row of attention per head: a plain softmax (see docs/PERFORMANCE.md)
+        # one row of attention per head (the last position sees every position): a plain softmax
         pattern = (scores / self.scale).softmax(-1)
         mixed = torch.einsum("bhp,bpd->bhd", pattern, h)  # Σ_j p_j h_j, so W_V is applied once per head
         z = self.project(mixed.transpose(0, 1), self.W_V_last).transpose(0, 1) + self.b_V_last  # batch heads d_head

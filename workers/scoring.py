@@ -40,7 +40,9 @@ def native_bf16(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def softmax_parts(logits: Float[Tensor, "batch vocab"]) -> tuple[Float[Tensor, "batch 1"], Int[Tensor, "batch 1"], Float[Tensor, "batch 1"]]:
+def softmax_parts(
+    logits: Float[Tensor, "batch vocab"],
+) -> tuple[Float[Tensor, "batch 1"], Int[Tensor, "batch 1"], Float[Tensor, "batch 1"]]:
     """(top logit, its token, log of the softmax mass of every *other* token, unnormalised).
 
     The mass is summed without the top token, so it is exact even when it is 1e-30 of the top.

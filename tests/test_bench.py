@@ -1,0 +1,25 @@
+"""``induction-sweep bench``: what it reports, not how fast (speed is never asserted in tests)."""
+
+import json
+import subprocess
+import sys
+
+
+def test_bench_reports_every_precision_with_errors_against_float64():
+    out = subprocess.run(
+        [sys.executable, "-m", "jobs.cli", "bench", "--model", "toy-2l", "--device", "cpu", "--seconds", "0.05",
+         "--batches", "64", "--json"],
+        capture_output=True, text=True, timeout=600, check=True,
+    ).stdout
+    report = json.loads(out.strip().splitlines()[-1])  # the JSON object is the last line (DESIGN §7)
+    assert report["model"] == "toy-2l" and report["device"] == "cpu" and report["plain_seq_per_s"] > 0
+    rows = {(r["precision"], r["compile"]): r for r in report["results"]}
+    assert set(rows) == {("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True)}  # no tf32 on a CPU
+    for (precision, compiled), r in rows.items():
+        assert r["path"] == "compact" and r["batch"] == 64 and r["compiled"] == compiled and not r["fused"]
+        assert r["ratio"] == r["seq_per_s"] / report["plain_seq_per_s"]
+        assert r["max_abs_err_strength"] <= (1e-4 if precision == "fp32" else 0.1)
+    # bf16 rounding shows in the error: a path that silently ran float32 would not
+    assert rows[("bf16", False)]["max_abs_err_strength"] > 10 * rows[("fp32", False)]["max_abs_err_strength"]
+    assert set(report["targets"]) == {"fp32", "bf16"}
+    assert report["gpu"].startswith("not measured")

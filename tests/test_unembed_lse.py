@@ -8,7 +8,7 @@ import torch
 pytest.importorskip("triton")
 
 from workers.scoring import Scorer, softmax_parts  # noqa: E402
-from workers.unembed_lse import unembed_lse  # noqa: E402
+from workers.unembed_lse import FusedUnembedLSE, aligned, unembed_lse  # noqa: E402
 
 from test_fast import check_parity  # noqa: E402
 
@@ -36,10 +36,21 @@ def test_matches_materialised_logits(dtype):
     assert torch.equal(top.cpu(), ref_top)
     assert (top_value.cpu().double() - ref_value).abs().max() < 1e-4
     assert (rest.cpu().double() - ref_rest).abs().max() < 1e-4  # exact even where the rest is 1e-20 of the top
+    # the aligned copies the scorer uses (padded strides, zero rows and columns) give the same
+    fused = FusedUnembedLSE(W)
+    assert fused.W_U.shape == (128, 1000) and fused.W_U.stride(0) == 1024
+    for got, want in zip(fused(h), (top_value, top, rest)):
+        assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_aligned_copy_keeps_values():
+    t = torch.arange(70 * 97, dtype=torch.float32).view(70, 97)
+    a = aligned(t, pad_rows=True)
+    assert torch.equal(a[:70], t) and a.shape == (128, 97) and a.stride(0) == 128 and a[70:].abs().sum() == 0
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_scorer_with_fused_kernel_matches_transformer_lens(toy_model, precision):
     scorer = Scorer(toy_model, precision, fused=True)
-    assert scorer._unembed_lse is unembed_lse
+    assert isinstance(scorer._unembed_lse, FusedUnembedLSE)
     check_parity(toy_model, precision, n=64, fused=True)

@@ -120,16 +120,16 @@ class Scorer:
             fused = self.device.type == "cuda" and importlib.util.find_spec("triton") is not None
         self._softmax_parts = self._torch_softmax_parts
         if fused:
-            from workers.unembed_lse import unembed_lse  # Triton: imported only where it runs
+            from workers.unembed_lse import FusedUnembedLSE  # Triton: imported only where it runs
 
-            self._unembed_lse = unembed_lse
+            self._unembed_lse = FusedUnembedLSE(self.compact.W_U)
             self._softmax_parts = FirstCallFallback(self._fused_softmax_parts, self._torch_softmax_parts, "the Triton kernel")
 
     def _torch_softmax_parts(self, h: Float[Tensor, "batch d_model"]):
         return softmax_parts(self.compact.logits(h))
 
     def _fused_softmax_parts(self, h: Float[Tensor, "batch d_model"]):
-        return self._unembed_lse(self.compact.unembed_input(h), self.compact.W_U, tf32=self.precision == "tf32")
+        return self._unembed_lse(self.compact.unembed_input(h), tf32=self.precision == "tf32")
 
     @property
     def options(self) -> dict:

@@ -4,7 +4,8 @@ Each program takes a block of rows and walks the vocabulary in tiles: one tile o
 by ``tl.dot`` in float32 and folded at once into a running (top value, top index, mass of every
 other token relative to the top). The mass excludes the top token by index, not by subtracting
 1, so it stays exact when it is 1e-30 of the top (p(B) near 1). The output is what
-``workers.scoring.softmax_parts`` computes from materialised logits.
+``workers.scoring.softmax_parts`` computes from materialised logits. ``FusedUnembedLSE`` keeps
+W_U padded so that every row starts 128-byte aligned, which Triton's loads specialise on.
 
 On CUDA it is the scorer's default; elsewhere it runs under Triton's interpreter
 (``TRITON_INTERPRET=1``, set before this module is imported), which is how the tests check it
@@ -34,10 +35,11 @@ else:
 @triton.autotune(configs=CONFIGS, key=["K", "V", "PRECISION"])
 @triton.jit
 def _unembed_lse_kernel(
-    h_ptr, w_ptr, top_value_ptr, top_ptr, rest_ptr, B, K, V,
+    h_ptr, w_ptr, top_value_ptr, top_ptr, rest_ptr, B, K, V, stride_h, stride_w,
     PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    rows = (tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)  # int64 offsets: k × vocab can pass 2^31
+    # int64 offsets: k × vocab can pass 2^31
+    rows = (tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
     m = tl.full((BLOCK_B,), float("-inf"), tl.float32)  # running top logit
     idx = tl.zeros((BLOCK_B,), tl.int32)  # its token
     s = tl.zeros((BLOCK_B,), tl.float32)  # Σ exp(logit - m) over every other token seen
@@ -46,8 +48,10 @@ def _unembed_lse_kernel(
         acc = tl.zeros((BLOCK_B, BLOCK_V), tl.float32)
         for k0 in range(0, K, BLOCK_K):
             ks = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
-            h = tl.load(h_ptr + rows[:, None] * K + ks[None, :], mask=(rows[:, None] < B) & (ks[None, :] < K), other=0.0)
-            w = tl.load(w_ptr + ks[:, None] * V + cols[None, :], mask=(ks[:, None] < K) & (cols[None, :] < V), other=0.0)
+            h = tl.load(h_ptr + rows[:, None] * stride_h + ks[None, :],
+                        mask=(rows[:, None] < B) & (ks[None, :] < K), other=0.0)
+            w = tl.load(w_ptr + ks[:, None] * stride_w + cols[None, :],
+                        mask=(ks[:, None] < K) & (cols[None, :] < V), other=0.0)
             acc = tl.dot(h, w, acc, input_precision=PRECISION)
         acc = tl.where(cols[None, :] < V, acc, float("-inf"))
         tile_m = tl.max(acc, axis=1)
@@ -74,7 +78,7 @@ def unembed_lse(
         # The interpreter multiplies bf16 bit patterns (triton-lang/triton#11584). bf16 -> float32 is
         # exact and tensor cores multiply bf16 exactly with float32 sums, so this is the same arithmetic.
         h, W_U = h.float(), W_U.float()
-    h, W_U = h.contiguous(), W_U.contiguous()
+    assert h.stride(1) == 1 and W_U.stride(1) == 1, "rows must be contiguous"
     (B, K), V = h.shape, W_U.shape[1]
     top_value = torch.empty(B, 1, device=h.device, dtype=torch.float32)
     top = torch.empty(B, 1, device=h.device, dtype=torch.int32)
@@ -82,5 +86,27 @@ def unembed_lse(
     # "tf32" is Triton's default; only float32 inputs read it
     precision = "ieee" if h.dtype == torch.float32 and not tf32 else "tf32"
     _unembed_lse_kernel[lambda meta: (triton.cdiv(B, meta["BLOCK_B"]),)](
-        h, W_U, top_value, top, rest, B, K, V, PRECISION=precision)
+        h, W_U, top_value, top, rest, B, K, V, h.stride(0), W_U.stride(0), PRECISION=precision)
     return top_value, top.long(), rest
+
+
+def aligned(t: Float[Tensor, "rows k"], pad_rows: bool = False) -> Float[Tensor, "rows_or_more k"]:
+    """A copy of ``t`` whose rows start on 128-byte boundaries (row stride a multiple of 64
+    elements), with ``pad_rows`` zero rows up to a multiple of 64 too; same values. Triton
+    specialises on strides divisible by 16, which the vocabulary (48262) and d_model + 1 (513) are not."""
+    rows, cols = t.shape
+    out = t.new_zeros(-(-rows // 64) * 64 if pad_rows else rows, -(-cols // 64) * 64)
+    out[:rows, :cols] = t
+    return out[:, :cols]
+
+
+class FusedUnembedLSE:
+    """``unembed_lse`` against one unembedding, kept in an aligned copy (made once)."""
+
+    def __init__(self, W_U: Float[Tensor, "k vocab"]):
+        self.W_U = aligned(W_U, pad_rows=True)  # the extra rows are zero: they add nothing
+
+    def __call__(self, h: Float[Tensor, "batch k"], tf32: bool = False):
+        padded = h.new_zeros(len(h), self.W_U.shape[0])  # zero columns meet the zero rows
+        padded[:, : h.shape[1]] = h
+        return unembed_lse(padded, self.W_U, tf32)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from workers import models
+from workers.fast import CompactForward
 from workers.scoring import Scorer, logodds
 from workers.sequences import make_batch, sequence_keys
 
@@ -77,3 +78,16 @@ def test_compiled_forward(precision):
     batch = seed_style(128, model.cfg.d_vocab)
     eager, compiled = (Scorer(model, precision, compile=c).logodds(batch.tokens, batch.b[:, None]) for c in (False, True))
     assert (eager - compiled).abs().mean() < 1e-4 and (eager - compiled).abs().max() < 2e-3
+
+
+@pytest.mark.parametrize("shape", [dict(n_layers=1), dict(n_layers=2), dict(n_layers=3, positional_embedding_type="standard")])
+def test_native_bf16_path_runs_on_meta_tensors(shape):
+    """The CUDA bf16 path (bf16 products, float32 sums through mm/bmm out_dtype) cannot run on a
+    CPU; on meta tensors every call's shapes and dtypes are still checked."""
+    model = models.random_model(d_vocab=1024, n_ctx=32, d_model=64, n_heads=4, d_head=16, seed=4, **shape)
+    forward = CompactForward(models.attn_only_weights(model), torch.bfloat16, torch.bfloat16).to("meta")
+    assert forward.float_sums
+    h = forward(torch.zeros(8, 24, dtype=torch.long, device="meta"))
+    assert h.shape == (8, 64) and h.dtype == torch.float32
+    logits = forward.logits(h)
+    assert logits.shape == (8, 1024) and logits.dtype == torch.float32

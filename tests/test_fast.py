@@ -91,3 +91,16 @@ def test_native_bf16_path_runs_on_meta_tensors(shape):
     assert h.shape == (8, 64) and h.dtype == torch.float32
     logits = forward.logits(h)
     assert logits.shape == (8, 1024) and logits.dtype == torch.float32
+
+
+def test_compiled_scorer_builds_one_graph_for_every_batch_size(toy_model):
+    """A shard's last batch is smaller; recompiling for it costs ~20 s, and Dynamo gives up after 8."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    batch = seed_style(64, toy_model.cfg.d_vocab)
+    scorer = Scorer(toy_model, "fp32", compile=True)
+    for n in (64, 40, 17):
+        scorer.logodds(batch.tokens[:n], batch.b[:n, None])
+    Scorer(toy_model, "fp32", compile=True).logodds(batch.tokens[:30], batch.b[:30, None])  # another actor's scorer
+    assert scorer.options["compiled"] and counters["stats"]["unique_graphs"] == 1

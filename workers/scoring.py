@@ -114,7 +114,7 @@ class Scorer:
         use_compile = self.device.type == "cuda" if compile is None else compile
         if use_compile and self.dtype != compute:  # emulated bf16: Inductor would drop the roundings otherwise
             torch._inductor.config.emulate_precision_casts = True
-        self._forward = FirstCallFallback(torch.compile(self.compact, dynamic=False), self.compact, "torch.compile") \
+        self._forward = FirstCallFallback(_batch_dynamic(torch.compile(self.compact)), self.compact, "torch.compile") \
             if use_compile else self.compact
         if fused is None:
             fused = self.device.type == "cuda" and importlib.util.find_spec("triton") is not None
@@ -163,6 +163,17 @@ class Scorer:
         """(logodds on the induction sequences, logodds on their shuffled controls), one forward."""
         both = self.logodds(torch.cat([tokens, shuffled]), torch.cat([targets, targets]))
         return both[: len(tokens)], both[len(tokens) :]
+
+
+def _batch_dynamic(compiled: Callable) -> Callable:
+    """One compiled graph for every batch size (a shard's last batch is smaller) and every scorer of
+    the same precision; without it each new size recompiles, and Dynamo stops compiling after 8."""
+
+    def forward(tokens: Int[Tensor, "batch pos"]):
+        torch._dynamo.mark_dynamic(tokens, 0)
+        return compiled(tokens)
+
+    return forward
 
 
 class FirstCallFallback:

@@ -92,7 +92,7 @@ def throughput(step: Callable[[], None], n_seqs: int, device: torch.device, seco
 
 def reference_strength(model, batch, device) -> torch.Tensor:
     """Strength on B from a float64 copy of the model's full forward."""
-    ref = copy.deepcopy(model).to(torch.float64)
+    ref = copy.deepcopy(model).to(torch.float64, print_details=False)
     out = []
     for tokens in (batch.tokens, batch.shuffled):
         logits = models.full_logits(ref, tokens)[:, -1]

@@ -113,7 +113,7 @@ def load_checkpoint(directory: Path, device: str | torch.device, name: Optional[
     except Exception as exc:  # corrupt JSON, safetensors or state dict
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ModelInputError(f"checkpoint {name or directory} cannot be loaded: {reason[:200]}") from None
-    model.to(device)
+    model.to(device, print_details=False)
     model.eval()
     model.cfg.model_name = name or str(directory)
     model.induction_sweep_extra = raw.get("induction_sweep", {})  # e.g. bos_token_id
@@ -311,4 +311,4 @@ def random_model(d_vocab: int = 48262, device: str | torch.device = "cpu", seed:
                 state[key] = value + 0.1 * torch.randn(value.shape, generator=gen)
     model.load_and_process_state_dict(state)
     model.cfg.model_name = f"random-{shape['n_layers']}l-v{d_vocab}"
-    return model.to(device).eval()
+    return model.to(device, print_details=False).eval()

@@ -100,8 +100,9 @@ def test_a_real_run_in_a_subprocess_writes_no_secret(bucket, short_tmp):
             "--actors", "2", "--out", f"s3://{bucket}/run"]
     proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parent.parent)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    start = proc.stdout.index("\n{\n") + 1  # the summary follows any log lines
-    summary = json.loads(proc.stdout[start : proc.stdout.index("\n}\n", start) + 2])
+    stdout = "\n" + proc.stdout  # the summary starts a line, after any log lines
+    start = stdout.index("\n{\n") + 1
+    summary = json.loads(stdout[start : stdout.index("\n}\n", start) + 2])
     assert summary["token_powers"]["tokens"] == 8
     store = open_store(f"s3://{bucket}/run")
     blobs = {key: store.get(key) for key in store.list()}

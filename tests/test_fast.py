@@ -98,6 +98,7 @@ def test_compiled_scorer_builds_one_graph_for_every_batch_size(toy_model):
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
+    counters.clear()  # reset() leaves the counters of earlier tests' graphs
     batch = seed_style(64, toy_model.cfg.d_vocab)
     scorer = Scorer(toy_model, "fp32", compile=True)
     for n in (64, 40, 17):

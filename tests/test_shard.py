@@ -1,4 +1,5 @@
 import io
+import json
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -30,6 +31,10 @@ def test_token_powers_shard_rows(runner):
     assert (rows.b == rows.fixed_token).all() and set(rows.fixed_token) == set(range(4, 36))
     assert (rows.target == "B").all() and (rows.target_token == rows.b).all()
     np.testing.assert_allclose(rows.strength, rows.logodds_induction - rows.logodds_shuffled, atol=1e-6)
+    # each file says how it was computed
+    scorer = json.loads(pq.read_schema(io.BytesIO(runner.store.get(spec.key))).metadata[b"induction_sweep.scorer"])
+    assert scorer == {"path": "compact", "precision": "fp32", "compiled": False, "fused": False, "device": "cpu",
+                      "torch": torch.__version__}
 
 
 def test_saved_tokens_reproduce_strength_through_transformer_lens(runner, toy_model):

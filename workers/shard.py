@@ -7,6 +7,7 @@ benchmark and tests use it directly. Its constructor loads the model once; ``run
 from __future__ import annotations
 
 import io
+import json
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -99,6 +100,10 @@ class ShardRunner:
         start = time.perf_counter()
         with self._compute:
             table = self.compute(spec)
+        # which path computed these rows: after a compiler fallback this is where it shows
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"induction_sweep.scorer": json.dumps(
+            {"path": self.scorer.path, "precision": self.scorer.precision, **self.scorer.options,
+             "device": str(self.device), "torch": torch.__version__}).encode()})
         buffer = io.BytesIO()
         pq.write_table(table, buffer, compression="zstd")
         self.store.put(spec.key, buffer.getvalue())

@@ -124,17 +124,20 @@ def make_batch(
     )
 
 
+def shuffle_permutation(keys: Int[Tensor, "batch"], n_inner: int = N_INNER) -> Int[Tensor, "batch n_inner"]:
+    """Per sequence, which inner position each inner slot of the shuffled control takes its token from."""
+    return torch.argsort(draws(keys, DRAW_SHUFFLE, n_inner), dim=1, stable=True)
+
+
 def shuffled_positions(keys: Int[Tensor, "batch"], positions: list[int], n_inner: int = N_INNER) -> Int[Tensor, "batch n"]:
     """Where the tokens at ``positions`` of a sequence sit in its shuffled control."""
-    perm = torch.argsort(draws(keys, DRAW_SHUFFLE, n_inner), dim=1, stable=True)
-    inverse = torch.argsort(perm, dim=1)
+    inverse = torch.argsort(shuffle_permutation(keys, n_inner), dim=1)
     return 1 + inverse[:, [p - 1 for p in positions]]
 
 
 def shuffle_inner(tokens: Int[Tensor, "batch pos"], keys: Int[Tensor, "batch"]) -> Int[Tensor, "batch pos"]:
     """Permute the tokens between the first and the last position, uniformly, per sequence."""
-    n_inner = tokens.shape[1] - 2
-    perm = torch.argsort(draws(keys, DRAW_SHUFFLE, n_inner), dim=1, stable=True)
+    perm = shuffle_permutation(keys, tokens.shape[1] - 2)
     shuffled = tokens.clone()
     shuffled[:, 1:-1] = tokens[:, 1:-1].gather(1, perm)
     return shuffled

@@ -112,10 +112,11 @@ class Scorer:
         if self.compact is None:
             return
         use_compile = self.device.type == "cuda" if compile is None else compile
-        if use_compile and self.dtype != compute:  # emulated bf16: Inductor would drop the roundings otherwise
-            torch._inductor.config.emulate_precision_casts = True
-        self._forward = FirstCallFallback(_batch_dynamic(torch.compile(self.compact)), self.compact, "torch.compile") \
-            if use_compile else self.compact
+        self._forward = self.compact
+        if use_compile:
+            # emulated bf16 (rounded inputs, float32 products): Inductor would fuse the roundings away
+            compiled = _batch_dynamic(torch.compile(self.compact), emulate_casts=self.dtype != compute)
+            self._forward = FirstCallFallback(compiled, self.compact, "torch.compile")
         if fused is None:
             fused = self.device.type == "cuda" and importlib.util.find_spec("triton") is not None
         self._softmax_parts = self._torch_softmax_parts
@@ -165,13 +166,16 @@ class Scorer:
         return both[: len(tokens)], both[len(tokens) :]
 
 
-def _batch_dynamic(compiled: Callable) -> Callable:
+def _batch_dynamic(compiled: Callable, emulate_casts: bool) -> Callable:
     """One compiled graph for every batch size (a shard's last batch is smaller) and every scorer of
-    the same precision; without it each new size recompiles, and Dynamo stops compiling after 8."""
+    the same precision; without it each new size recompiles, and Dynamo stops compiling after 8.
+    ``emulate_casts`` keeps dtype round trips that Inductor would drop, for this scorer's
+    compilations only (Inductor reads its config while it compiles, inside the call)."""
 
     def forward(tokens: Int[Tensor, "batch pos"]):
         torch._dynamo.mark_dynamic(tokens, 0)
-        return compiled(tokens)
+        with torch._inductor.config.patch(emulate_precision_casts=emulate_casts):
+            return compiled(tokens)
 
     return forward
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 from jaxtyping import Float, Int
@@ -95,9 +96,7 @@ def aligned(t: Float[Tensor, "rows k"], pad_rows: bool = False) -> Float[Tensor,
     elements), with ``pad_rows`` zero rows up to a multiple of 64 too; same values. Triton
     specialises on strides divisible by 16, which the vocabulary (48262) and d_model + 1 (513) are not."""
     rows, cols = t.shape
-    out = t.new_zeros(-(-rows // 64) * 64 if pad_rows else rows, -(-cols // 64) * 64)
-    out[:rows, :cols] = t
-    return out[:, :cols]
+    return F.pad(t, (0, -cols % 64, 0, -rows % 64 if pad_rows else 0))[:, :cols]
 
 
 class FusedUnembedLSE:
@@ -107,6 +106,5 @@ class FusedUnembedLSE:
         self.W_U = aligned(W_U, pad_rows=True)  # the extra rows are zero: they add nothing
 
     def __call__(self, h: Float[Tensor, "batch k"], tf32: bool = False):
-        padded = h.new_zeros(len(h), self.W_U.shape[0])  # zero columns meet the zero rows
-        padded[:, : h.shape[1]] = h
+        padded = F.pad(h, (0, self.W_U.shape[0] - h.shape[1]))  # zero columns meet the zero rows
         return unembed_lse(padded, self.W_U, tf32)

@@ -14,11 +14,11 @@ import json
 import os
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
-from workers import models
+from workers import experiments, models
 from workers.scoring import PRECISIONS, Scorer, logodds
 from workers.sequences import make_batch, sequence_keys
 
@@ -28,7 +28,7 @@ REFERENCE_SEQS = 256
 
 def bench_batch(n: int, d_vocab: int, bos: int, device, offset: int = 0):
     seq = torch.arange(offset, offset + n, device=device)
-    keys = sequence_keys(12345, "neighbors", 0, torch.full_like(seq, -1), seq)
+    keys = sequence_keys(12345, experiments.get("neighbors").code, 0, torch.full_like(seq, -1), seq)
     none = torch.full_like(seq, -1)
     return make_batch(keys, d_vocab, bos, none, none)
 

@@ -8,6 +8,7 @@ import tempfile
 
 from jobs import driver
 from jobs.config import RunConfig, plan_shards, resolve
+from jobs.phases import Phases
 from workers import models
 
 
@@ -26,9 +27,14 @@ def actor_scaling(model: str, tokens: int = 256, seqs: int = 256, shard_size: in
         with tempfile.TemporaryDirectory() as out:
             cfg = RunConfig(model=model, out=out, experiments=("token-powers",), seqs=seqs, shard_size=shard_size,
                             precision="fp32")
-            cfg = resolve(cfg, models.load_model(model), str(tokens), None, None)
-            specs = plan_shards(cfg)
-            plan = driver.ActorPlan(count, 0, 1, "cpu", 1)
-            rates[count] = steady_rate(driver.execute(ray, cfg, specs, plan, False, 0, len(specs)), count)
+            cfg = resolve(cfg, models.describe(model), str(tokens))
+            specs, phases = plan_shards(cfg), Phases()
+            actors = driver.start_actors(ray, cfg, driver.ActorPlan(count, 0, 1, "cpu", 1))
+            try:
+                driver.execute(ray, actors, specs, phases, phases.now(), False, 0, len(specs))
+            finally:
+                for actor in actors:
+                    ray.kill(actor)
+            rates[count] = steady_rate(phases.completions, count)
     return {"model": model, "pairs_per_s_1_actor": rates[1], "pairs_per_s_2_actors": rates[2],
             "scaling": rates[2] / (2 * rates[1])}

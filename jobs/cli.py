@@ -1,4 +1,4 @@
-"""``induction-sweep``: the command line (DESIGN §7).
+"""``induction-sweep``: the command line (README.md, "Running").
 
 Exit status: 0 done; 2 bad input (one line on stderr, nothing written); 1 a failure during the
 run (rerunning the same command resumes). Heavy imports (Ray, TransformerLens) happen inside the
@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 PROG = "induction-sweep"
 
@@ -22,22 +22,26 @@ class Parser(argparse.ArgumentParser):
 
 
 def add_run_options(p: argparse.ArgumentParser) -> None:
+    from jobs.config import DEFAULTS  # the run's defaults live on RunConfig
+    from workers.experiments import REGISTRY
+
+    d = DEFAULTS
     p.add_argument("--model", required=True, help="toy-2l, a TransformerLens name, or a checkpoint directory (local or s3://)")
     p.add_argument("--out", required=True, help="output URI: a local path or s3://bucket/prefix")
-    p.add_argument("--experiment", default="all", help="token-powers, fixed-pair, neighbors, all (the post's three, default), "
-                   "controls (no-b, b-elsewhere, no-first-a), or a comma-separated list")
+    p.add_argument("--experiment", default="all", help="an experiment (" + ", ".join(REGISTRY) + "), "
+                   "all (the post's three, default), controls, or a comma-separated list")
     p.add_argument("--tokens", default=None, help="fixed tokens are ids 4..4+N-1; 'all' for the whole vocabulary "
-                   "(default: 10000, or all where the vocabulary is smaller)")
-    p.add_argument("--seqs", type=int, default=256, help="sequences per token and role (default 256)")
-    p.add_argument("--pairs", type=int, default=4096, help="sequences per fixed-pair scenario and for neighbors (default 4096)")
-    p.add_argument("--neighbors", type=int, default=20, help="K nearest neighbours of B to score (default 20)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--precision", default="auto", help="auto (bf16 on GPU, fp32 on CPU), fp32, tf32 or bf16")
-    p.add_argument("--batch-size", type=int, default=None, help="sequences per forward (default: by device)")
-    p.add_argument("--shard-size", type=int, default=65536, help="sequences per shard file (default 65536)")
+                   f"(default: {d['tokens']}, or all where the vocabulary is smaller)")
+    p.add_argument("--seqs", type=int, default=d["seqs"], help="sequences per token and role (default %(default)s)")
+    p.add_argument("--pairs", type=int, default=d["pairs"], help="sequences per scenario of the other experiments (default %(default)s)")
+    p.add_argument("--neighbors", type=int, default=d["neighbors"], help="K nearest neighbours of B to score (default %(default)s)")
+    p.add_argument("--seed", type=int, default=d["seed"])
+    p.add_argument("--precision", default=d["precision"], help="auto (bf16 on GPU, fp32 on CPU), fp32, tf32 or bf16")
+    p.add_argument("--batch-size", type=int, default=d["batch_size"], help="sequences per forward (default: by device)")
+    p.add_argument("--shard-size", type=int, default=d["shard_size"], help="sequences per shard file (default %(default)s)")
     p.add_argument("--actors", default=None, help="N or auto: one per GPU, else one per 2 CPUs")
-    p.add_argument("--gpus-per-actor", type=float, default=None, help="GPUs per actor, fractions allowed")
-    p.add_argument("--address", default=None, help="join a running Ray cluster (default: start a local one)")
+    p.add_argument("--gpus-per-actor", type=float, default=d["gpus_per_actor"], help="GPUs per actor, fractions allowed")
+    p.add_argument("--address", default=d["address"], help="join a running Ray cluster (default: start a local one)")
     p.add_argument("--save-tokens", action="store_true", help="store each row's exact model inputs")
     p.add_argument("--heads", action="store_true", help="store per-head attention and logit attribution "
                    "of the last layer in every row (attention-only models)")
@@ -64,8 +68,10 @@ def build_parser() -> Parser:
     p.add_argument("uri")
     p.add_argument("--to", required=True)
     p.add_argument("--shards", action="store_true", help="the shards too")
-    p = sub.add_parser("report", help="aggregate a run's shards again and rewrite its report")
+    p = sub.add_parser("report", help="merge a run's shard partials again and rewrite its aggregates and report")
     p.add_argument("uri")
+    p.add_argument("--from-rows", action="store_true", help="recompute every aggregate from the shards' rows "
+                   "instead of their footers' partials (a check: both give the same)")
 
     p = sub.add_parser("bench", help="throughput of the scorer against the plain TransformerLens loop")
     p.add_argument("--model", default=None, help="default: random weights of attn-only-2l's shape")
@@ -83,25 +89,36 @@ def build_parser() -> Parser:
     return parser
 
 
-def run_config(args: argparse.Namespace):
-    from jobs.config import RunConfig, check_options, parse_experiments
+def run_config(args: argparse.Namespace, phases=None):
+    """The full, resolved RunConfig of ``run``'s options, and the model's description: every check
+    that needs no cluster, before any work."""
+    from jobs.config import RunConfig, parse_count, parse_experiments, resolve
+    from storage import open_store
+    from workers import models
 
-    check_options(args.experiment, args.tokens, args.seqs, args.pairs, args.neighbors, args.batch_size, args.actors,
-                  args.gpus_per_actor, args.shard_size, args.precision)
-    return RunConfig(
+    cfg = RunConfig(
         model=args.model, out=args.out, experiments=parse_experiments(args.experiment),
         seqs=args.seqs, pairs=args.pairs, neighbors=args.neighbors, seed=args.seed, precision=args.precision,
         save_tokens=args.save_tokens, shard_size=args.shard_size, heads=args.heads, batch_size=args.batch_size,
-        actors=None if args.actors in (None, "auto") else int(args.actors), gpus_per_actor=args.gpus_per_actor,
+        actors=parse_count("--actors", args.actors, "auto"), gpus_per_actor=args.gpus_per_actor,
         address=args.address, overwrite=args.overwrite)
+    if args.tokens is not None:
+        parse_count("--tokens", args.tokens, "all")  # before the model is read
+    open_store(cfg.out).check()
+    info = models.describe(cfg.model)
+    return resolve(cfg, info, args.tokens, args.pair_a, args.pair_b), info
 
 
 def cmd_run(args) -> int:
     from jobs import driver
+    from jobs.phases import Phases
 
-    cfg = run_config(args)
-    summary = driver.run(cfg, args.pair_a, args.pair_b, args.tokens, progress=not args.quiet)
-    print(json.dumps(summary, indent=2))
+    phases = Phases()
+    with phases.phase("validate"):
+        cfg, info = run_config(args)
+    summary = driver.run(cfg, info, progress=not args.quiet, phases=phases)
+    print(json.dumps(summary.as_dict(), indent=2))
+    print(phases.text())
     print(f"report: {cfg.out.rstrip('/')}/report.html")
     return 0
 
@@ -130,13 +147,15 @@ def cmd_fetch(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from jobs import driver, manifest
+    from jobs import driver
+    from jobs.phases import Phases
     from storage import open_store
 
-    store = open_store(args.uri)
-    summary = driver.finish(store, manifest.config_of(store))
-    print(json.dumps(summary, indent=2))
-    print(f"report: {store.join('report.html')}")
+    phases = Phases()
+    summary = driver.report(open_store(args.uri), from_rows=args.from_rows, phases=phases)
+    print(json.dumps(summary.as_dict(), indent=2))
+    print(phases.text())
+    print(f"report: {args.uri.rstrip('/')}/report.html")
     return 0
 
 
@@ -158,7 +177,7 @@ COMMANDS = {"run": cmd_run, "submit": cmd_submit, "status": cmd_status, "fetch":
             "bench": cmd_bench, "export-model": cmd_export}
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from jobs.errors import ConfigError, RunFailed
     from storage import StorageError, StorageInputError

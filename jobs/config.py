@@ -1,49 +1,53 @@
-"""A run's configuration: validated against the model before any work, hashed, and cut into shards."""
+"""A run's configuration: resolved once against the model, validated before any work, hashed,
+and cut into shards (docs/DESIGN.md §3).
+
+``RunConfig``'s field defaults are the run's defaults (the command line shows them); fields with
+``compare=False`` are execution settings, the others define the science and enter the hash.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, replace
-from typing import Optional
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 
 from jobs.errors import ConfigError
 from workers import experiments, models
 from workers.sequences import FIRST_TOKEN
 from workers.shard import ShardSpec, WorkParams
 
-SCHEMA_VERSION = 1  # bump when a change alters what shards hold
+SCHEMA_VERSION = 2  # bump when a change alters what shards hold (2: partial aggregates in the footer, BOS)
 DEFAULT_TOKENS = 10000  # the post's "first 10000 tokens"
+PRECISIONS = ("auto", "fp32", "tf32", "bf16")
 
 
 @dataclass(frozen=True)
 class RunConfig:
     model: str
-    out: str
-    experiments: tuple[str, ...] = experiments.EXPERIMENTS
-    tokens: Optional[int] = None  # fixed tokens are ids FIRST_TOKEN .. FIRST_TOKEN+tokens-1; None: all
-    seqs: int = 256
-    pairs: int = 4096
+    out: str = field(compare=False)
+    experiments: tuple[str, ...] = experiments.group("all")
+    tokens: int = DEFAULT_TOKENS  # fixed tokens are ids FIRST_TOKEN .. FIRST_TOKEN+tokens-1
+    seqs: int = 256  # sequences per fixed token and scenario
+    pairs: int = 4096  # sequences per scenario of the other experiments
     neighbors: int = 20
     seed: int = 0
-    precision: str = "auto"
+    precision: str = "auto"  # resolved against the cluster's devices by the driver
     save_tokens: bool = False
     pair: tuple[int, int] = models.FALLBACK_PAIR
+    bos: int = models.DEFAULT_BOS
     shard_size: int = 65536  # sequences per shard
     heads: bool = False  # per-head measurements in every row
     # execution only: not part of the config hash
-    batch_size: Optional[int] = field(default=None, compare=False)
-    actors: Optional[int] = field(default=None, compare=False)  # None: auto
-    gpus_per_actor: Optional[float] = field(default=None, compare=False)
-    address: Optional[str] = field(default=None, compare=False)
+    batch_size: int | None = field(default=None, compare=False)
+    actors: int | None = field(default=None, compare=False)  # None: auto
+    gpus_per_actor: float | None = field(default=None, compare=False)
+    address: str | None = field(default=None, compare=False)
     overwrite: bool = field(default=False, compare=False)
-
-    SCIENCE = ("model", "experiments", "tokens", "seqs", "pairs", "neighbors", "seed", "precision",
-               "save_tokens", "pair", "shard_size", "heads")
 
     def science(self) -> dict:
         d = asdict(self)
-        return {k: (list(d[k]) if isinstance(d[k], tuple) else d[k]) for k in self.SCIENCE}
+        return {f.name: (list(d[f.name]) if isinstance(d[f.name], tuple) else d[f.name])
+                for f in fields(self) if f.compare}
 
     @property
     def config_hash(self) -> str:
@@ -51,99 +55,102 @@ class RunConfig:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     @property
-    def work_params(self) -> WorkParams:
-        return WorkParams(self.model, self.seed, self.neighbors if self.needs_neighbors else 0, self.pair,
-                          self.save_tokens, self.precision, self.heads)
+    def experiment_specs(self) -> list[experiments.Experiment]:
+        return [experiments.get(e) for e in self.experiments]
 
     @property
-    def needs_neighbors(self) -> bool:
-        return any(e != "token-powers" for e in self.experiments)
+    def n_neighbors(self) -> int:
+        """K where an experiment of the run scores neighbours, else 0 (no neighbour table is built)."""
+        return self.neighbors if any(e.uses_neighbors(self.neighbors) for e in self.experiment_specs) else 0
+
+    @property
+    def work_params(self) -> WorkParams:
+        return WorkParams(self.model, self.seed, self.n_neighbors, self.pair, self.bos, self.save_tokens,
+                          self.precision, self.heads, tuple(self.experiment_specs))
 
     @classmethod
-    def from_science(cls, science: dict, **execution) -> "RunConfig":
-        s = dict(science)
+    def from_science(cls, science: dict, out: str, **execution) -> RunConfig:
+        s = {k: v for k, v in science.items() if k in {f.name for f in fields(cls)}}
         s["experiments"], s["pair"] = tuple(s["experiments"]), tuple(s["pair"])
-        return cls(**s, **execution)
+        return cls(out=out, **s, **execution)
+
+
+DEFAULTS = {f.name: f.default for f in fields(RunConfig) if f.default is not MISSING}
 
 
 def parse_experiments(text: str) -> tuple[str, ...]:
     """``all`` (the post's three), ``controls`` (the mechanism controls), or a comma-separated list."""
-    known = experiments.EXPERIMENTS + experiments.CONTROLS
-    groups = {"all": experiments.EXPERIMENTS, "controls": experiments.CONTROLS}
+    groups = {g: experiments.group(g) for g in ("all", "controls")}
     chosen: list[str] = []
     for name in text.split(","):
         name = name.strip()
-        if name not in known and name not in groups:
-            raise ConfigError(f"unknown experiment {name!r}: choose from {', '.join(known)}, all or controls")
+        if name not in experiments.REGISTRY and name not in groups:
+            raise ConfigError(f"unknown experiment {name!r}: choose from {', '.join(experiments.REGISTRY)}, all or controls")
         chosen += [e for e in groups.get(name, (name,)) if e not in chosen]
     return tuple(chosen)
 
 
-def check_options(experiment: str, tokens: str | None, seqs: int, pairs: int, neighbors: int,
-                  batch_size: Optional[int], actors: Optional[str], gpus_per_actor: Optional[float],
-                  shard_size: int, precision: str) -> None:
+def parse_count(option: str, text: str | None, allowed: str) -> int | None:
+    """A positive integer, or None for the ``allowed`` word (``all``, ``auto``) or no value."""
+    if text is None or text == allowed:
+        return None
+    if not text.isdigit() or int(text) <= 0:
+        raise ConfigError(f"{option} must be a positive integer or {allowed!r}, not {text!r}")
+    return int(text)
+
+
+def check_counts(cfg: RunConfig) -> None:
     """Checks that need no model."""
-    parse_experiments(experiment)
-    if tokens is not None and tokens != "all" and (not tokens.lstrip("-").isdigit() or int(tokens) <= 0):
-        raise ConfigError(f"--tokens must be a positive integer or 'all', not {tokens!r}")
-    for name, value in (("--seqs", seqs), ("--pairs", pairs), ("--shard-size", shard_size)):
-        if value <= 0:
-            raise ConfigError(f"{name} must be positive, not {value}")
-    if neighbors < 1:
-        raise ConfigError(f"--neighbors must be at least 1, not {neighbors}")
-    if batch_size is not None and batch_size <= 0:
-        raise ConfigError(f"--batch-size must be positive, not {batch_size}")
-    if actors is not None and actors != "auto" and (not actors.isdigit() or int(actors) <= 0):
-        raise ConfigError(f"--actors must be a positive integer or 'auto', not {actors!r}")
-    if gpus_per_actor is not None and gpus_per_actor <= 0:
-        raise ConfigError(f"--gpus-per-actor must be positive, not {gpus_per_actor}")
-    if precision not in ("auto", "fp32", "tf32", "bf16"):
-        raise ConfigError(f"unknown precision {precision!r}: choose auto, fp32, tf32 or bf16")
+    for name in ("seqs", "pairs", "shard_size", "batch_size", "gpus_per_actor"):
+        value = getattr(cfg, name)
+        if value is not None and value <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be positive, not {value}")
+    if cfg.neighbors < 1:
+        raise ConfigError(f"--neighbors must be at least 1, not {cfg.neighbors}")
+    if cfg.precision not in PRECISIONS:
+        raise ConfigError(f"unknown precision {cfg.precision!r}: choose {', '.join(PRECISIONS)}")
 
 
-def resolve(cfg: RunConfig, model, tokens: str | None, pair_a: Optional[str], pair_b: Optional[str]) -> RunConfig:
-    """Fill in what depends on the model (token count, pair ids); ConfigError where it does not fit."""
-    vocab = models.d_vocab(model)
-    available = vocab - FIRST_TOKEN
-    if tokens == "all":
-        n = available
-    elif tokens is None:
-        n = min(DEFAULT_TOKENS, available)
-    else:
-        n = int(tokens)
-        if n > available:
-            raise ConfigError(f"--tokens {n} is beyond the vocabulary: {cfg.model} has d_vocab {vocab}, "
-                              f"so at most {available} tokens (ids {FIRST_TOKEN}..{vocab - 1}); use --tokens all")
+def resolve(cfg: RunConfig, info: models.ModelInfo, tokens: str | None = None, pair_a: str | None = None,
+            pair_b: str | None = None) -> RunConfig:
+    """The full config: token count, pair ids and BOS from the model; ConfigError where they do not fit.
+    ``tokens``: a count, ``all``, or None for the post's 10000 (or all, where the vocabulary is smaller)."""
+    check_counts(cfg)
+    available = info.d_vocab - FIRST_TOKEN
+    count = parse_count("--tokens", tokens, "all")
+    n = available if tokens == "all" else min(DEFAULT_TOKENS, available) if count is None else count
+    if n > available:
+        raise ConfigError(f"--tokens {n} is beyond the vocabulary: {cfg.model} has d_vocab {info.d_vocab}, "
+                          f"so at most {available} tokens (ids {FIRST_TOKEN}..{info.d_vocab - 1}); use --tokens all")
     if cfg.neighbors > available - 1:
         raise ConfigError(f"--neighbors {cfg.neighbors} exceeds the {available - 1} candidate neighbours of {cfg.model}")
-    if cfg.heads and models.attn_only_weights(model) is None:
+    if cfg.heads and not info.compact:
         raise ConfigError(f"--heads needs an attention-only model; {cfg.model} is not one")
-    default_a, default_b = models.default_pair(model)
+    default_a, default_b = info.default_pair()
     try:
-        a = models.resolve_token(model, pair_a, "--pair-a") if pair_a is not None else default_a
-        b = models.resolve_token(model, pair_b, "--pair-b") if pair_b is not None else default_b
+        a = info.resolve_token(pair_a, "--pair-a") if pair_a is not None else default_a
+        b = info.resolve_token(pair_b, "--pair-b") if pair_b is not None else default_b
     except models.ModelInputError as exc:
         raise ConfigError(str(exc)) from None
-    return replace(cfg, tokens=n, pair=(a, b))
+    return replace(cfg, tokens=n, pair=(a, b), bos=info.bos)
 
 
 def plan_shards(cfg: RunConfig) -> list[ShardSpec]:
     """Every shard of the run, in a deterministic order with deterministic names."""
     specs: list[ShardSpec] = []
-    for experiment in cfg.experiments:
+    for experiment in cfg.experiment_specs:
         part = 0
-        if experiment == "token-powers":
-            tokens_per_shard = max(1, cfg.shard_size // cfg.seqs)
-            seqs_per_shard = min(cfg.seqs, cfg.shard_size)
-            for role in experiments.scenarios(experiment):
+        for scenario in experiment.scenarios:
+            if experiment.per_token:  # a shard holds whole fixed tokens, or part of one token's sequences
+                tokens_per_shard = max(1, cfg.shard_size // cfg.seqs)
+                seqs_per_shard = min(cfg.seqs, cfg.shard_size)
                 for lo in range(FIRST_TOKEN, FIRST_TOKEN + cfg.tokens, tokens_per_shard):
                     hi = min(lo + tokens_per_shard, FIRST_TOKEN + cfg.tokens)
                     for s in range(0, cfg.seqs, seqs_per_shard):
-                        specs.append(ShardSpec(experiment, role.name, part, s, min(s + seqs_per_shard, cfg.seqs), lo, hi))
+                        specs.append(ShardSpec(experiment.name, scenario.name, part, s, min(s + seqs_per_shard, cfg.seqs), lo, hi))
                         part += 1
-        else:
-            for scenario in experiments.scenarios(experiment):
+            else:
                 for s in range(0, cfg.pairs, cfg.shard_size):
-                    specs.append(ShardSpec(experiment, scenario.name, part, s, min(s + cfg.shard_size, cfg.pairs)))
+                    specs.append(ShardSpec(experiment.name, scenario.name, part, s, min(s + cfg.shard_size, cfg.pairs)))
                     part += 1
     return specs

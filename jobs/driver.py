@@ -1,8 +1,10 @@
-"""The driver: validate, plan shards, run them on Ray actors (one model replica each), aggregate, report.
+"""The driver: start the actors, plan shards while they load, run the shards, merge their partial
+aggregates, report.
 
-Only shard specs go to the actors and only small summaries come back; rows go from the actors
-straight to storage. A shard whose file is stored whole is done, so rerunning the same command
-resumes. Retries come from Ray: actors restart after a crash (``max_restarts``) and their
+Only shard specs go to the actors and only small summaries (with each shard's partial aggregates)
+come back; rows go from the actors straight to storage. A shard whose file is stored whole is
+done, so rerunning the same command resumes, merging the kept shards' partials from their
+footers. Retries come from Ray: actors restart after a crash (``max_restarts``) and their
 in-flight shards are re-executed (``max_task_retries``).
 """
 
@@ -11,20 +13,21 @@ from __future__ import annotations
 import io
 import os
 import socket
-import time
-from collections import deque
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, replace
 
 import pandas as pd
 
-from jobs import aggregate, manifest, report
-from jobs.config import RunConfig, plan_shards, resolve
+from jobs import aggregate, manifest
+from jobs.config import RunConfig, plan_shards
 from jobs.errors import ConfigError, RunFailed
+from jobs.phases import Phases
 from storage import Store, open_store
 from storage.store import FORWARDED_ENV
-from workers import models
-from workers.shard import ShardSpec, ShardRunner
+from workers import experiments, models
+from workers.accumulator import Accumulator, shard_partials
+from workers.rows import ScoredBatch
+from workers.scoring import resolve_precision
+from workers.shard import ShardRunner, ShardSpec, ShardSummary
 
 IN_FLIGHT_PER_ACTOR = 2  # one shard computing while the previous one encodes and uploads
 CPU_THREADS_PER_ACTOR = 2
@@ -36,48 +39,106 @@ class ActorPlan:
     num_gpus: float
     num_cpus: float
     device: str
-    threads: Optional[int]
+    threads: int | None
 
 
-def run(cfg: RunConfig, pair_a: Optional[str] = None, pair_b: Optional[str] = None, tokens: Optional[str] = None,
-        progress: bool = True) -> dict:
-    """The whole run; returns the summary. ConfigError before any work for bad input."""
+def run(cfg: RunConfig, info: models.ModelInfo | None = None, progress: bool = True,
+        phases: Phases | None = None) -> aggregate.Summary:
+    """The whole run of a resolved config (jobs/config.py resolve); ConfigError before any work for bad input."""
+    phases = phases or Phases()
+    info = info or models.describe(cfg.model)
     store = open_store(cfg.out)
-    store.check()
-    model = models.load_model(cfg.model, "cpu")
-    cfg = resolve(cfg, model, tokens, pair_a, pair_b)
-    existing = manifest.check_compatible(store, cfg)
     if cfg.address:
         check_reachable(cfg.address)
-    specs = plan_shards(cfg)
-    ray = connect(cfg.address)
-    actors = plan_actors(cfg, ray.cluster_resources())  # ConfigError before anything is written
+    with phases.phase("ray start"):
+        ray = connect(cfg.address)
+        plan = plan_actors(cfg, ray.cluster_resources())  # ConfigError before anything is written
+    # ``auto`` resolved where the cluster's devices are known: the config hash names the precision that runs
+    cfg = replace(cfg, precision=resolve_precision(cfg.precision, plan.device))
+    existing = manifest.check_compatible(store, cfg)
+    requested = phases.now()
+    actors = start_actors(ray, cfg, plan)  # they import and load while the driver plans
 
-    if existing is not None and cfg.overwrite and existing.get("config_hash") != cfg.config_hash:
-        manifest.clear(store)
-    manifest.write(store, cfg, len(specs), "running")
-    write_vocab(store, models.token_strings(model))
-    states = manifest.shard_states(store, cfg, specs)
-    todo = states.missing + states.corrupt
-    if todo:
-        execute(ray, cfg, todo, actors, progress, already=len(states.done), total=len(specs))
-    return finish(store, cfg, model)
+    try:
+        with phases.phase("plan"):
+            specs = plan_shards(cfg)
+            if existing is not None and cfg.overwrite and existing.get("config_hash") != cfg.config_hash:
+                manifest.clear(store)
+            manifest.write(store, cfg, len(specs), "running")
+            write_vocab(store, info.token_strings())
+            states = manifest.shard_states(store, cfg, specs)
+        partials = dict(states.partials)
+        todo = states.missing + states.corrupt
+        circuits = wants_circuits(cfg)
+        if todo or circuits:
+            for summary in execute(ray, actors, todo, phases, requested, progress, len(states.done), len(specs)):
+                partials[summary.key] = summary.partials
+        scores = None
+        if circuits:
+            with phases.phase("circuits"):
+                scores = ray.get(actors[0].circuit_scores.remote(circuit_tokens(cfg)))
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+    return finish(store, cfg, [partials[s.key] for s in specs], scores, phases, info.token_strings())
 
 
-def finish(store: Store, cfg: RunConfig, model=None) -> dict:
-    """Aggregate every shard, draw the plots, write the report; mark the run complete.
+def finish(store: Store, cfg: RunConfig, partials: list[bytes], circuit_scores: dict | None, phases: Phases,
+           token_strings: list[str] | None = None) -> aggregate.Summary:
+    """Merge the shards' partials (in plan order, so a resumed run equals an undisturbed one), derive
+    and write the aggregates, draw the report; mark the run complete with its phase breakdown."""
+    from jobs import report  # matplotlib: imported when a report is drawn
 
-    ``model`` (the driver's CPU copy) is needed for circuit scores with ``--heads``; loaded if absent."""
-    states = manifest.shard_states(store, cfg)
-    if states.missing or states.corrupt:
-        raise RunFailed(f"{len(states.missing)} shards missing and {len(states.corrupt)} corrupt under {store.uri}")
-    agg = aggregate.aggregate(store, cfg, read_vocab(store))
-    if cfg.heads:
-        aggregate.add_circuits(agg, model if model is not None else models.load_model(cfg.model, "cpu"))
-    aggregate.write(store, agg)
-    done = manifest.write(store, cfg, states.total, "complete")
-    report.render(store, done, agg)
-    return agg["summary"]
+    with phases.phase("aggregation"):
+        merged = Accumulator.merge([Accumulator.from_bytes(p) for p in partials])
+        agg = aggregate.derive(merged, cfg, token_strings or read_vocab(store))
+        if circuit_scores is not None:
+            aggregate.add_circuits(agg, circuit_scores)
+        agg.write(store)
+    with phases.phase("report"):
+        report.render(store, manifest.build(cfg, len(partials), "complete", phases=phases.as_dict()), agg)
+    manifest.write(store, cfg, len(partials), "complete", phases=phases.as_dict())
+    return agg.summary
+
+
+def report(store: Store, from_rows: bool = False, phases: Phases | None = None) -> aggregate.Summary:
+    """Aggregates and report of a finished run again: from the shards' footers (kilobytes each), or
+    with ``from_rows`` recomputed from every row, as a check of the partials."""
+    phases = phases or Phases()
+    cfg = manifest.config_of(store)
+    with phases.phase("read shards"):
+        specs = plan_shards(cfg)
+        states = manifest.shard_states(store, cfg, specs)
+        if states.missing or states.corrupt:
+            raise RunFailed(f"{len(states.missing)} shards missing and {len(states.corrupt)} corrupt under {store.uri}")
+        partials = [rows_partials(store, cfg, s) if from_rows else states.partials[s.key] for s in specs]
+    scores = None
+    if wants_circuits(cfg):
+        from workers.circuits import model_scores
+
+        with phases.phase("circuits"):
+            scores = model_scores(models.load_model(cfg.model, "cpu"), circuit_tokens(cfg))
+    return finish(store, cfg, partials, scores, phases)
+
+
+def rows_partials(store: Store, cfg: RunConfig, spec: ShardSpec) -> bytes:
+    """A shard's partial aggregates recomputed from its rows."""
+    import pyarrow.parquet as pq
+
+    experiment = experiments.get(spec.experiment)
+    names = experiment.target_names(cfg.n_neighbors)
+    batch = ScoredBatch.from_table(pq.read_table(io.BytesIO(store.get(spec.key))), len(names))
+    return shard_partials(experiment, spec.scenario, batch, names).to_bytes()
+
+
+def wants_circuits(cfg: RunConfig) -> bool:
+    return cfg.heads and any(e.view == experiments.POWERS for e in cfg.experiment_specs)
+
+
+def circuit_tokens(cfg: RunConfig) -> list[int]:
+    from workers.sequences import FIRST_TOKEN
+
+    return list(range(FIRST_TOKEN, FIRST_TOKEN + cfg.tokens))
 
 
 def write_vocab(store: Store, token_strings: list[str]) -> None:
@@ -104,7 +165,7 @@ def check_reachable(address: str) -> None:
         raise ConfigError(f"cannot reach a Ray cluster at {address}: {exc.strerror or exc}") from None
 
 
-def connect(address: Optional[str]):
+def connect(address: str | None):
     """Join ``address`` (or $RAY_ADDRESS, as inside a Ray Job); else start an embedded local cluster."""
     import ray
 
@@ -135,44 +196,55 @@ def plan_actors(cfg: RunConfig, resources: dict) -> ActorPlan:
     return ActorPlan(count, 0, min(threads, cpus / count), "cpu", threads)
 
 
-def execute(ray, cfg: RunConfig, todo: list[ShardSpec], plan: ActorPlan, progress: bool, already: int,
-            total: int) -> list[tuple[float, int]]:
-    """Run ``todo`` on ``plan.count`` actors; returns (time, sequences) of each completed shard."""
-    from tqdm import tqdm
-
+def start_actors(ray, cfg: RunConfig, plan: ActorPlan) -> list:
+    """Request ``plan.count`` model replicas; they start loading at once."""
     Runner = ray.remote(ShardRunner).options(
         num_gpus=plan.num_gpus, num_cpus=plan.num_cpus, max_restarts=-1, max_task_retries=-1,
         max_concurrency=IN_FLIGHT_PER_ACTOR,
         runtime_env={"env_vars": {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}})
-    actors = [Runner.remote(cfg.work_params, cfg.out, plan.device, cfg.batch_size, plan.threads) for _ in range(plan.count)]
-    queue, pending = deque(todo), {}
+    return [Runner.remote(cfg.work_params, cfg.out, plan.device, cfg.batch_size, plan.threads) for _ in range(plan.count)]
+
+
+def execute(ray, actors: list, todo: list[ShardSpec], phases: Phases, requested: float, progress: bool,
+            already: int, total: int) -> list[ShardSummary]:
+    """Run ``todo`` on the actors, each from the moment it is ready; returns the shards' summaries."""
+    from tqdm import tqdm
+
+    queue = list(reversed(todo))
+    pending = {actor.ready.remote(): (actor, None) for actor in actors}
+    bar = tqdm(total=sum(s.n_sequences for s in todo), unit="seq", unit_scale=True, disable=not progress,
+               desc=f"{len(actors)} actor(s), shards {already}/{total}", mininterval=1.0)
+    done, summaries, first_ready = already, [], None
 
     def submit(actor) -> None:
         if queue:
-            spec = queue.popleft()
-            pending[actor.run.remote(spec)] = actor
+            spec = queue.pop()
+            pending[actor.run.remote(spec)] = (actor, spec)
 
-    for actor in actors:
-        for _ in range(IN_FLIGHT_PER_ACTOR):
-            submit(actor)
-    bar = tqdm(total=sum(s.n_sequences for s in todo), unit="seq", unit_scale=True, disable=not progress,
-               desc=f"{plan.count} {plan.device} actor(s), shards {already}/{total}", mininterval=1.0)
-    done, completed = already, []
     try:
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
-            actor = pending.pop(ready[0])
-            summary = ray.get(ready[0])
+            actor, spec = pending.pop(ready[0])
+            result = ray.get(ready[0])
+            if spec is None:  # the actor has loaded its model
+                phases.actor_ready(result, requested)
+                if first_ready is None:
+                    first_ready = phases.now()
+                    phases.add("actor start-up", requested)
+                for _ in range(IN_FLIGHT_PER_ACTOR):
+                    submit(actor)
+                continue
             done += 1
-            bar.set_description(f"{plan.count} {plan.device} actor(s), shards {done}/{total}", refresh=False)
-            bar.update(summary.sequences)
-            completed.append((time.perf_counter(), summary.sequences))
+            bar.set_description(f"{len(actors)} actor(s), shards {done}/{total}", refresh=False)
+            bar.update(result.sequences)
+            phases.shard_done(result.sequences, result.compute_s, result.write_s)
+            summaries.append(result)
             submit(actor)
     except Exception as exc:
         cause = getattr(exc, "cause", None) or exc
         raise RunFailed(f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1][:300]}") from None
     finally:
         bar.close()
-        for actor in actors:
-            ray.kill(actor)
-    return completed
+    if todo:
+        phases.add("scoring", first_ready)
+    return summaries

@@ -1,4 +1,4 @@
-"""The two kinds of failure the command line tells apart (DESIGN §7)."""
+"""The two kinds of failure the command line tells apart (README.md, "Running")."""
 
 
 class ConfigError(ValueError):

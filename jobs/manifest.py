@@ -8,12 +8,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 from jobs.config import RunConfig, plan_shards
 from jobs.errors import ConfigError
 from storage import Store
-from storage.arrow import parquet_rows
+from storage.arrow import parquet_footer
+from workers.accumulator import FOOTER_KEY
 from workers.shard import ShardSpec
 
 MANIFEST = "manifest.json"
@@ -35,7 +35,7 @@ def code_version() -> str:
     return f"{v}+{commit}" if commit else v
 
 
-def read(store: Store) -> Optional[dict]:
+def read(store: Store) -> dict | None:
     try:
         return json.loads(store.get(MANIFEST))
     except FileNotFoundError:
@@ -43,7 +43,13 @@ def read(store: Store) -> Optional[dict]:
 
 
 def write(store: Store, cfg: RunConfig, n_shards: int, status: str, **extra) -> dict:
-    manifest = {
+    manifest = build(cfg, n_shards, status, **extra)
+    store.put(MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+    return manifest
+
+
+def build(cfg: RunConfig, n_shards: int, status: str, **extra) -> dict:
+    return {
         "config": cfg.science(),
         "config_hash": cfg.config_hash,
         "code_version": code_version(),
@@ -52,11 +58,9 @@ def write(store: Store, cfg: RunConfig, n_shards: int, status: str, **extra) -> 
         "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **extra,
     }
-    store.put(MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
-    return manifest
 
 
-def check_compatible(store: Store, cfg: RunConfig) -> Optional[dict]:
+def check_compatible(store: Store, cfg: RunConfig) -> dict | None:
     """The existing manifest if it is this config's; ConfigError for another config (unless --overwrite)."""
     existing = read(store)
     if existing is None or existing.get("config_hash") == cfg.config_hash or cfg.overwrite:
@@ -76,31 +80,35 @@ class ShardStates:
     done: list[ShardSpec]
     missing: list[ShardSpec]
     corrupt: list[ShardSpec]
+    partials: dict[str, bytes]  # each done shard's partial aggregates, from its footer
 
     @property
     def total(self) -> int:
         return len(self.done) + len(self.missing) + len(self.corrupt)
 
 
-def shard_states(store: Store, cfg: RunConfig, specs: Optional[list[ShardSpec]] = None) -> ShardStates:
-    """Which planned shards are stored whole (a readable footer with the expected row count)."""
+def shard_states(store: Store, cfg: RunConfig, specs: list[ShardSpec] | None = None) -> ShardStates:
+    """Which planned shards are stored whole (a readable footer with the expected row count and its
+    partial aggregates), and those partials: footers only, kilobytes per shard."""
     specs = plan_shards(cfg) if specs is None else specs
     listing = store.list("shards/")
-    n_neighbors = cfg.work_params.n_neighbors
 
-    def whole(spec: ShardSpec) -> bool:
+    def partials(spec: ShardSpec) -> bytes | None:
         try:
-            return parquet_rows(store, spec.key, listing[spec.key]) == spec.n_rows(n_neighbors)
+            footer = parquet_footer(store, spec.key, listing[spec.key])
         except Exception:
-            return False
+            return None
+        ok = footer.num_rows == spec.n_rows(cfg.n_neighbors) and FOOTER_KEY in (footer.metadata or {})
+        return footer.metadata[FOOTER_KEY] if ok else None
 
     present = [s for s in specs if s.key in listing]
     with ThreadPoolExecutor(max_workers=16) as pool:
-        ok = dict(zip((s.key for s in present), pool.map(whole, present)))
+        found = dict(zip((s.key for s in present), pool.map(partials, present)))
     return ShardStates(
-        done=[s for s in present if ok[s.key]],
+        done=[s for s in present if found[s.key] is not None],
         missing=[s for s in specs if s.key not in listing],
-        corrupt=[s for s in present if not ok[s.key]],
+        corrupt=[s for s in present if found[s.key] is None],
+        partials={k: v for k, v in found.items() if v is not None},
     )
 
 

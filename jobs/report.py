@@ -14,8 +14,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from jobs.aggregate import FIXED_PAIR_RANGE, LOGODDS_BINS, LOGODDS_RANGE  # noqa: E402
+from jobs.aggregate import Aggregates, Histogram, Histogram2D  # noqa: E402
 from storage import Store  # noqa: E402
+from workers import experiments  # noqa: E402
 
 
 def _png(fig) -> bytes:
@@ -25,41 +26,33 @@ def _png(fig) -> bytes:
     return buffer.getvalue()
 
 
-def token_powers_plot(hist: pd.DataFrame, summary: dict) -> bytes:
+def token_powers_plot(hists: list[Histogram], summary: dict) -> bytes:
     fig, ax = plt.subplots(figsize=(7, 4))
-    for role, color in (("A", "tab:blue"), ("B", "tab:orange")):
-        h = hist[hist.role == role]
-        mean = summary.get(f"mean_{role.lower()}_power", float("nan"))
-        ax.stairs(h["count"], np.append(h.bin_lo.values, h.bin_hi.values[-1]), fill=True, alpha=0.5, color=color,
-                  label=f"{role} power (mean {mean:.2f})")
+    for h, color in zip(hists, ("tab:blue", "tab:orange")):
+        mean = summary.get(f"mean_{h.name.lower()}_power", float("nan"))
+        ax.stairs(h.counts, h.edges, fill=True, alpha=0.5, color=color, label=f"{h.name} power (mean {mean:.2f})")
     ax.set(xlabel="induction strength (nats of log-odds)", ylabel="tokens",
            title=f"A and B power over {summary.get('tokens')} tokens × {summary.get('seqs')} sequences")
     ax.legend()
     return _png(fig)
 
 
-def fixed_pair_strength_plot(hist: pd.DataFrame, pair: str) -> bytes:
+def fixed_pair_strength_plot(hists: list[Histogram], pair: str) -> bytes:
     fig, ax = plt.subplots(figsize=(7, 4))
-    for role, h in hist[hist.role.str.startswith("fixed-pair")].groupby("role", sort=False):
-        ax.stairs(h["count"], np.append(h.bin_lo.values, h.bin_hi.values[-1]), label=role.removeprefix("fixed-pair "))
-    ax.set(xlabel="induction strength on B", ylabel="sequences", xlim=FIXED_PAIR_RANGE,
+    for h in hists:
+        ax.stairs(h.counts, h.edges, label=h.name.split(" ", 1)[1])
+    ax.set(xlabel="induction strength on B", ylabel="sequences", xlim=(hists[0].edges[0], hists[0].edges[-1]),
            title=f"Fixed pair {pair}: strength on B by scenario")
     ax.legend(title="fixed")
     return _png(fig)
 
 
-def fixed_pair_logodds_plot(cells: pd.DataFrame, scenarios: list[str]) -> bytes:
-    fig, axes = plt.subplots(1, len(scenarios), figsize=(4 * len(scenarios), 4), squeeze=False)
-    edges = np.linspace(*LOGODDS_RANGE, LOGODDS_BINS + 1)
-    for ax, scenario in zip(axes[0], scenarios):
-        grid = np.zeros((LOGODDS_BINS, LOGODDS_BINS))
-        c = cells[cells.scenario == scenario]
-        xi = np.searchsorted(edges, c.shuffled_lo.values + 1e-9) - 1
-        yi = np.searchsorted(edges, c.induction_lo.values + 1e-9) - 1
-        grid[yi, xi] = c["count"].values
-        ax.pcolormesh(edges, edges, np.ma.masked_equal(grid, 0), cmap="viridis")
-        ax.plot(LOGODDS_RANGE, LOGODDS_RANGE, "w--", lw=0.8)
-        ax.set(title=f"fixed: {scenario}", xlabel="log-odds of B, shuffled", ylabel="log-odds of B, induction")
+def fixed_pair_logodds_plot(hists: list[Histogram2D]) -> bytes:
+    fig, axes = plt.subplots(1, len(hists), figsize=(4 * len(hists), 4), squeeze=False)
+    for ax, h in zip(axes[0], hists):
+        ax.pcolormesh(h.x_edges, h.y_edges, np.ma.masked_equal(h.counts.T, 0), cmap="viridis")
+        ax.plot(h.x_edges[[0, -1]], h.x_edges[[0, -1]], "w--", lw=0.8)
+        ax.set(title=f"fixed: {h.scenario}", xlabel="log-odds of B, shuffled", ylabel="log-odds of B, induction")
     return _png(fig)
 
 
@@ -87,7 +80,7 @@ def controls_plot(controls: pd.DataFrame, neighbors: pd.DataFrame | None) -> byt
         base = neighbors.set_index("target")
         table.loc["induction"] = {"B": base.loc["B", "mean"], "R": base.loc["R", "mean"]}
         errors.loc["induction"] = {"B": base.loc["B", "sem"], "R": base.loc["R", "sem"]}
-    order = [e for e in ("induction", "no-first-a", "b-elsewhere", "no-b") if e in table.index]
+    order = [e for e in ("induction", *controls.experiment.unique()) if e in table.index]
     fig, ax = plt.subplots(figsize=(8, 4))
     width = 0.27
     for i, target in enumerate(("B", "A", "R")):
@@ -132,42 +125,48 @@ def circuits_plot(table: pd.DataFrame, corr: pd.DataFrame) -> bytes:
     return _png(fig)
 
 
-def render(store: Store, manifest: dict, agg: dict) -> dict[str, bytes]:
+def render(store: Store, manifest: dict, agg: Aggregates) -> dict[str, bytes]:
     """Write plots/*.png and report.html; returns the plots."""
-    summary = agg.get("summary", {})
     plots: dict[str, bytes] = {}
-    if "token_powers" in agg:
-        plots["token_powers.png"] = token_powers_plot(agg["histograms"], summary["token_powers"])
-    if "fixed_pair" in agg:
-        fp = summary["fixed_pair"]
+    if agg.token_powers is not None:
+        roles = [h for h in agg.histograms if h.name in ("A", "B")]
+        plots["token_powers.png"] = token_powers_plot(roles, agg.summary.token_powers)
+    if agg.fixed_pair is not None:
+        fp = agg.summary.fixed_pair
         pair = f"A={fp['pair_str'][0]!r} B={fp['pair_str'][1]!r}"
-        plots["fixed_pair_strength.png"] = fixed_pair_strength_plot(agg["histograms"], pair)
-        plots["fixed_pair_logodds.png"] = fixed_pair_logodds_plot(agg["fixed_pair_logodds"], list(agg["fixed_pair"].scenario.unique()))
-    if "neighbors" in agg:
-        plots["neighbors.png"] = neighbors_plot(agg["neighbors"])
-    if "heads" in agg:
-        plots["heads.png"] = heads_plot(agg["heads"])
-    if "circuits" in agg:
-        plots["circuits.png"] = circuits_plot(agg["circuits"], agg["circuit_correlations"])
-    if "controls" in agg:
-        plots["controls.png"] = controls_plot(agg["controls"], agg.get("neighbors"))
+        plots["fixed_pair_strength.png"] = fixed_pair_strength_plot([h for h in agg.histograms if " " in h.name], pair)
+        plots["fixed_pair_logodds.png"] = fixed_pair_logodds_plot(agg.logodds)
+    if agg.neighbors is not None:
+        plots["neighbors.png"] = neighbors_plot(agg.neighbors)
+    if agg.heads is not None:
+        plots["heads.png"] = heads_plot(agg.heads)
+    if agg.circuits is not None:
+        plots["circuits.png"] = circuits_plot(agg.circuits, agg.circuit_correlations)
+    if agg.controls is not None:
+        plots["controls.png"] = controls_plot(agg.controls, agg.neighbors)
     for name, data in plots.items():
         store.put(f"plots/{name}", data)
     store.put("report.html", report_html(manifest, agg, plots).encode())
     return plots
 
 
+def rule_text(experiment: str) -> str:
+    """A control's sequence rule, in its docstring's words."""
+    rule = experiments.get(experiment).rule if experiment in experiments.REGISTRY else None
+    return (rule.__doc__ or "").strip().splitlines()[0].rstrip(".") if rule is not None else ""
+
+
 def _img(data: bytes) -> str:
     return f'<img src="data:image/png;base64,{base64.b64encode(data).decode()}">'
 
 
-def report_html(manifest: dict, agg: dict, plots: dict[str, bytes]) -> str:
-    cfg, summary = manifest["config"], agg.get("summary", {})
+def report_html(manifest: dict, agg: Aggregates, plots: dict[str, bytes]) -> str:
+    cfg, summary = manifest["config"], agg.summary
     parts = [f"<h1>Induction sweep: {html.escape(str(cfg['model']))}</h1>",
              "<p>Induction strength = log-odds of the target after <code>BOS, r×10, A, B, r×10, A</code> minus its "
              "log-odds after the same 22 inner tokens shuffled (last position only).</p>"]
-    if "token_powers" in agg:
-        tp, table = summary["token_powers"], agg["token_powers"]
+    if agg.token_powers is not None:
+        tp, table = summary.token_powers, agg.token_powers
         parts += ["<h2>Token powers</h2>",
                   f"<p>For each of {tp['tokens']} tokens, {tp['seqs']} sequences with it as A (A power = mean strength on B) "
                   f"and {tp['seqs']} with it as B (B power). Mean A power <b>{tp['mean_a_power']:.2f}</b> "
@@ -177,25 +176,22 @@ def report_html(manifest: dict, agg: dict, plots: dict[str, bytes]) -> str:
                   "<h3>Weakest and strongest tokens as B</h3>",
                   table.nsmallest(10, "b_power").to_html(index=False, float_format="%.2f"),
                   table.nlargest(10, "b_power").to_html(index=False, float_format="%.2f")]
-    if "fixed_pair" in agg:
-        parts += ["<h2>Fixed pair</h2>", agg["fixed_pair"].pivot(index="scenario", columns="target", values="mean")
+    if agg.fixed_pair is not None:
+        parts += ["<h2>Fixed pair</h2>", agg.fixed_pair.pivot(index="scenario", columns="target", values="mean")
                   .to_html(float_format="%.2f"), _img(plots["fixed_pair_strength.png"]), _img(plots["fixed_pair_logodds.png"])]
-    if "neighbors" in agg:
+    if agg.neighbors is not None:
         parts += ["<h2>Neighbours of B</h2>",
                   "<p>Mean strength on B, on its k nearest neighbours in the unembedding (cosine), and on a random token.</p>",
-                  _img(plots["neighbors.png"]), agg["neighbors"].to_html(index=False, float_format="%.3f")]
-    if "controls" in agg:
-        c = summary["controls"]
-        lines = "".join(f"<li><b>{html.escape(e)}</b>: strength on B {v['B']:.2f}, on A {v['A']:.2f}, "
-                        f"on a random token {v['R']:.2f}</li>" for e, v in c.items())
+                  _img(plots["neighbors.png"]), agg.neighbors.to_html(index=False, float_format="%.3f")]
+    if agg.controls is not None:
+        lines = "".join(f"<li><b>{html.escape(e)}</b> ({html.escape(rule_text(e))}): strength on B {v['B']:.2f}, "
+                        f"on A {v['A']:.2f}, on a random token {v['R']:.2f}</li>" for e, v in summary.controls.items())
         parts += ["<h2>Mechanism controls</h2>",
-                  "<p><code>no-b</code>: the first B replaced by a random token, so B is nowhere in the context; "
-                  "<code>b-elsewhere</code>: B at a random filler position instead of right after the first A; "
-                  "<code>no-first-a</code>: the first A replaced, B kept in place (B present, no A→B pair). "
-                  "Each against its own shuffled control.</p>", f"<ul>{lines}</ul>", _img(plots["controls.png"]),
-                  agg["controls"].pivot(index="experiment", columns="target", values="mean").to_html(float_format="%.2f")]
-    if "heads" in agg:
-        h = agg["heads"]
+                  "<p>Each control alters the induction sequence before it is shuffled, and is scored against its "
+                  "own shuffled control.</p>", f"<ul>{lines}</ul>", _img(plots["controls.png"]),
+                  agg.controls.pivot(index="experiment", columns="target", values="mean").to_html(float_format="%.2f")]
+    if agg.heads is not None:
+        h = agg.heads
         top = h[h["head"] != "rest"].sort_values("contribution", ascending=False).iloc[0]
         parts += ["<h2>Heads</h2>",
                   "<p>Per sequence, in the scoring forward: each last-layer head's attention from the final A to the "
@@ -206,8 +202,8 @@ def report_html(manifest: dict, agg: dict, plots: dict[str, bytes]) -> str:
                   f"Largest: head {top['head']} of {top['experiment']} / {top['scenario']}, {top['contribution']:.2f} "
                   f"nats of logit, attention to B {top['attn_b']:.2f}.</p>",
                   _img(plots["heads.png"]), h.to_html(index=False, float_format="%.3f")]
-    if "circuits" in agg:
-        corr = agg["circuit_correlations"]
+    if agg.circuits is not None:
+        corr = agg.circuit_correlations
         parts += ["<h2>Circuit scores</h2>",
                   "<p>From the weights alone, for every fixed token: the rank of B among the logits its own "
                   "embedding makes through each last-layer head's OV circuit (copying), and the rank of A among "

@@ -2,7 +2,7 @@
 
     from jobs.results import open_run
     run = open_run("s3://bucket/sweeps/attn-only-2l")     # or a local path
-    run.manifest, run.aggregates["token_powers"]           # dict, pandas DataFrames
+    run.manifest, run.aggregates.token_powers              # dict, typed Aggregates (pandas tables)
     run.shards().to_table(columns=["fixed_token", "strength"], filter=...)   # lazy pyarrow dataset
 """
 
@@ -11,10 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import pandas as pd
 import pyarrow.dataset as pads
 
-from jobs import aggregate, manifest
+from jobs import manifest
+from jobs.aggregate import Aggregates
+from jobs.errors import ConfigError
 from storage import Store, open_store
 from storage.arrow import filesystem
 
@@ -25,7 +26,7 @@ FETCHED = ("manifest.json", "report.html", "vocab.parquet", "aggregates/", "plot
 class Run:
     store: Store
     manifest: dict
-    aggregates: dict[str, pd.DataFrame | dict]
+    aggregates: Aggregates | None  # None until the run has finished
 
     def shards(self, experiment: str | None = None) -> pads.Dataset:
         """Every row, as a pyarrow dataset read lazily (footers first, then only the columns asked for)."""
@@ -38,8 +39,8 @@ def open_run(uri: str) -> Run:
     store = open_store(uri)
     found = manifest.read(store)
     if found is None:
-        raise FileNotFoundError(f"no run at {uri} (no manifest.json)")
-    return Run(store, found, aggregate.read(store))
+        raise ConfigError(f"no run at {uri} (no manifest.json)")
+    return Run(store, found, Aggregates.read(store) if store.exists("aggregates/summary.json") else None)
 
 
 def status_text(uri: str) -> str:
@@ -62,7 +63,7 @@ def fetch(uri: str, to: str, shards: bool = False) -> list[Path]:
     """Copy aggregates, plots, report and manifest (and shards with ``shards``) into ``to``."""
     store = open_store(uri)
     if manifest.read(store) is None:
-        raise FileNotFoundError(f"no run at {uri} (no manifest.json)")
+        raise ConfigError(f"no run at {uri} (no manifest.json)")
     target = Path(to)
     written = []
     for prefix in FETCHED + (("shards/",) if shards else ()):

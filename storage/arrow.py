@@ -48,9 +48,10 @@ def open_arrow_file(store: Store, key: str, size: int) -> pa.PythonFile:
     return pa.PythonFile(StoreFile(store, key, size), mode="r")
 
 
-def parquet_rows(store: Store, key: str, size: int) -> int:
-    """Rows in a stored Parquet file, from its footer alone; raises if the file is truncated or corrupt."""
-    return pq.read_metadata(open_arrow_file(store, key, size)).num_rows
+def parquet_footer(store: Store, key: str, size: int) -> pq.FileMetaData:
+    """A stored Parquet file's footer (row count, key-value metadata), read alone; raises if the file
+    is truncated or corrupt."""
+    return pq.read_metadata(open_arrow_file(store, key, size))
 
 
 class StoreFileSystem(pafs.FileSystemHandler):

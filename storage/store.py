@@ -29,7 +29,7 @@ class StorageError(RuntimeError):
     """Storage failed during a run, after retries (exit 1; rerunning resumes)."""
 
 
-def open_store(uri: str) -> "Store":
+def open_store(uri: str) -> Store:
     uri = str(uri)
     if uri.startswith("s3://"):
         bucket, _, prefix = uri[len("s3://") :].partition("/")

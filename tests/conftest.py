@@ -102,7 +102,8 @@ def ray_cluster():
 @pytest.fixture(scope="session")
 def tokenized_checkpoint(tmp_path_factory):
     """A small random attention-only model with a real (word-level) tokenizer, as a checkpoint directory."""
-    from tokenizers import Regex, Tokenizer, models as tok_models, pre_tokenizers
+    from tokenizers import Regex, Tokenizer, pre_tokenizers
+    from tokenizers import models as tok_models
     from transformers import PreTrainedTokenizerFast
 
     from workers import models

@@ -11,7 +11,7 @@ def test_bench_reports_every_precision_with_errors_against_float64():
          "--batches", "64", "--json"],
         capture_output=True, text=True, timeout=600, check=True,
     ).stdout
-    report = json.loads(out.strip().splitlines()[-1])  # the JSON object is the last line (DESIGN §7)
+    report = json.loads(out.strip().splitlines()[-1])  # the JSON object is the last line (README.md, "Running")
     assert report["model"] == "toy-2l" and report["device"] == "cpu" and report["plain_seq_per_s"] > 0
     rows = {(r["precision"], r["compile"]): r for r in report["results"]}
     assert set(rows) == {("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True)}  # no tf32 on a CPU

@@ -7,28 +7,38 @@ import pyarrow.dataset as pads
 import pytest
 
 from jobs import driver, manifest, results
-from jobs.config import RunConfig, plan_shards
+from jobs.config import RunConfig, plan_shards, resolve
 from jobs.errors import ConfigError
 from storage import open_store
+from workers import experiments, models
 
 SMALL = dict(model="toy-2l", seqs=4, pairs=48, neighbors=5, shard_size=32, actors=2, batch_size=64)
 
 
-def small_run(out, **overrides) -> RunConfig:
-    return RunConfig(out=out, **{**SMALL, **overrides})
+def resolved(cfg: RunConfig, tokens: str | None = None) -> RunConfig:
+    """As the command line does: the config resolved against the model."""
+    return resolve(cfg, models.describe(cfg.model), tokens)
+
+
+def small_run(out, tokens=None, **overrides) -> RunConfig:
+    return resolved(RunConfig(out=out, **{**SMALL, **overrides}), tokens)
 
 
 def aggregates_of(uri):
     return results.open_run(uri).aggregates
 
 
-def assert_same_aggregates(a, b):
-    assert a.keys() == b.keys()
-    for name in a:
-        if isinstance(a[name], pd.DataFrame):
-            pd.testing.assert_frame_equal(a[name], b[name], check_exact=True)
-        else:
-            assert a[name] == b[name]
+def assert_same_aggregates(a, b, exact=True):
+    """Every table and histogram equal (bit for bit, or within 1e-6), and the same summary."""
+    tables_a, tables_b = a.tables(), b.tables()
+    assert tables_a.keys() == tables_b.keys()
+    for name in tables_a:
+        pd.testing.assert_frame_equal(tables_a[name], tables_b[name], check_exact=exact, rtol=0, atol=1e-6)
+    if exact:
+        assert a.summary == b.summary
+    else:
+        pd.testing.assert_series_equal(pd.json_normalize(a.summary.as_dict()).iloc[0],
+                                       pd.json_normalize(b.summary.as_dict()).iloc[0], rtol=0, atol=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +47,7 @@ def s3_run(ray_cluster, moto_server):
 
     s3_client().create_bucket(Bucket="sweep-runs")
     uri = "s3://sweep-runs/run"
-    summary = driver.run(small_run(uri), tokens="24", progress=False)
+    summary = driver.run(small_run(uri, "24"), progress=False)
     return uri, summary
 
 
@@ -53,17 +63,20 @@ def test_s3_run_writes_every_row_once(s3_run):
     assert len(fixed) == 4 * 48 * 6
     neigh = run.shards("neighbors").to_table(filter=pads.field("target") == "N5").to_pandas()
     assert len(neigh) == 48
-    tp = run.aggregates["token_powers"]
+    tp = run.aggregates.token_powers
     assert list(tp.columns) == ["token", "token_str", "a_power", "a_sem", "a_n", "b_power", "b_sem", "b_n"]
     assert (tp.a_n == 4).all() and (tp.b_n == 4).all() and tp.token_str.iloc[0] == "#4"
-    assert summary["token_powers"]["mean_b_power"] == pytest.approx(tp.b_power.mean())
+    assert summary.token_powers["mean_b_power"] == pytest.approx(tp.b_power.mean())
     keys = open_store(uri).list()
     for key in ("report.html", "plots/token_powers.png", "plots/neighbors.png", "plots/fixed_pair_strength.png",
                 "aggregates/histograms.parquet", "aggregates/fixed_pair.parquet", "aggregates/neighbors.parquet",
                 "aggregates/summary.json", "manifest.json"):
         assert key in keys
-    hist = run.aggregates["histograms"]
-    assert hist[hist.role == "A"]["count"].sum() == 24 and len(hist[hist.role == "B"]) == 30
+    assert run.aggregates.histogram("A").counts.sum() == 24 and len(run.aggregates.histogram("B").counts) == 30
+    phases = {p["phase"] for p in run.manifest["phases"]["phases"]}  # where the time went, in the manifest
+    assert {"ray start", "plan", "actor start-up", "scoring", "aggregation", "report"} <= phases
+    assert len(run.manifest["phases"]["actors"]) == 2 and run.manifest["phases"]["shards"]["count"] == len(
+        plan_shards(manifest.config_of(open_store(uri))))
 
 
 def test_status_and_fetch(s3_run, tmp_path):
@@ -80,18 +93,18 @@ def test_status_and_fetch(s3_run, tmp_path):
 
 def test_resume_recomputes_only_what_is_missing_and_matches(ray_cluster, tmp_path):
     whole = str(tmp_path / "whole")
-    driver.run(small_run(whole, experiments=("token-powers", "neighbors")), tokens="16", progress=False)
+    driver.run(small_run(whole, "16", experiments=("token-powers", "neighbors")), progress=False)
 
     interrupted = str(tmp_path / "interrupted")
-    cfg = small_run(interrupted, experiments=("token-powers", "neighbors"))
-    driver.run(cfg, tokens="16", progress=False)
+    cfg = small_run(interrupted, "16", experiments=("token-powers", "neighbors"))
+    driver.run(cfg, progress=False)
     store = open_store(interrupted)
     shards = sorted(store.list("shards/"))
     kept = {k: store.get(k) for k in shards[::2]}
     for key in shards[1::2]:  # as if the run had died half-way
         store.delete_prefix(key)
     store.delete_prefix("aggregates/")
-    driver.run(cfg, tokens="16", progress=False)
+    driver.run(cfg, progress=False)
     assert sorted(store.list("shards/")) == shards
     assert all(store.get(k) == v for k, v in kept.items())  # finished shards were not redone
     assert_same_aggregates(aggregates_of(whole), aggregates_of(interrupted))
@@ -118,29 +131,45 @@ def test_results_api_reads_a_local_run(ray_cluster, tmp_path):
     out = str(tmp_path / "api")
     driver.run(small_run(out, experiments=("fixed-pair",)), progress=False)
     run = results.open_run(out)
-    fp = run.aggregates["fixed_pair"]
+    fp = run.aggregates.fixed_pair
     assert set(fp.scenario) == {"A+B", "A only", "B only", "none"} and (fp.n == 48).all()
     assert run.shards().count_rows() == 4 * 48 * 6
 
 
 def test_mechanism_controls_run_and_are_compared_with_induction(ray_cluster, tmp_path):
     out = str(tmp_path / "controls")
-    summary = driver.run(small_run(out, experiments=("token-powers", "neighbors", "no-b", "b-elsewhere", "no-first-a"),
-                                   heads=True), tokens="16", progress=False)
-    controls = results.open_run(out).aggregates["controls"]
+    summary = driver.run(small_run(out, "16", experiments=("token-powers", "neighbors", "no-b", "b-elsewhere", "no-first-a"),
+                                   heads=True), progress=False)
+    controls = results.open_run(out).aggregates.controls
     assert set(controls.experiment) == {"no-b", "b-elsewhere", "no-first-a"} and (controls.n == 48).all()
     assert list(controls[controls.experiment == "no-b"].target) == ["B", "A", "N1", "N2", "N3", "R"]
     # toy-2l predicts B from the A→B pair, not from B's mere presence
-    assert summary["neighbors"]["B"] > 5 and summary["controls"]["no-b"]["B"] < 1
+    assert summary.neighbors["B"] > 5 and summary.controls["no-b"]["B"] < 1
     assert {"plots/controls.png", "plots/heads.png"} <= set(open_store(out).list("plots/"))
-    heads = results.open_run(out).aggregates["heads"]
-    assert set(heads.experiment) == {"neighbors", "no-b", "b-elsewhere", "no-first-a"} and (heads.n == 48).all()
+    heads = results.open_run(out).aggregates.heads
+    assert set(heads.experiment) == {"token-powers", "neighbors", "no-b", "b-elsewhere", "no-first-a"}
+    assert (heads[heads.experiment != "token-powers"].n == 48).all() and (heads[heads.experiment == "token-powers"].n == 64).all()
     plain = heads[heads.experiment == "neighbors"].set_index("head")
     assert list(plain.index) == ["h0", "h1", "h2", "h3", "rest"] and plain.loc["h0":"h3", "attn_b"].max() > 0.5
     rows = results.open_run(out).shards("neighbors").to_table(columns=["h0_attn_b", "h3_dla_b_shuf", "rest_dla_b"])
     assert rows.num_rows == 48 * 7
-    circuits = results.open_run(out).aggregates["circuits"]  # per-token circuit scores joined with the powers
+    circuits = results.open_run(out).aggregates.circuits  # per-token circuit scores joined with the powers
     assert list(circuits.token) == list(range(4, 20)) and {"a_power", "b_power", "ov_rank_h0", "qk_rank_best"} <= set(circuits)
-    assert set(summary["circuits"]) == {"ov_rank_best vs a_power", "ov_rank_best vs b_power",
+    assert set(summary.circuits) == {"ov_rank_best vs a_power", "ov_rank_best vs b_power",
                                         "qk_rank_best vs a_power", "qk_rank_best vs b_power"}
     assert "plots/circuits.png" in open_store(out).list("plots/")
+
+
+def test_report_from_rows_equals_the_merged_footer_partials(ray_cluster, tmp_path):
+    """Every experiment, the controls and --heads: aggregates merged from the shards' footers during the
+    run equal those recomputed from every row by ``report --from-rows`` (1e-6)."""
+    out = str(tmp_path / "every")
+    everything = experiments.group("all") + experiments.group("controls")
+    driver.run(small_run(out, "12", experiments=everything, heads=True), progress=False)
+    combined = aggregates_of(out)
+    assert combined.heads is not None and combined.circuits is not None and len(combined.logodds) == 4
+    summary = driver.report(open_store(out), from_rows=True)
+    assert_same_aggregates(combined, aggregates_of(out), exact=False)
+    assert summary.token_powers["tokens"] == 12
+    footers = driver.report(open_store(out))  # and back from the footers alone
+    assert footers == summary

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from workers import models
+from workers import experiments, models
 from workers.fast import CompactForward
 from workers.scoring import Scorer, logodds
 from workers.sequences import make_batch, sequence_keys
@@ -13,7 +13,7 @@ BOUNDS = {"fp32": 1e-4, "bf16": 0.1}
 
 def seed_style(n: int, d_vocab: int):
     seq = torch.arange(n)
-    keys = sequence_keys(7, "neighbors", 0, torch.full_like(seq, -1), seq)
+    keys = sequence_keys(7, experiments.get("neighbors").code, 0, torch.full_like(seq, -1), seq)
     return make_batch(keys, d_vocab, 1, torch.full_like(seq, -1), torch.full_like(seq, -1))
 
 

@@ -18,21 +18,21 @@ from jobs import driver, manifest, results
 from jobs.config import RunConfig, plan_shards
 from jobs.errors import RunFailed
 from storage import open_store
-from tests.test_driver import assert_same_aggregates
+from tests.test_driver import assert_same_aggregates, resolved
 
 ROOT = Path(__file__).parent.parent
 SWEEP = dict(model="toy-2l", experiments=("token-powers",), seqs=16, shard_size=64, actors=2, batch_size=64)
 
 
 def sweep(out: str, **overrides) -> RunConfig:
-    return RunConfig(out=out, **{**SWEEP, **overrides})
+    return resolved(RunConfig(out=out, **{**SWEEP, **overrides}), "96")
 
 
 @pytest.fixture(scope="module")
 def baseline(ray_cluster, tmp_path_factory):
     """The undisturbed run every faulty run is compared with."""
     out = str(tmp_path_factory.mktemp("baseline") / "run")
-    driver.run(sweep(out), tokens="96", progress=False)
+    driver.run(sweep(out), progress=False)
     return results.open_run(out).aggregates
 
 
@@ -56,7 +56,7 @@ def wait_for_shards(store, n: int, timeout: float = 300) -> None:
 def test_actor_killed_mid_run(baseline, tmp_path):
     out = str(tmp_path / "run")
     errors = []
-    thread = threading.Thread(target=lambda: errors.append(driver.run(sweep(out), tokens="96", progress=False)))
+    thread = threading.Thread(target=lambda: errors.append(driver.run(sweep(out), progress=False)))
     thread.start()
     wait_for_shards(open_store(out), 2)
     victims = [p for p in psutil.process_iter(["cmdline"]) if "ShardRunner" in " ".join(p.info["cmdline"] or [])]
@@ -164,7 +164,7 @@ def test_s3_down_for_seconds_is_retried(baseline, switched_s3, monkeypatch):
     monkeypatch.setenv("INDUCTION_SWEEP_S3_ATTEMPTS", "12")  # forwarded to the actors
     out = f"s3://{bucket}/outage"
     done = []
-    thread = threading.Thread(target=lambda: done.append(driver.run(sweep(out), tokens="96", progress=False)))
+    thread = threading.Thread(target=lambda: done.append(driver.run(sweep(out), progress=False)))
     thread.start()
     wait_for_shards(open_store(out), 2)
     switch.off()
@@ -184,7 +184,7 @@ def test_s3_gone_for_good_fails_clearly_then_resumes(baseline, switched_s3, monk
 
     def target():
         try:
-            driver.run(sweep(out), tokens="96", progress=False)
+            driver.run(sweep(out), progress=False)
         except RunFailed as exc:
             failure.append(exc)
 
@@ -195,19 +195,19 @@ def test_s3_gone_for_good_fails_clearly_then_resumes(baseline, switched_s3, monk
     thread.join(600)
     assert failure and "S3" in str(failure[0])
     switch.on()
-    driver.run(sweep(out), tokens="96", progress=False)
+    driver.run(sweep(out), progress=False)
     assert_complete_once(out, 96, 16)
     assert_same_aggregates(baseline, results.open_run(out).aggregates)
 
 
 def test_corrupt_shard_is_named_by_status_and_recomputed(baseline, tmp_path):
     out = str(tmp_path / "run")
-    driver.run(sweep(out), tokens="96", progress=False)
+    driver.run(sweep(out), progress=False)
     victim = sorted(open_store(out).list("shards/"))[3]
     path = Path(out) / victim
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     assert victim in results.status_text(out)
-    driver.run(sweep(out), tokens="96", progress=False)
+    driver.run(sweep(out), progress=False)
     assert victim not in results.status_text(out)
     assert_complete_once(out, 96, 16)
     assert_same_aggregates(baseline, results.open_run(out).aggregates)

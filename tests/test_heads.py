@@ -2,17 +2,17 @@
 
 import torch
 
-from workers import models
+from workers import experiments, models
 from workers.heads import head_measures
 from workers.scoring import Scorer
 from workers.sequences import A_POS, B_POS, make_batch, sequence_keys, shuffled_positions
 
 
-def batch_for(model, n=64, control=None):
+def batch_for(model, n=64, rule=None):
     seq = torch.arange(n)
-    keys = sequence_keys(5, "neighbors", 0, torch.full_like(seq, -1), seq)
+    keys = sequence_keys(5, experiments.get("neighbors").code, 0, torch.full_like(seq, -1), seq)
     none = torch.full_like(seq, -1)
-    return make_batch(keys, model.cfg.d_vocab, models.bos_id(model), none, none, control)
+    return make_batch(keys, model.cfg.d_vocab, models.bos_id(model), none, none, rule)
 
 
 def test_head_attributions_and_rest_add_up_to_the_logit_difference(toy_model):

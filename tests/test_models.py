@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from workers import models
+from workers import experiments, models
 from workers.scoring import Scorer
 from workers.sequences import make_batch, sequence_keys
 from workers.train_toy import CONFIG
@@ -11,7 +11,7 @@ from workers.train_toy import CONFIG
 
 def mean_b_strength(model, n: int = 1024) -> float:
     seq = torch.arange(n)
-    keys = sequence_keys(99, "neighbors", 0, torch.full_like(seq, -1), seq)
+    keys = sequence_keys(99, experiments.get("neighbors").code, 0, torch.full_like(seq, -1), seq)
     batch = make_batch(keys, model.cfg.d_vocab, models.bos_id(model), torch.full_like(seq, -1), torch.full_like(seq, -1))
     ind, shuf = Scorer(model, "fp32").strength(batch.tokens, batch.shuffled, batch.b[:, None])
     return float((ind - shuf).mean())
@@ -38,7 +38,9 @@ def test_toy_2l_is_a_real_hooked_transformer(toy_model):
     assert (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.d_vocab, cfg.attn_only) == (2, 128, 4, 2048, True)
     assert cfg.normalization_type == "LNPre"  # default processing folded its LayerNorms
     assert models.bos_id(toy_model) == 1
-    assert toy_model.tokenizer is None and models.token_strings(toy_model)[7] == "#7"
+    info = models.describe("toy-2l")  # what the driver reads: config.json, no weights
+    assert toy_model.tokenizer is None and info.tokenizer is None and info.token_strings()[7] == "#7"
+    assert (info.d_vocab, info.bos, info.compact) == (2048, 1, True)
 
 
 def test_export_round_trip(tmp_path, toy_model):
@@ -85,25 +87,67 @@ def test_hub_names_are_recognised_offline():
     assert not models.is_hub_name("attn-only-77l")
 
 
-def test_resolve_token(toy_model):
-    assert models.resolve_token(toy_model, "123", "--pair-a") == 123
-    assert models.resolve_token(toy_model, "#124", "--pair-a") == 124
+def test_resolve_token():
+    toy = models.describe("toy-2l")
+    assert toy.resolve_token("123", "--pair-a") == 123
+    assert toy.resolve_token("#124", "--pair-a") == 124
     with pytest.raises(models.ModelInputError, match="no tokenizer"):
-        models.resolve_token(toy_model, " Fab", "--pair-a")
+        toy.resolve_token(" Fab", "--pair-a")
     with pytest.raises(models.ModelInputError, match="outside"):
-        models.resolve_token(toy_model, "3", "--pair-a")
+        toy.resolve_token("3", "--pair-a")
     with pytest.raises(models.ModelInputError, match="outside"):
-        models.resolve_token(toy_model, "2048", "--pair-b")
-    assert models.default_pair(toy_model) == models.FALLBACK_PAIR
+        toy.resolve_token("2048", "--pair-b")
+    assert toy.default_pair() == models.FALLBACK_PAIR
 
 
 def test_checkpoint_with_a_tokenizer(tokenized_checkpoint):
     model = models.load_model(str(tokenized_checkpoint))
     assert model.tokenizer is not None and models.bos_id(model) == 1
-    assert models.token_strings(model)[4:6] == [" Fab", "ien"]
-    assert models.default_pair(model) == (4, 5)  # the post's " Fab" / "ien"
-    assert models.resolve_token(model, " w7", "--pair-a") == 13
+    info = models.describe(str(tokenized_checkpoint))
+    assert info.bos == 1 and info.token_strings()[4:6] == [" Fab", "ien"]
+    assert info.default_pair() == (4, 5)  # the post's " Fab" / "ien"
+    assert info.resolve_token(" w7", "--pair-a") == 13
     with pytest.raises(models.ModelInputError, match="not a single token"):
-        models.resolve_token(model, " Fab ien", "--pair-a")
+        info.resolve_token(" Fab ien", "--pair-a")
     with pytest.raises(models.ModelInputError, match="not a token"):
-        models.resolve_token(model, "Fabien", "--pair-b")
+        info.resolve_token("Fabien", "--pair-b")
+
+
+def test_describe_refuses_bad_checkpoints_without_loading(tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps(CONFIG))
+    (bad / "model.safetensors").write_bytes(b"\0" * 10)
+    with pytest.raises(models.ModelInputError, match="cannot be loaded: not a safetensors file"):
+        models.describe(str(bad))
+    models.export_model(models.random_model(d_vocab=64, n_ctx=32, d_model=32, n_heads=2, d_head=16), str(tmp_path / "small"))
+    config = json.loads((tmp_path / "small" / "config.json").read_text())
+    (tmp_path / "small" / "config.json").write_text(json.dumps({**config, "d_vocab": 99}))
+    with pytest.raises(models.ModelInputError, match="embed.W_E has shape"):
+        models.describe(str(tmp_path / "small"))
+
+
+@pytest.mark.parametrize("shape", [
+    dict(normalization_type="LNPre", positional_embedding_type="shortformer"),
+    dict(normalization_type=None, positional_embedding_type="standard", n_layers=3),
+])
+def test_weights_read_without_transformer_lens_score_as_transformer_lens_does(tmp_path, shape):
+    """An actor reads attention-only LNPre checkpoints straight from safetensors, unprocessed (value
+    biases folded): its scores match TransformerLens' own full forward of the same weights. (TransformerLens'
+    loading would centre a shortformer's W_pos, which changes the function: docs/DESIGN.md §2.)"""
+    from workers.scoring import logodds
+
+    model = models.random_model(d_vocab=300, n_ctx=32, d_model=64, n_heads=4, d_head=16, seed=4, **shape)
+    gen = torch.Generator().manual_seed(1)
+    state = {k: v + 0.2 * torch.randn(v.shape, generator=gen) if k.endswith(("b_V", "W_pos", "b_O", "W_E")) else v
+             for k, v in model.state_dict().items()}  # uncentred, unfolded: as a training script saves them
+    model.load_state_dict(state)
+    models.export_model(model, str(tmp_path / "ckpt"))
+    weights = models.load_weights(str(tmp_path / "ckpt"))
+    assert weights is not None and all(b.abs().max() == 0 for b in weights.b_V)  # folded into b_O
+    reference = model  # the weights as saved, in TransformerLens' own forward
+    tokens = torch.randint(4, 300, (32, 24), generator=gen)
+    targets = torch.randint(4, 300, (32, 3), generator=gen)
+    ref = logodds(torch.log_softmax(models.full_logits(reference, tokens)[:, -1].double(), -1), targets)
+    assert (Scorer(weights, "fp32").logodds(tokens, targets).double() - ref).abs().max() < 1e-4
+    assert models.load_weights("toy-2l") is not None and models.load_weights("no-such-dir") is None

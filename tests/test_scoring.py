@@ -51,8 +51,9 @@ def test_neighbors_match_a_direct_cosine_computation():
 
 
 def test_toy_neighbors_use_the_processed_unembedding(toy_model):
-    W_U = models.unembedding(toy_model)
+    W_U = models.centred_unembedding(models.load_weights("toy-2l").W_U)
     assert W_U.mean(1).abs().max() < 1e-5  # centred across the vocabulary, as from_pretrained processes it
+    assert torch.allclose(W_U, toy_model.W_U, atol=1e-5)  # the same space as TransformerLens' processed W_U
     table = cosine_neighbors(W_U, 3, FIRST_TOKEN)
     assert (table >= FIRST_TOKEN).all() and (table != torch.arange(len(table))[:, None]).all()
 

@@ -1,7 +1,16 @@
 import torch
 
+from workers import experiments
 from workers.sequences import (
-    A_POS, B_POS, FIRST_TOKEN, SEQ_LEN, make_batch, sequence_keys, splitmix64, uniform_tokens, draws,
+    A_POS,
+    B_POS,
+    FIRST_TOKEN,
+    SEQ_LEN,
+    draws,
+    make_batch,
+    sequence_keys,
+    splitmix64,
+    uniform_tokens,
 )
 
 MASK = (1 << 64) - 1
@@ -17,7 +26,7 @@ def splitmix64_reference(x: int) -> int:
 
 def batch_of(n, d_vocab=1000, seed=0, experiment="neighbors", a=-1, b=-1, offset=0):
     seq = torch.arange(offset, offset + n)
-    keys = sequence_keys(seed, experiment, 0, torch.full_like(seq, -1), seq)
+    keys = sequence_keys(seed, experiments.get(experiment).code, 0, torch.full_like(seq, -1), seq)
     return make_batch(keys, d_vocab, 1, torch.full_like(seq, a), torch.full_like(seq, b))
 
 
@@ -86,10 +95,11 @@ def test_uniform_tokens_cover_the_range_evenly():
 
 
 def control_batch(control, n=400):
+    experiment = experiments.get(control)
     seq = torch.arange(n)
-    keys = sequence_keys(0, control, 0, torch.full_like(seq, -1), seq)
+    keys = sequence_keys(0, experiment.code, 0, torch.full_like(seq, -1), seq)
     none = torch.full_like(seq, -1)
-    return make_batch(keys, 1000, 1, none, none, control), make_batch(keys, 1000, 1, none, none)
+    return make_batch(keys, 1000, 1, none, none, experiment.rule), make_batch(keys, 1000, 1, none, none)
 
 
 def test_control_no_b_removes_the_first_b():

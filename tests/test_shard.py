@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from workers import models
+from workers import experiments, models
 from workers.scoring import logodds
 from workers.shard import ShardRunner, ShardSpec, WorkParams
 
@@ -14,7 +14,9 @@ from workers.shard import ShardRunner, ShardSpec, WorkParams
 @pytest.fixture(scope="module")
 def runner(tmp_path_factory):
     out = tmp_path_factory.mktemp("shards")
-    params = WorkParams("toy-2l", seed=3, n_neighbors=4, save_tokens=True, precision="fp32")
+    params = WorkParams("toy-2l", seed=3, n_neighbors=4, pair=models.FALLBACK_PAIR, bos=models.DEFAULT_BOS,
+                        save_tokens=True, precision="fp32", heads=False,
+                        experiments=tuple(experiments.REGISTRY.values()))
     return ShardRunner(params, str(out), device="cpu", batch_size=37)
 
 

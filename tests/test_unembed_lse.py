@@ -7,10 +7,10 @@ import torch
 
 pytest.importorskip("triton")
 
+from test_fast import check_parity  # noqa: E402
+
 from workers.scoring import Scorer, softmax_parts  # noqa: E402
 from workers.unembed_lse import FusedUnembedLSE, aligned, unembed_lse  # noqa: E402
-
-from test_fast import check_parity  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

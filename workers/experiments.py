@@ -1,56 +1,112 @@
-"""The seed post's three experiments (DESIGN §1): what each fixes, and which targets it scores."""
+"""The experiment registry (docs/DESIGN.md §1): each experiment declared once.
+
+An ``Experiment`` says what it fixes (its scenarios), which targets it scores, whether it sweeps
+the fixed tokens (per token) or scores ``--pairs`` sequences per scenario, how its sequences
+differ from plain induction (its sequence rule, for controls), and how the report shows it.
+Planning (jobs/config.py), scoring (workers/shard.py), aggregation (workers/partials.py,
+jobs/aggregate.py) and the report (jobs/report.py) read these declarations; none branches on
+an experiment's name. Adding an experiment is one ``register(Experiment(...))`` plus, for a
+control, its sequence rule (a function of workers/sequences.py's kind).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from workers import sequences
 from workers.sequences import SequenceBatch
 
-EXPERIMENTS = ("token-powers", "fixed-pair", "neighbors")  # the seed post's
-CONTROLS = ("no-b", "b-elsewhere", "no-first-a")  # mechanism controls (workers/sequences.py apply_control)
 FIXED_PAIR_NEIGHBORS = 3  # the post's fixed-pair study scores N1..N3
+
+# How the report shows an experiment (jobs/report.py has one renderer per view).
+POWERS, PAIR, NEIGHBORS, CONTROL = "powers", "pair", "neighbors", "control"
 
 
 @dataclass(frozen=True)
 class Scenario:
-    experiment: str
     name: str
     code: int  # part of every sequence key
-    fix_a: bool
+    fix_a: bool  # A is the fixed token (per-token experiments) or the run's pair A
     fix_b: bool
 
 
-# token-powers: the fixed token plays A ("A power") or B ("B power")
-TOKEN_POWER_ROLES = (
-    Scenario("token-powers", "A", 0, True, False),
-    Scenario("token-powers", "B", 1, False, True),
-)
-FIXED_PAIR_SCENARIOS = (
-    Scenario("fixed-pair", "A+B", 0, True, True),
-    Scenario("fixed-pair", "A only", 1, True, False),
-    Scenario("fixed-pair", "B only", 2, False, True),
-    Scenario("fixed-pair", "none", 3, False, False),
-)
-NEIGHBORS_SCENARIO = Scenario("neighbors", "free", 0, False, False)
-CONTROL_SCENARIOS = tuple(Scenario(c, "free", 0, False, False) for c in CONTROLS)
-SCENARIOS = {s.experiment + "/" + s.name: s
-             for s in TOKEN_POWER_ROLES + FIXED_PAIR_SCENARIOS + (NEIGHBORS_SCENARIO,) + CONTROL_SCENARIOS}
+def b_only(k: int) -> tuple[str, ...]:
+    return ("B",)
 
 
-def scenarios(experiment: str) -> tuple[Scenario, ...]:
-    return tuple(s for s in SCENARIOS.values() if s.experiment == experiment)
+def pair_targets(k: int) -> tuple[str, ...]:
+    """B, A, the first neighbours of B (at most three) and a random token."""
+    return ("B", "A", *(f"N{i}" for i in range(1, min(FIXED_PAIR_NEIGHBORS, k) + 1)), "R")
 
 
-def target_names(experiment: str, n_neighbors: int) -> list[str]:
-    if experiment == "token-powers":
-        return ["B"]
-    if experiment == "fixed-pair" or experiment in CONTROLS:
-        return ["B", "A"] + [f"N{k}" for k in range(1, min(FIXED_PAIR_NEIGHBORS, n_neighbors) + 1)] + ["R"]
-    return ["B"] + [f"N{k}" for k in range(1, n_neighbors + 1)] + ["R"]
+def neighbor_targets(k: int) -> tuple[str, ...]:
+    return ("B", *(f"N{i}" for i in range(1, k + 1)), "R")
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    code: int  # enters every sequence key: an experiment's sequences change if it changes
+    scenarios: tuple[Scenario, ...]
+    targets: Callable[[int], tuple[str, ...]]  # target names, given K neighbours
+    view: str  # POWERS, PAIR, NEIGHBORS or CONTROL: the report's section
+    per_token: bool = False  # each fixed token of the sweep gets --seqs sequences per scenario
+    rule: Callable[..., Tensor] | None = None  # alters the induction sequence before it is shuffled
+    group: str = ""  # "all" (the post's three) or "controls": what --experiment GROUP selects
+    histograms: bool = False  # strength-on-B and log-odds histograms per scenario
+
+    @property
+    def key(self) -> tuple[str, ...]:
+        """The aggregation key of its strength moments."""
+        return ("scenario", "token") if self.per_token else ("scenario", "target")
+
+    def target_names(self, n_neighbors: int) -> tuple[str, ...]:
+        return self.targets(n_neighbors)
+
+    def uses_neighbors(self, n_neighbors: int) -> bool:
+        return any(t.startswith("N") for t in self.targets(n_neighbors))
+
+    def scenario(self, name: str) -> Scenario:
+        return next(s for s in self.scenarios if s.name == name)
+
+
+FREE = (Scenario("free", 0, False, False),)
+REGISTRY: dict[str, Experiment] = {}
+
+
+def register(experiment: Experiment) -> Experiment:
+    clash = [e.name for e in REGISTRY.values() if e.code == experiment.code and e.name != experiment.name]
+    if clash:
+        raise ValueError(f"experiment code {experiment.code} is already {clash[0]!r}'s")
+    REGISTRY[experiment.name] = experiment
+    return experiment
+
+
+def get(name: str) -> Experiment:
+    return REGISTRY[name]
+
+
+def group(name: str) -> tuple[str, ...]:
+    return tuple(e.name for e in REGISTRY.values() if e.group == name)
+
+
+register(Experiment(
+    "token-powers", 1, (Scenario("A", 0, True, False), Scenario("B", 1, False, True)), b_only, POWERS,
+    per_token=True, group="all"))
+register(Experiment(
+    "fixed-pair", 2, (Scenario("A+B", 0, True, True), Scenario("A only", 1, True, False),
+                      Scenario("B only", 2, False, True), Scenario("none", 3, False, False)),
+    pair_targets, PAIR, group="all", histograms=True))
+register(Experiment("neighbors", 3, FREE, neighbor_targets, NEIGHBORS, group="all"))
+# mechanism controls: is it B's presence, or the A→B pair, that carries the prediction?
+register(Experiment("no-b", 4, FREE, pair_targets, CONTROL, rule=sequences.no_b, group="controls"))
+register(Experiment("b-elsewhere", 5, FREE, pair_targets, CONTROL, rule=sequences.b_elsewhere, group="controls"))
+register(Experiment("no-first-a", 6, FREE, pair_targets, CONTROL, rule=sequences.no_first_a, group="controls"))
 
 
 def neighbor_rank(name: str) -> int:
@@ -58,15 +114,7 @@ def neighbor_rank(name: str) -> int:
     return 0 if name == "B" else int(name[1:]) if name.startswith("N") else -1
 
 
-def target_tokens(names: list[str], batch: SequenceBatch, neighbors: Int[Tensor, "vocab k"] | None) -> Int[Tensor, "batch n_targets"]:
-    columns = []
-    for name in names:
-        if name == "B":
-            columns.append(batch.b)
-        elif name == "A":
-            columns.append(batch.a)
-        elif name == "R":
-            columns.append(batch.r)
-        else:
-            columns.append(neighbors[batch.b, neighbor_rank(name) - 1])
-    return torch.stack(columns, dim=1)
+def target_tokens(names: tuple[str, ...], batch: SequenceBatch,
+                  neighbors: Int[Tensor, "vocab k"] | None) -> Int[Tensor, "batch n_targets"]:
+    by_name = {"B": batch.b, "A": batch.a, "R": batch.r}
+    return torch.stack([by_name[n] if n in by_name else neighbors[batch.b, neighbor_rank(n) - 1] for n in names], dim=1)

@@ -40,13 +40,14 @@ class CompactForward(torch.nn.Module):
         Attention over the 24 positions (the last layer's query and ``W_K^T q`` included: one row
         per head), biases, the layer-0 table and the residual stream stay float32: they cost little
         and carry most of the bf16 error otherwise. bf16 rounding with float32 compute gives bf16
-        tensor-core numerics on CPUs, where bf16 products run up to 90x slower than float32."""
+        tensor-core numerics on CPUs, where bf16 products are far slower than float32 (docs/PERFORMANCE.md)."""
         super().__init__()
         self.n_layers, self.n_heads, self.d_head = len(w.W_Q), w.W_Q[0].shape[0], w.W_Q[0].shape[2]
         self.shortformer, self.layer_norm, self.eps, self.scale = w.shortformer, w.layer_norm, w.eps, w.attn_scale
         self.dtype, self.compute = dtype, compute or dtype
         # bf16 tensor cores sum in float32; torch returns those sums rounded to bf16 unless asked
-        # (CUDA's mm/bmm out_dtype). Keeping them float32 is what holds toy-2l's bf16 error to 0.09.
+        # (CUDA's mm/bmm out_dtype). Keeping them float32 is what keeps toy-2l's bf16 error within its
+        # bound (docs/PERFORMANCE.md).
         self.float_sums = self.compute != torch.float32 and "dtype" in torch.ops.aten.mm.overloads()
         # Shortformer positions are added to the query and key inputs (not values): (h + pos) @ W.
         pos = w.W_pos if self.shortformer else torch.zeros_like(w.W_pos)
@@ -76,7 +77,7 @@ class CompactForward(torch.nn.Module):
         self.register_buffer("W_U_rows", w.W_U.T.float().contiguous())  # float32 target logits
         self.register_buffer("b_U", w.b_U.float())
 
-    def cast(self, t: Float[Tensor, "..."]) -> Float[Tensor, "..."]:
+    def cast(self, t: Float[Tensor, ...]) -> Float[Tensor, ...]:
         return t.to(self.dtype).to(self.compute)
 
     def project(self, x: Float[Tensor, "*batch rows k"], W: Float[Tensor, "*batch k n"]) -> Float[Tensor, "*batch rows n"]:

@@ -17,7 +17,7 @@ from workers.fast import CompactForward
 from workers.sequences import A_POS, B_POS, SequenceBatch, shuffled_positions
 
 
-def attribution(compact: CompactForward, trace: dict, b: Int[Tensor, "batch"]) -> Float[Tensor, "batch heads_plus_1"]:
+def attribution(compact: CompactForward, trace: dict, b: Int[Tensor, " batch"]) -> Float[Tensor, "batch heads_plus_1"]:
     """Direct logit attribution to ``b`` of each head, then of everything else (last column)."""
     resid, head_out = trace["resid"], trace["head_out"]
     u = compact.W_U_rows[b] - compact.W_U_rows.mean(0)  # logit(B) - mean logit, per unit of LN output
@@ -33,9 +33,23 @@ def attribution(compact: CompactForward, trace: dict, b: Int[Tensor, "batch"]) -
     return torch.cat([heads, (total - heads.sum(1))[:, None]], dim=1)
 
 
-def is_head_column(name: str) -> bool:
-    """A row column written by ``head_measures`` (``h<k>_...`` or ``rest_...``)."""
-    return name[:1] == "h" and name[1:2].isdigit() or name.startswith("rest_")
+REST = "rest"  # embeddings, earlier layers and biases: only a logit attribution
+MEASURES = ("attn_b", "attn_a", "dla_b")
+SHUFFLED = "_shuf"
+
+
+def head_column(head: str, measure: str, shuffled: bool = False) -> str:
+    """The row column of one measure of one head (``h<k>`` or ``rest``): ``h2_attn_b_shuf``."""
+    return f"{head}_{measure}{SHUFFLED if shuffled else ''}"
+
+
+def parse_head_column(name: str) -> tuple[str, str, bool] | None:
+    """(head, measure, shuffled) of a column written by ``head_measures``; None for any other column."""
+    head, _, rest = name.partition("_")
+    shuffled = rest.endswith(SHUFFLED)
+    measure = rest.removesuffix(SHUFFLED)
+    is_head = head == REST or (head[:1] == "h" and head[1:].isdigit())
+    return (head, measure, shuffled) if is_head and measure in MEASURES else None
 
 
 @torch.inference_mode()
@@ -44,14 +58,14 @@ def head_measures(compact: CompactForward, batch: SequenceBatch) -> dict[str, Te
     out: dict[str, Tensor] = {}
     rows = torch.arange(len(batch.b), device=batch.b.device)
     moved = shuffled_positions(batch.keys, [A_POS, B_POS])
-    for name, tokens, a_pos, b_pos in (("", batch.tokens, A_POS, B_POS), ("_shuf", batch.shuffled, moved[:, 0], moved[:, 1])):
+    for shuffled, tokens, a_pos, b_pos in ((False, batch.tokens, A_POS, B_POS), (True, batch.shuffled, moved[:, 0], moved[:, 1])):
         trace: dict = {}
         compact(tokens, trace)
         pattern = trace["pattern"]  # batch heads pos
         dla = attribution(compact, trace, batch.b)
         for h in range(compact.n_heads):
-            out[f"h{h}_attn_b{name}"] = pattern[rows, h, b_pos]
-            out[f"h{h}_attn_a{name}"] = pattern[rows, h, a_pos]
-            out[f"h{h}_dla_b{name}"] = dla[:, h]
-        out[f"rest_dla_b{name}"] = dla[:, -1]
+            out[head_column(f"h{h}", "attn_b", shuffled)] = pattern[rows, h, b_pos]
+            out[head_column(f"h{h}", "attn_a", shuffled)] = pattern[rows, h, a_pos]
+            out[head_column(f"h{h}", "dla_b", shuffled)] = dla[:, h]
+        out[head_column(REST, "dla_b", shuffled)] = dla[:, -1]
     return out

@@ -13,12 +13,15 @@ unembedding centred, value biases folded), as ``from_pretrained`` does.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from types import SimpleNamespace
+from typing import Any
 
 import torch
 from jaxtyping import Float, Int
@@ -48,6 +51,11 @@ def _hooked_transformer():
     return HookedTransformer, HookedTransformerConfig
 
 
+def import_transformer_lens() -> None:
+    """Import TransformerLens now (seconds: it brings transformers), so that callers can time it."""
+    _hooked_transformer()
+
+
 def is_hub_name(spec: str) -> bool:
     from transformer_lens.loading_from_pretrained import get_official_model_name
 
@@ -58,11 +66,13 @@ def is_hub_name(spec: str) -> bool:
         return False
 
 
-def load_model(spec: str, device: str | torch.device = "cpu"):
-    """Load a HookedTransformer in eval mode on ``device``; ModelInputError for a bad spec."""
+@contextlib.contextmanager
+def checkpoint_dir(spec: str) -> Iterator[Path | None]:
+    """The local checkpoint directory of ``spec`` (an ``s3://`` one downloaded to a temporary
+    directory for the duration), or None where ``spec`` is not a checkpoint."""
     if spec == TOY_MODEL:
-        return load_checkpoint(TOY_DIR, device, name=TOY_MODEL)
-    if spec.startswith("s3://"):
+        yield TOY_DIR
+    elif spec.startswith("s3://"):
         from storage import open_store
 
         store = open_store(spec)
@@ -70,10 +80,51 @@ def load_model(spec: str, device: str | torch.device = "cpu"):
             for name in CHECKPOINT_FILES + TOKENIZER_FILES:
                 if store.exists(name):
                     (Path(tmp) / name).write_bytes(store.get(name))
-            return load_checkpoint(Path(tmp), device, name=spec)
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        return load_checkpoint(path, device, name=spec)
+            yield Path(tmp)
+    elif Path(spec).expanduser().is_dir():
+        yield Path(spec).expanduser()
+    else:
+        yield None
+
+
+def load_weights(spec: str, device: str | torch.device = "cpu") -> AttnOnlyWeights | None:
+    """The compact forward's weights read straight from a checkpoint, without TransformerLens: for
+    attention-only checkpoints with LNPre or no normalisation, where no LayerNorm weights need
+    folding, so the stored weights are the trained function as they are. Value biases are folded
+    into the output bias (exact: attention rows sum to 1), as TransformerLens does. None where the
+    model needs TransformerLens' loading (hub names, LN or RMS weights, other architectures)."""
+    with checkpoint_dir(spec) as directory:
+        if directory is None:
+            return None
+        info = describe_checkpoint(directory, spec)
+        if not compact_supported(info.cfg):  # LN weights to fold, or not attention-only
+            return None
+        from safetensors.torch import load_file
+
+        state = load_file(str(directory / "model.safetensors"), device=str(device))
+    cfg = info.cfg
+
+    def per_layer(name: str) -> list[Tensor]:
+        return [state[f"blocks.{i}.attn.{name}"] for i in range(cfg.n_layers)]
+
+    W_O, b_V = per_layer("W_O"), per_layer("b_V")
+    b_O = [b + torch.einsum("he,hed->d", v, w) for b, v, w in zip(per_layer("b_O"), b_V, W_O)]
+    use_scale = getattr(cfg, "use_attn_scale", True)
+    return AttnOnlyWeights(
+        W_E=state["embed.W_E"], W_pos=state["pos_embed.W_pos"], W_Q=per_layer("W_Q"), W_K=per_layer("W_K"),
+        W_V=per_layer("W_V"), W_O=W_O, b_Q=per_layer("b_Q"), b_K=per_layer("b_K"), b_V=[torch.zeros_like(b) for b in b_V],
+        b_O=b_O, W_U=state["unembed.W_U"], b_U=state["unembed.b_U"],
+        shortformer=getattr(cfg, "positional_embedding_type", "standard") == "shortformer",
+        layer_norm=getattr(cfg, "normalization_type", "LN") == "LNPre", eps=float(getattr(cfg, "eps", 1e-5)),
+        attn_scale=float(getattr(cfg, "attn_scale", cfg.d_head ** 0.5)) if use_scale else 1.0,
+    )
+
+
+def load_model(spec: str, device: str | torch.device = "cpu"):
+    """Load a HookedTransformer in eval mode on ``device``; ModelInputError for a bad spec."""
+    with checkpoint_dir(spec) as directory:
+        if directory is not None:
+            return load_checkpoint(directory, device, name=spec)
     if is_hub_name(spec):
         HookedTransformer, _ = _hooked_transformer()
         model = HookedTransformer.from_pretrained(spec, device=str(device))
@@ -85,7 +136,7 @@ def load_model(spec: str, device: str | torch.device = "cpu"):
     )
 
 
-def load_checkpoint(directory: Path, device: str | torch.device, name: Optional[str] = None):
+def load_checkpoint(directory: Path, device: str | torch.device, name: str | None = None):
     """HookedTransformer(cfg) + load_and_process_state_dict from a checkpoint directory."""
     HookedTransformer, HookedTransformerConfig = _hooked_transformer()
     missing = [f for f in CHECKPOINT_FILES if not (directory / f).is_file()]
@@ -162,45 +213,134 @@ def d_vocab(model) -> int:
     return int(model.cfg.d_vocab)
 
 
-def token_strings(model) -> list[str]:
-    """Printable string of every id: the tokenizer's, or ``#<id>`` where there is none."""
-    if model.tokenizer is None:
-        return [f"#{i}" for i in range(d_vocab(model))]
-    return model.tokenizer.batch_decode([[i] for i in range(d_vocab(model))])
+@dataclass
+class ModelInfo:
+    """What the driver needs of a model before any actor loads it: no weights, no TransformerLens
+    import for checkpoint directories (their config.json and tokenizer files are read directly)."""
+
+    name: str
+    cfg: Any  # HookedTransformerConfig, or a namespace of config.json's fields
+    tokenizer: Any = None
+    bos: int = DEFAULT_BOS
+
+    @property
+    def d_vocab(self) -> int:
+        return int(self.cfg.d_vocab)
+
+    @property
+    def compact(self) -> bool:
+        """Whether the compact forward (workers/fast.py) supports this architecture."""
+        return compact_supported(self.cfg, ln_folds=isinstance(self.cfg, SimpleNamespace))
+
+    def token_strings(self) -> list[str]:
+        """Printable string of every id: the tokenizer's, or ``#<id>`` where there is none."""
+        if self.tokenizer is None:
+            return [f"#{i}" for i in range(self.d_vocab)]
+        return self.tokenizer.batch_decode([[i] for i in range(self.d_vocab)])
+
+    def resolve_token(self, text: str | int, option: str) -> int:
+        """An id from an integer (``123`` or ``#123``) or a string that is exactly one token."""
+        text = str(text)
+        digits = text[1:] if text.startswith("#") else text
+        if digits.isdigit():
+            token = int(digits)
+        elif self.tokenizer is None:
+            raise ModelInputError(f"{option} {text!r}: model {self.name} has no tokenizer; give an integer id")
+        else:
+            ids = self.tokenizer.encode(text, add_special_tokens=False)
+            unknown = self.tokenizer.unk_token_id
+            if len(ids) == 1 and ids[0] == unknown and text != self.tokenizer.unk_token:
+                raise ModelInputError(f"{option} {text!r} is not a token of {self.name} (it encodes to the unknown token)")
+            if len(ids) != 1:
+                raise ModelInputError(f"{option} {text!r} is not a single token of {self.name} ({len(ids)} tokens)")
+            token = ids[0]
+        if not FIRST_TOKEN <= token < self.d_vocab:
+            raise ModelInputError(f"{option} {text!r}: id {token} outside {FIRST_TOKEN}..{self.d_vocab - 1}")
+        return token
+
+    def default_pair(self) -> tuple[int, int]:
+        """The post's (" Fab", "ien") where both are single tokens, else FALLBACK_PAIR."""
+        try:
+            return tuple(self.resolve_token(s, "pair") for s in DEFAULT_PAIR)  # type: ignore[return-value]
+        except ModelInputError:
+            return FALLBACK_PAIR
 
 
-def resolve_token(model, text: str | int, option: str) -> int:
-    """An id from an integer (``123`` or ``#123``) or a string that is exactly one token."""
-    text = str(text)
-    digits = text[1:] if text.startswith("#") else text
-    if digits.isdigit():
-        token = int(digits)
-    elif model.tokenizer is None:
-        raise ModelInputError(f"{option} {text!r}: model {model.cfg.model_name} has no tokenizer; give an integer id")
-    else:
-        ids = model.tokenizer.encode(text, add_special_tokens=False)
-        unknown = model.tokenizer.unk_token_id
-        if len(ids) == 1 and ids[0] == unknown and text != model.tokenizer.unk_token:
-            raise ModelInputError(f"{option} {text!r} is not a token of {model.cfg.model_name} (it encodes to the unknown token)")
-        if len(ids) != 1:
-            raise ModelInputError(f"{option} {text!r} is not a single token of {model.cfg.model_name} ({len(ids)} tokens)")
-        token = ids[0]
-    if not FIRST_TOKEN <= token < d_vocab(model):
-        raise ModelInputError(f"{option} {text!r}: id {token} outside {FIRST_TOKEN}..{d_vocab(model) - 1}")
-    return token
+def describe(spec: str) -> ModelInfo:
+    """The model's config, tokenizer and BOS, checked without loading its weights; ModelInputError
+    for a bad spec (unknown name, missing or corrupt checkpoint)."""
+    if spec == TOY_MODEL:
+        return describe_checkpoint(TOY_DIR, TOY_MODEL)
+    if spec.startswith("s3://"):
+        from storage import open_store
+
+        store = open_store(spec)
+        with tempfile.TemporaryDirectory(prefix="induction-sweep-model-") as tmp:
+            for name in ("config.json", *TOKENIZER_FILES):
+                if store.exists(name):
+                    (Path(tmp) / name).write_bytes(store.get(name))
+            if not store.exists("model.safetensors"):
+                raise ModelInputError(f"checkpoint {spec} lacks model.safetensors")
+            size = store.list("model.safetensors")["model.safetensors"]
+            head = store.get_range("model.safetensors", 0, min(size, 8 + (1 << 24)))
+            (Path(tmp) / "model.safetensors").write_bytes(head)  # the header is all that is read here
+            return describe_checkpoint(Path(tmp), spec)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return describe_checkpoint(path, spec)
+    if is_hub_name(spec):
+        from transformer_lens.loading_from_pretrained import get_pretrained_model_config
+
+        cfg = get_pretrained_model_config(spec)
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_name) if cfg.tokenizer_name else None
+        bos = tokenizer.bos_token_id if tokenizer is not None and tokenizer.bos_token_id is not None else DEFAULT_BOS
+        return ModelInfo(spec, cfg, tokenizer, int(bos))
+    raise ModelInputError(
+        f"unknown model {spec!r}: not {TOY_MODEL}, not a checkpoint directory, not a TransformerLens model name"
+    )
 
 
-def default_pair(model) -> tuple[int, int]:
-    """The post's (" Fab", "ien") where both are single tokens, else FALLBACK_PAIR."""
+def _safetensors_header(path: Path) -> dict:
+    """The tensor names, dtypes and shapes of a safetensors file (its JSON header)."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        if not 2 <= size <= 1 << 24:
+            raise ValueError(f"not a safetensors file (header size {size})")
+        return json.loads(f.read(size))
+
+
+def describe_checkpoint(directory: Path, name: str) -> ModelInfo:
+    missing = [f for f in CHECKPOINT_FILES if not (directory / f).is_file()]
+    if missing:
+        raise ModelInputError(f"checkpoint {name} lacks {', '.join(missing)}")
     try:
-        return tuple(resolve_token(model, s, "pair") for s in DEFAULT_PAIR)  # type: ignore[return-value]
-    except ModelInputError:
-        return FALLBACK_PAIR
+        raw = json.loads((directory / "config.json").read_text())
+        header = _safetensors_header(directory / "model.safetensors")
+        cfg = SimpleNamespace(**{k: v for k, v in raw.items() if k != "induction_sweep"})
+        shape = header.get("embed.W_E", {}).get("shape")
+        if shape != [cfg.d_vocab, cfg.d_model]:
+            raise ValueError(f"embed.W_E has shape {shape}, config.json says [{cfg.d_vocab}, {cfg.d_model}]")
+        tokenizer = None
+        if any((directory / f).is_file() for f in TOKENIZER_FILES):
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    except Exception as exc:  # corrupt JSON or safetensors header, missing fields
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelInputError(f"checkpoint {name} cannot be loaded: {reason[:200]}") from None
+    bos = raw.get("induction_sweep", {}).get("bos_token_id")
+    if bos is None:
+        bos = tokenizer.bos_token_id if tokenizer is not None and tokenizer.bos_token_id is not None else DEFAULT_BOS
+    return ModelInfo(name, cfg, tokenizer, int(bos))
 
 
-def unembedding(model) -> Float[Tensor, "d_model vocab"]:
-    """The processed W_U (final LayerNorm folded in, centred across the vocabulary)."""
-    return model.W_U.detach()
+def centred_unembedding(W_U: Float[Tensor, "d_model vocab"]) -> Float[Tensor, "d_model vocab"]:
+    """W_U centred across the vocabulary, as TransformerLens' processing leaves it (exact for
+    log-probs): the space in which neighbours of B are found (docs/DESIGN.md §1)."""
+    W_U = W_U.detach()
+    return W_U - W_U.mean(-1, keepdim=True)
 
 
 @torch.no_grad()
@@ -229,45 +369,25 @@ class AttnOnlyWeights:
     b_Q: list[Float[Tensor, "heads d_head"]]
     b_K: list[Float[Tensor, "heads d_head"]]
     b_V: list[Float[Tensor, "heads d_head"]]
-    b_O: list[Float[Tensor, "d_model"]]
+    b_O: list[Float[Tensor, " d_model"]]
     W_U: Float[Tensor, "d_model vocab"]
-    b_U: Float[Tensor, "vocab"]
+    b_U: Float[Tensor, " vocab"]
     shortformer: bool  # positions enter queries and keys only, not the residual stream
     layer_norm: bool  # LNPre (centre + scale) before each layer and the unembedding
     eps: float
     attn_scale: float
 
 
-def attn_only_weights(model) -> Optional[AttnOnlyWeights]:
+def attn_only_weights(model) -> AttnOnlyWeights | None:
     """Weights for the compact forward, or None where the architecture needs TransformerLens' path."""
-    cfg = model.cfg
-    supported = (
-        cfg.attn_only
-        and cfg.normalization_type in ("LNPre", None)
-        and cfg.positional_embedding_type in ("standard", "shortformer")
-        and not cfg.final_rms
-        and cfg.n_key_value_heads in (None, cfg.n_heads)
-        and not cfg.use_local_attn
-        and not cfg.use_qk_norm
-        and not cfg.use_attn_in
-        and not cfg.use_split_qkv_input
-        and not cfg.use_normalization_before_and_after
-        and not cfg.post_embedding_ln
-        and not cfg.attn_scores_soft_cap > 0
-        and not cfg.output_logits_soft_cap > 0
-        and not cfg.use_logn_attn
-        and not cfg.scale_attn_by_inverse_layer_idx
-        and not cfg.use_attention_sinks
-        and cfg.original_architecture not in ("GPTNeoForCausalLM",)  # local attention layers
-        and getattr(cfg, "d_vocab_out", cfg.d_vocab) == cfg.d_vocab
-    )
-    if not supported:
+    if not compact_supported(model.cfg):
         return None
     blocks = [block.attn for block in model.blocks]
 
     def per_layer(name: str) -> list[Tensor]:
         return [getattr(attn, name).detach() for attn in blocks]
 
+    cfg = model.cfg
     return AttnOnlyWeights(
         W_E=model.W_E.detach(),
         W_pos=model.W_pos.detach(),
@@ -285,6 +405,38 @@ def attn_only_weights(model) -> Optional[AttnOnlyWeights]:
         layer_norm=cfg.normalization_type == "LNPre",
         eps=float(cfg.eps),
         attn_scale=float(cfg.attn_scale) if cfg.use_attn_scale else 1.0,
+    )
+
+
+def compact_supported(cfg, ln_folds: bool = False) -> bool:
+    """Whether workers/fast.py computes this architecture exactly: attention only, LNPre or no
+    normalisation, standard or shortformer positions, none of the variants below. ``cfg`` is a
+    HookedTransformerConfig or config.json's fields (absent ones take TransformerLens' defaults);
+    ``ln_folds``: the loader will fold an LN's weights, leaving LNPre (a checkpoint's config)."""
+
+    def get(name, default=None):
+        return getattr(cfg, name, default)
+
+    normalization = get("normalization_type", "LN")
+    return bool(
+        get("attn_only", False)
+        and (normalization in ("LNPre", None) or (ln_folds and normalization == "LN"))
+        and get("positional_embedding_type", "standard") in ("standard", "shortformer")
+        and not get("final_rms", False)
+        and get("n_key_value_heads") in (None, get("n_heads"))
+        and not get("use_local_attn", False)
+        and not get("use_qk_norm", False)
+        and not get("use_attn_in", False)
+        and not get("use_split_qkv_input", False)
+        and not get("use_normalization_before_and_after", False)
+        and not get("post_embedding_ln", False)
+        and not (get("attn_scores_soft_cap", -1.0) or -1.0) > 0
+        and not (get("output_logits_soft_cap", -1.0) or -1.0) > 0
+        and not get("use_logn_attn", False)
+        and not get("scale_attn_by_inverse_layer_idx", False)
+        and not get("use_attention_sinks", False)
+        and get("original_architecture") not in ("GPTNeoForCausalLM",)  # local attention layers
+        and (get("d_vocab_out", -1) in (-1, None, get("d_vocab")))
     )
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import warnings
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 from jaxtyping import Float, Int
@@ -24,7 +24,8 @@ PRECISIONS = ("fp32", "tf32", "bf16")
 
 
 def resolve_precision(precision: str, device: torch.device | str) -> str:
-    """``auto`` is bf16 on a GPU (error ~0.02 nats, see docs/PERFORMANCE.md) and fp32 on a CPU."""
+    """``auto`` is bf16 on a GPU and fp32 on a CPU (docs/PERFORMANCE.md has the errors and speeds
+    behind that choice)."""
     if precision == "auto":
         return "bf16" if torch.device(device).type == "cuda" else "fp32"
     if precision not in PRECISIONS:
@@ -34,9 +35,9 @@ def resolve_precision(precision: str, device: torch.device | str) -> str:
 
 def native_bf16(device: torch.device) -> bool:
     """bf16 products on the hardware: CUDA. CPUs round inputs to bf16 and multiply in float32: on
-    AVX2 bf16 products run ~90x slower than float32, and where they are fast (AMX) torch's CPU
+    AVX2 bf16 products are far slower than float32, and where they are fast (AMX) torch's CPU
     product rounds its float32 sums to bf16, which toy-2l's sharp attention does not tolerate
-    (0.12 nats, measured by forcing that path)."""
+    (both measured in docs/PERFORMANCE.md)."""
     return device.type == "cuda"
 
 
@@ -98,14 +99,18 @@ class Scorer:
     path, which still unembeds the last position only.
     """
 
-    def __init__(self, model, precision: str = "auto", fast: bool = True, compile: Optional[bool] = None,
-                 fused: Optional[bool] = None):
-        """``fused``: the Triton unembedding + log-sum-exp (default on CUDA where Triton is installed)."""
+    def __init__(self, model, precision: str = "auto", fast: bool = True, compile: bool | None = None,
+                 fused: bool | None = None):
+        """``model``: a HookedTransformer, or an attention-only model's weights (models.load_weights).
+        ``fused``: the Triton unembedding + log-sum-exp (default on CUDA where Triton is installed)."""
         self.model = model
         self.device = model.W_E.device
         self.precision = resolve_precision(precision, self.device)
         self.dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
-        weights = models.attn_only_weights(model) if fast else None
+        if isinstance(model, models.AttnOnlyWeights):
+            weights = model
+        else:
+            weights = models.attn_only_weights(model) if fast else None
         compute = self.dtype if native_bf16(self.device) else torch.float32
         self.compact = CompactForward(weights, self.dtype, compute).to(self.device) if weights is not None else None
         self.path = "compact" if self.compact is not None else "transformer_lens"
@@ -131,6 +136,14 @@ class Scorer:
 
     def _fused_softmax_parts(self, h: Float[Tensor, "batch d_model"]):
         return self._unembed_lse(self.compact.unembed_input(h), tf32=self.precision == "tf32")
+
+    @property
+    def shapes(self) -> dict:
+        """What a compiled graph depends on besides the precision (workers/compile_cache.py)."""
+        c = self.compact
+        return {"path": self.path, "layers": c.n_layers, "heads": c.n_heads, "d_head": c.d_head,
+                "d_model": c.W_E.shape[1], "d_vocab": c.W_E.shape[0], "shortformer": c.shortformer,
+                "layer_norm": c.layer_norm, "fused": self.options["fused"]}
 
     @property
     def options(self) -> dict:
@@ -197,7 +210,7 @@ class FirstCallFallback:
             out = self.primary(*args)
         except Exception as e:  # noqa: BLE001 - any compiler error; the fallback is exact
             warnings.warn(f"{self.what} failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                          "using the plain torch path")
+                          "using the plain torch path", stacklevel=2)
             self.primary_ok = False
             return self.fallback(*args)
         self.primary_ok = True

@@ -1,6 +1,6 @@
 """Induction sequences and their shuffled controls, generated on the model's device.
 
-Layout (DESIGN §1): ``BOS, r×10, A, B, r×10, A`` — 24 tokens. The shuffled control permutes
+Layout (docs/DESIGN.md §1): ``BOS, r×10, A, B, r×10, A`` — 24 tokens. The shuffled control permutes
 the 22 tokens between BOS and the final A, each sequence with its own permutation.
 
 Every random draw is a counter-based hash (splitmix64) of
@@ -11,6 +11,7 @@ exactly the same work. Integer arithmetic wraps identically on every device.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +32,6 @@ DRAW_SHUFFLE = 22  # 22 draws
 DRAW_R = 44
 DRAW_CONTROL = 45  # draws reserved for control experiments
 
-EXPERIMENT_IDS = {"token-powers": 1, "fixed-pair": 2, "neighbors": 3, "no-b": 4, "b-elsewhere": 5, "no-first-a": 6}
 FILLER_POS = tuple(range(1, A_POS)) + tuple(range(B_POS + 1, SEQ_LEN - 1))
 
 _MASK64 = (1 << 64) - 1
@@ -61,16 +61,17 @@ def splitmix64(x: Int[Tensor, "*shape"]) -> Int[Tensor, "*shape"]:
 
 
 def sequence_keys(
-    seed: int, experiment: str, scenario: int, fixed_token: Int[Tensor, "batch"], seq: Int[Tensor, "batch"]
-) -> Int[Tensor, "batch"]:
-    """One 64-bit key per sequence, a function of its identity alone."""
+    seed: int, experiment: int, scenario: int, fixed_token: Int[Tensor, " batch"], seq: Int[Tensor, " batch"]
+) -> Int[Tensor, " batch"]:
+    """One 64-bit key per sequence, a function of its identity alone (``experiment``, ``scenario``:
+    the registry's codes, workers/experiments.py)."""
     head = splitmix64(torch.tensor(_signed(seed), dtype=torch.int64, device=seq.device))
-    head = splitmix64(head ^ EXPERIMENT_IDS[experiment])
+    head = splitmix64(head ^ experiment)
     head = splitmix64(head ^ scenario)
     return splitmix64(splitmix64(head ^ (fixed_token + 1)) ^ seq)
 
 
-def draws(keys: Int[Tensor, "batch"], first: int, n: int) -> Int[Tensor, "batch n"]:
+def draws(keys: Int[Tensor, " batch"], first: int, n: int) -> Int[Tensor, "batch n"]:
     """Draws ``first .. first+n-1`` of each sequence: non-negative 63-bit integers."""
     counter = torch.arange(first + 1, first + n + 1, dtype=torch.int64, device=keys.device)
     return _shr(splitmix64(keys[:, None] + counter * _GOLDEN), 1)
@@ -85,24 +86,24 @@ def uniform_tokens(bits: Int[Tensor, "*shape"], d_vocab: int) -> Int[Tensor, "*s
 class SequenceBatch:
     tokens: Int[Tensor, "batch 24"]  # BOS, r×10, A, B, r×10, A
     shuffled: Int[Tensor, "batch 24"]  # BOS, permuted 22 inner tokens, A
-    a: Int[Tensor, "batch"]
-    b: Int[Tensor, "batch"]
-    r: Int[Tensor, "batch"]  # a fresh random target token per sequence
-    keys: Int[Tensor, "batch"]
+    a: Int[Tensor, " batch"]
+    b: Int[Tensor, " batch"]
+    r: Int[Tensor, " batch"]  # a fresh random target token per sequence
+    keys: Int[Tensor, " batch"]
 
 
 def make_batch(
-    keys: Int[Tensor, "batch"],
+    keys: Int[Tensor, " batch"],
     d_vocab: int,
     bos: int,
-    a_fixed: Int[Tensor, "batch"],
-    b_fixed: Int[Tensor, "batch"],
-    control: str | None = None,
+    a_fixed: Int[Tensor, " batch"],
+    b_fixed: Int[Tensor, " batch"],
+    rule: Rule | None = None,
 ) -> SequenceBatch:
     """Build induction sequences and shuffled controls from per-sequence keys.
 
     ``a_fixed``/``b_fixed`` hold the fixed A/B id of each sequence, or -1 where it is drawn.
-    ``control`` alters the sequence before it is shuffled (see ``apply_control``).
+    ``rule`` (a control experiment's) alters the sequence before it is shuffled.
     """
     batch = keys.shape[0]
     filler = uniform_tokens(draws(keys, DRAW_FILLER, 2 * N_FILLER), d_vocab)
@@ -113,7 +114,8 @@ def make_batch(
     tokens = torch.cat(
         [bos_col, filler[:, :N_FILLER], a[:, None], b[:, None], filler[:, N_FILLER:], a[:, None]], dim=1
     )
-    tokens = apply_control(tokens, keys, control, d_vocab)
+    if rule is not None:
+        tokens = rule(tokens, keys, d_vocab)
     return SequenceBatch(
         tokens=tokens,
         shuffled=shuffle_inner(tokens, keys),
@@ -124,18 +126,18 @@ def make_batch(
     )
 
 
-def shuffle_permutation(keys: Int[Tensor, "batch"], n_inner: int = N_INNER) -> Int[Tensor, "batch n_inner"]:
+def shuffle_permutation(keys: Int[Tensor, " batch"], n_inner: int = N_INNER) -> Int[Tensor, "batch n_inner"]:
     """Per sequence, which inner position each inner slot of the shuffled control takes its token from."""
     return torch.argsort(draws(keys, DRAW_SHUFFLE, n_inner), dim=1, stable=True)
 
 
-def shuffled_positions(keys: Int[Tensor, "batch"], positions: list[int], n_inner: int = N_INNER) -> Int[Tensor, "batch n"]:
+def shuffled_positions(keys: Int[Tensor, " batch"], positions: list[int], n_inner: int = N_INNER) -> Int[Tensor, "batch n"]:
     """Where the tokens at ``positions`` of a sequence sit in its shuffled control."""
     inverse = torch.argsort(shuffle_permutation(keys, n_inner), dim=1)
     return 1 + inverse[:, [p - 1 for p in positions]]
 
 
-def shuffle_inner(tokens: Int[Tensor, "batch pos"], keys: Int[Tensor, "batch"]) -> Int[Tensor, "batch pos"]:
+def shuffle_inner(tokens: Int[Tensor, "batch pos"], keys: Int[Tensor, " batch"]) -> Int[Tensor, "batch pos"]:
     """Permute the tokens between the first and the last position, uniformly, per sequence."""
     perm = shuffle_permutation(keys, tokens.shape[1] - 2)
     shuffled = tokens.clone()
@@ -143,27 +145,33 @@ def shuffle_inner(tokens: Int[Tensor, "batch pos"], keys: Int[Tensor, "batch"]) 
     return shuffled
 
 
-def apply_control(tokens: Int[Tensor, "batch pos"], keys: Int[Tensor, "batch"], control: str | None,
-                  d_vocab: int) -> Int[Tensor, "batch pos"]:
-    """The mechanism controls: is it B's presence, or the A→B pair, that carries the prediction?
+# Sequence rules of the control experiments: each takes the plain induction sequences and returns
+# altered ones (a fresh tensor). Their random draws start at DRAW_CONTROL.
+Rule = Callable[[Int[Tensor, "batch pos"], Int[Tensor, " batch"], int], Int[Tensor, "batch pos"]]
 
-    ``no-b``: the first B replaced by a random token (B nowhere in the context, but by chance);
-    ``b-elsewhere``: B moved to a random filler position, a random token in its place;
-    ``no-first-a``: the first A replaced by a random token, B kept where it was.
-    """
-    if control is None:
-        return tokens
+
+def _fresh(keys: Int[Tensor, " batch"], d_vocab: int) -> Int[Tensor, " batch"]:
+    return uniform_tokens(draws(keys, DRAW_CONTROL, 1)[:, 0], d_vocab)
+
+
+def no_b(tokens: Int[Tensor, "batch pos"], keys: Int[Tensor, " batch"], d_vocab: int) -> Int[Tensor, "batch pos"]:
+    """The first B replaced by a random token: B nowhere in the context, but by chance."""
     out = tokens.clone()
-    fresh = uniform_tokens(draws(keys, DRAW_CONTROL, 1)[:, 0], d_vocab)
-    if control == "no-b":
-        out[:, B_POS] = fresh
-    elif control == "no-first-a":
-        out[:, A_POS] = fresh
-    elif control == "b-elsewhere":
-        slots = torch.tensor(FILLER_POS, device=tokens.device)
-        slot = slots[(_shr(draws(keys, DRAW_CONTROL + 1, 1)[:, 0], 32) * len(FILLER_POS)) >> 31]
-        out[:, B_POS] = fresh
-        out[torch.arange(len(out), device=out.device), slot] = tokens[:, B_POS]
-    else:
-        raise ValueError(f"unknown control {control!r}")
+    out[:, B_POS] = _fresh(keys, d_vocab)
+    return out
+
+
+def no_first_a(tokens: Int[Tensor, "batch pos"], keys: Int[Tensor, " batch"], d_vocab: int) -> Int[Tensor, "batch pos"]:
+    """The first A replaced by a random token, B kept where it was: B present without the A→B pair."""
+    out = tokens.clone()
+    out[:, A_POS] = _fresh(keys, d_vocab)
+    return out
+
+
+def b_elsewhere(tokens: Int[Tensor, "batch pos"], keys: Int[Tensor, " batch"], d_vocab: int) -> Int[Tensor, "batch pos"]:
+    """B moved to a random filler position, a random token in its place."""
+    out = no_b(tokens, keys, d_vocab)
+    slots = torch.tensor(FILLER_POS, device=tokens.device)
+    slot = slots[(_shr(draws(keys, DRAW_CONTROL + 1, 1)[:, 0], 32) * len(FILLER_POS)) >> 31]
+    out[torch.arange(len(out), device=out.device), slot] = tokens[:, B_POS]
     return out

@@ -38,7 +38,7 @@ CONFIG = dict(
 )
 
 
-def token_distribution(d_vocab: int, gen: torch.Generator, uniform_share: float = 0.5) -> Float[Tensor, "vocab"]:
+def token_distribution(d_vocab: int, gen: torch.Generator, uniform_share: float = 0.5) -> Float[Tensor, " vocab"]:
     """Half uniform, half Zipf(1) over a random order of the ordinary ids (0..3 never drawn)."""
     n = d_vocab - FIRST_TOKEN
     zipf = 1.0 / torch.arange(1, n + 1, dtype=torch.float64)
@@ -48,7 +48,7 @@ def token_distribution(d_vocab: int, gen: torch.Generator, uniform_share: float 
     return probs.float()
 
 
-def training_batch(probs: Float[Tensor, "vocab"], batch: int, n_ctx: int, gen: torch.Generator) -> Int[Tensor, "batch n_ctx"]:
+def training_batch(probs: Float[Tensor, " vocab"], batch: int, n_ctx: int, gen: torch.Generator) -> Int[Tensor, "batch n_ctx"]:
     body = n_ctx - 1
     tokens = torch.multinomial(probs, batch * body, replacement=True, generator=gen).view(batch, body)
     n_repeat = batch * 3 // 4

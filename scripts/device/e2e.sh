@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The project's real pipeline end to end on a bare GPU machine (Ray, actors, Parquet, aggregation,
+# report), with the phase breakdown each run prints. That machine has torch (with Triton), pandas,
+# pyarrow, matplotlib and safetensors, but no network, Ray or TransformerLens:
+#
+#   here (with network):  ../shared/device/pack-gpu-deps.sh .     (writes .whl/, git-ignored)
+#   there:                scripts/device/e2e.sh                    (carry .whl along)
+#
+# Runs, on a random attn-only-2l-shaped checkpoint (d_model 512, 8 heads, d_vocab 48262):
+#   1. the post's token-powers run (10 000 tokens x 256 sequences x 2 roles), Inductor's caches cold;
+#   2. the same run again into a fresh directory: Inductor's on-disk caches warm, as on any reuse;
+#   3. --experiment all --tokens all (49.4 M forwards);
+#   4. `report` of run 3 (footer partials only) and `report --from-rows` of run 1 (every row re-read).
+# Logs and each run's manifest.json (with its "phases") go to $OUT (or ./e2e-out).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+out="${OUT:-e2e-out}"
+mkdir -p "$out"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
+mkdir -p /tmp/raysite && tar xJf .whl/ray-slim.tar.xz -C /tmp/raysite
+export PYTHONPATH="/tmp/site:/tmp/raysite:$PWD/scripts/device/stubs:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export RAY_AUTH_MODE=disabled PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=/tmp/e2e-inductor
+rm -rf /tmp/e2e-inductor /tmp/e2e
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | tee "$out/gpu.txt" || true
+
+python3 -c "from workers import models; models.export_model(models.random_model(), '/tmp/e2e/model')" 2>&1 | tail -2
+sweep() {  # name, then run options
+    local name=$1; shift
+    local start=$SECONDS
+    python3 -m jobs.cli run --model /tmp/e2e/model --out "/tmp/e2e/$name" --quiet "$@" 2>&1 | tee "$out/$name.log" | sed -n '/^time:/,$p'
+    echo "$name: $((SECONDS - start)) s from command to report" | tee -a "$out/walls.txt"
+    cp "/tmp/e2e/$name/manifest.json" "$out/$name.manifest.json"
+}
+sweep post-cold --experiment token-powers --tokens 10000 --seqs 256 --shard-size 1048576
+sweep post-warm --experiment token-powers --tokens 10000 --seqs 256 --shard-size 1048576
+sweep all --experiment all --tokens all --shard-size 2097152
+for args in "/tmp/e2e/all" "/tmp/e2e/post-cold --from-rows"; do
+    start=$SECONDS
+    python3 -m jobs.cli report $args 2>&1 | sed -n '/^time:/,$p' | tee -a "$out/report.log"
+    echo "report $args: $((SECONDS - start)) s" | tee -a "$out/walls.txt"
+done

@@ -1,0 +1,143 @@
+"""One keyed, mergeable accumulator for every aggregate of a run (docs/DESIGN.md §3).
+
+Each entry is the count, mean and sum of squared deviations (M2) of one statistic under one key
+``(stat, experiment, scenario, target, token, bin)``: strength moments per target or per fixed
+token, histogram counts on fixed bins (a count is an entry's n), per-head moments. Every shard
+computes its own (``shard_partials``) and stores it in its Parquet footer, written in the same
+atomic put as its rows; the driver merges them (Chan et al.'s pairwise update, float64), so the
+end of a run reads kilobytes per shard. Tables and plots derive from the merged accumulator
+(jobs/aggregate.py).
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from workers.experiments import Experiment
+from workers.rows import ScoredBatch
+
+KEYS = ("stat", "experiment", "scenario", "target", "token", "bin")
+VALUES = ("n", "mean", "m2")
+FOOTER_KEY = b"induction_sweep.partials"
+
+STRENGTH = "strength"
+HIST_STRENGTH = "hist:strength"  # strength on B, per scenario
+HIST_LOGODDS = "hist2d:logodds"  # (shuffled, induction) log-odds of B, per scenario; bin = x * bins + y
+# Fixed bin edges, so that every shard counts into the same bins (the post's figures).
+STRENGTH_BINS = (30, -10.0, 20.0)
+LOGODDS_BINS = (100, -18.0, 6.0)
+
+
+def bin_index(values: np.ndarray, bins: tuple[int, float, float]) -> np.ndarray:
+    """Bin of each value on ``bins`` = (count, lo, hi): [lo, hi) per bin, hi in the last; -1 outside."""
+    n, lo, hi = bins
+    v = values.astype(np.float64)
+    inside = (v >= lo) & (v <= hi)  # False for NaN
+    idx = np.full(len(v), -1, dtype=np.int64)
+    idx[inside] = np.minimum(np.floor((v[inside] - lo) / (hi - lo) * n).astype(np.int64), n - 1)
+    return idx
+
+
+def bin_edges(bins: tuple[int, float, float]) -> np.ndarray:
+    return np.linspace(bins[1], bins[2], bins[0] + 1)
+
+
+class Accumulator:
+    """Count, mean and M2 per key, as a DataFrame with columns KEYS + VALUES."""
+
+    def __init__(self, frame: pd.DataFrame | None = None):
+        self.frame = frame if frame is not None else pd.DataFrame({c: [] for c in KEYS + VALUES}).astype(
+            {"token": np.int64, "bin": np.int64, "n": np.int64})
+
+    @classmethod
+    def of(cls, stat: str, experiment: str, scenario: str, values: np.ndarray, target: str | np.ndarray = "",
+           token: int | np.ndarray = -1, bin: int | np.ndarray = -1) -> Accumulator:
+        """Moments of ``values`` grouped by the keys given as arrays (the others are constants)."""
+        values = np.asarray(values, dtype=np.float64).reshape(-1)
+        varying = {k: np.asarray(v).reshape(-1) for k, v in (("target", target), ("token", token), ("bin", bin))
+                   if isinstance(v, np.ndarray)}
+        codes, uniques = [], {}
+        for name, column in varying.items():
+            uniques[name], code = np.unique(column, return_inverse=True)
+            codes.append(code)
+        group = np.ravel_multi_index(codes, [len(u) for u in uniques.values()]) if codes else np.zeros(len(values), np.int64)
+        ids, inverse = np.unique(group, return_inverse=True)
+        n = np.bincount(inverse, minlength=len(ids))
+        mean = np.bincount(inverse, weights=values, minlength=len(ids)) / n
+        m2 = np.bincount(inverse, weights=(values - mean[inverse]) ** 2, minlength=len(ids))
+        index = np.unravel_index(ids, [len(u) for u in uniques.values()]) if codes else ()
+        keys = {"target": target, "token": token, "bin": bin}
+        keys.update({name: uniques[name][i] for name, i in zip(uniques, index)})
+        frame = pd.DataFrame({"stat": stat, "experiment": experiment, "scenario": scenario, **keys,
+                              "n": n.astype(np.int64), "mean": mean, "m2": m2}, index=range(len(ids)))
+        return cls(frame.astype({"target": str, "token": np.int64, "bin": np.int64}))
+
+    @classmethod
+    def counts(cls, stat: str, experiment: str, scenario: str, bins: np.ndarray) -> Accumulator:
+        """A histogram: the count of each bin index (values outside, -1, are dropped)."""
+        bins = bins[bins >= 0]
+        return cls.of(stat, experiment, scenario, np.zeros(len(bins)), bin=bins)
+
+    @staticmethod
+    def concat(parts: Sequence[Accumulator]) -> Accumulator:
+        """Entries of disjoint keys side by side (no merging)."""
+        frames = [p.frame for p in parts if len(p.frame)]
+        return Accumulator(pd.concat(frames, ignore_index=True) if frames else None)
+
+    @staticmethod
+    def merge(parts: Sequence[Accumulator]) -> Accumulator:
+        """Combine entries with equal keys: n adds, means weight by n, M2 adds plus n·(mean - merged mean)².
+        Deterministic for a given order of ``parts``."""
+        df = Accumulator.concat(parts).frame
+        if df.empty:
+            return Accumulator()
+        keys = list(KEYS)
+        df = df.assign(nm=df.n * df["mean"])
+        totals = df.groupby(keys, sort=False)[["n", "nm"]].transform("sum")
+        df["m2"] = df.m2 + df.n * (df["mean"] - totals.nm / totals.n) ** 2
+        out = df.groupby(keys, sort=True).agg(n=("n", "sum"), nm=("nm", "sum"), m2=("m2", "sum")).reset_index()
+        out["mean"] = out.nm / out.n
+        return Accumulator(out[list(KEYS + VALUES)])
+
+    def select(self, stat: str, experiment: str | None = None) -> pd.DataFrame:
+        """Entries of one statistic (of one experiment), with the standard error of each mean."""
+        f = self.frame[self.frame.stat == stat]
+        if experiment is not None:
+            f = f[f.experiment == experiment]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            sem = np.sqrt(f.m2 / (f.n - 1) / f.n)
+        return f.assign(sem=sem).reset_index(drop=True)
+
+    def to_bytes(self) -> bytes:
+        """Arrow IPC (zstd), base64: a Parquet footer value."""
+        sink = pa.BufferOutputStream()
+        table = pa.Table.from_pandas(self.frame, preserve_index=False)
+        with pa.ipc.new_stream(sink, table.schema, options=pa.ipc.IpcWriteOptions(compression="zstd")) as writer:
+            writer.write_table(table)
+        return base64.b64encode(sink.getvalue().to_pybytes())
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Accumulator:
+        return cls(pa.ipc.open_stream(base64.b64decode(data)).read_all().to_pandas())
+
+
+def shard_partials(experiment: Experiment, scenario: str, batch: ScoredBatch, names: tuple[str, ...]) -> Accumulator:
+    """Everything a shard contributes to the run's aggregates, from its scored (numpy) batch."""
+    n_seq, n_t = batch.targets.shape
+    name = experiment.name
+    strength = batch.strength
+    token = np.repeat(batch.fixed.astype(np.int64), n_t) if experiment.per_token else -1
+    parts = [Accumulator.of(STRENGTH, name, scenario, strength, target=np.tile(np.array(names), n_seq), token=token)]
+    if experiment.histograms:
+        on_b = names.index("B")
+        parts.append(Accumulator.counts(HIST_STRENGTH, name, scenario, bin_index(strength[:, on_b], STRENGTH_BINS)))
+        x = bin_index(batch.shuffled[:, on_b], LOGODDS_BINS)
+        y = bin_index(batch.induction[:, on_b], LOGODDS_BINS)
+        parts.append(Accumulator.counts(HIST_LOGODDS, name, scenario, np.where((x >= 0) & (y >= 0), x * LOGODDS_BINS[0] + y, -1)))
+    parts += [Accumulator.of(column, name, scenario, values) for column, values in batch.heads.items()]
+    return Accumulator.concat(parts)

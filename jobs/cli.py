@@ -116,7 +116,10 @@ def cmd_run(args) -> int:
     phases = Phases()
     with phases.phase("validate"):
         cfg, info = run_config(args)
-    summary = driver.run(cfg, info, progress=not args.quiet, phases=phases)
+    try:
+        summary = driver.run(cfg, info, progress=not args.quiet, phases=phases)
+    finally:
+        driver.stop_embedded(phases)
     print(json.dumps(summary.as_dict(), indent=2))
     print(phases.text())
     print(f"report: {cfg.out.rstrip('/')}/report.html")

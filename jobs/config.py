@@ -18,6 +18,8 @@ from workers.shard import ShardSpec, WorkParams
 
 SCHEMA_VERSION = 2  # bump when a change alters what shards hold (2: partial aggregates in the footer, BOS)
 DEFAULT_TOKENS = 10000  # the post's "first 10000 tokens"
+MAX_SEQUENCE_INDEX = 2**31 - 1  # the rows' seq column is int32
+MAX_SHARDS = 1_000_000  # a plan beyond this is a mistake (or needs a larger --shard-size)
 PRECISIONS = ("auto", "fp32", "tf32", "bf16")
 
 
@@ -126,6 +128,12 @@ def resolve(cfg: RunConfig, info: models.ModelInfo, tokens: str | None = None, p
         raise ConfigError(f"--neighbors {cfg.neighbors} exceeds the {available - 1} candidate neighbours of {cfg.model}")
     if cfg.heads and not info.compact:
         raise ConfigError(f"--heads needs an attention-only model; {cfg.model} is not one")
+    for name in ("seqs", "pairs"):
+        if getattr(cfg, name) > MAX_SEQUENCE_INDEX:
+            raise ConfigError(f"--{name} {getattr(cfg, name)} is beyond the rows' int32 sequence index ({MAX_SEQUENCE_INDEX})")
+    shards = count_shards(replace(cfg, tokens=n))
+    if shards > MAX_SHARDS:
+        raise ConfigError(f"this run would plan {shards:,} shards (at most {MAX_SHARDS:,}): raise --shard-size")
     default_a, default_b = info.default_pair()
     try:
         a = info.resolve_token(pair_a, "--pair-a") if pair_a is not None else default_a
@@ -133,6 +141,19 @@ def resolve(cfg: RunConfig, info: models.ModelInfo, tokens: str | None = None, p
     except models.ModelInputError as exc:
         raise ConfigError(str(exc)) from None
     return replace(cfg, tokens=n, pair=(a, b), bos=info.bos)
+
+
+def count_shards(cfg: RunConfig) -> int:
+    """len(plan_shards(cfg)), without planning them."""
+    total = 0
+    for experiment in cfg.experiment_specs:
+        if experiment.per_token:
+            tokens_per_shard = max(1, cfg.shard_size // cfg.seqs)
+            per_token_range = -(-cfg.seqs // min(cfg.seqs, cfg.shard_size))
+            total += len(experiment.scenarios) * -(-cfg.tokens // tokens_per_shard) * per_token_range
+        else:
+            total += len(experiment.scenarios) * -(-cfg.pairs // cfg.shard_size)
+    return total
 
 
 def plan_shards(cfg: RunConfig) -> list[ShardSpec]:

@@ -10,9 +10,11 @@ in-flight shards are re-executed (``max_task_retries``).
 
 from __future__ import annotations
 
+import importlib
 import io
 import os
 import socket
+import threading
 from dataclasses import dataclass, replace
 
 import pandas as pd
@@ -58,6 +60,8 @@ def run(cfg: RunConfig, info: models.ModelInfo | None = None, progress: bool = T
     existing = manifest.check_compatible(store, cfg)
     requested = phases.now()
     actors = start_actors(ray, cfg, plan)  # they import and load while the driver plans
+    # the report's plotting library loads while the driver waits on the actors (ray.wait frees the GIL)
+    threading.Thread(target=importlib.import_module, args=("jobs.report",), daemon=True).start()
 
     try:
         with phases.phase("plan"):
@@ -67,12 +71,12 @@ def run(cfg: RunConfig, info: models.ModelInfo | None = None, progress: bool = T
             manifest.write(store, cfg, len(specs), "running")
             write_vocab(store, info.token_strings())
             states = manifest.shard_states(store, cfg, specs)
-        partials = dict(states.partials)
+        partials = {key: Accumulator.from_bytes(data) for key, data in states.partials.items()}  # kept shards
         todo = states.missing + states.corrupt
         circuits = wants_circuits(cfg)
-        if todo or circuits:
+        if todo or circuits:  # each shard's partials are decoded as it completes, merged at the end
             for summary in execute(ray, actors, todo, phases, requested, progress, len(states.done), len(specs)):
-                partials[summary.key] = summary.partials
+                partials[summary.key] = Accumulator.from_bytes(summary.partials)
         scores = None
         if circuits:
             with phases.phase("circuits"):
@@ -83,19 +87,19 @@ def run(cfg: RunConfig, info: models.ModelInfo | None = None, progress: bool = T
     return finish(store, cfg, [partials[s.key] for s in specs], scores, phases, info.token_strings())
 
 
-def finish(store: Store, cfg: RunConfig, partials: list[bytes], circuit_scores: dict | None, phases: Phases,
+def finish(store: Store, cfg: RunConfig, partials: list[Accumulator], circuit_scores: dict | None, phases: Phases,
            token_strings: list[str] | None = None) -> aggregate.Summary:
     """Merge the shards' partials (in plan order, so a resumed run equals an undisturbed one), derive
     and write the aggregates, draw the report; mark the run complete with its phase breakdown."""
-    from jobs import report  # matplotlib: imported when a report is drawn
-
     with phases.phase("aggregation"):
-        merged = Accumulator.merge([Accumulator.from_bytes(p) for p in partials])
+        merged = Accumulator.merge(partials)
         agg = aggregate.derive(merged, cfg, token_strings or read_vocab(store))
         if circuit_scores is not None:
             aggregate.add_circuits(agg, circuit_scores)
         agg.write(store)
     with phases.phase("report"):
+        from jobs import report  # matplotlib (already imported in the background during a run)
+
         report.render(store, manifest.build(cfg, len(partials), "complete", phases=phases.as_dict()), agg)
     manifest.write(store, cfg, len(partials), "complete", phases=phases.as_dict())
     return agg.summary
@@ -111,7 +115,8 @@ def report(store: Store, from_rows: bool = False, phases: Phases | None = None) 
         states = manifest.shard_states(store, cfg, specs)
         if states.missing or states.corrupt:
             raise RunFailed(f"{len(states.missing)} shards missing and {len(states.corrupt)} corrupt under {store.uri}")
-        partials = [rows_partials(store, cfg, s) if from_rows else states.partials[s.key] for s in specs]
+        partials = [rows_partials(store, cfg, s) if from_rows else Accumulator.from_bytes(states.partials[s.key])
+                    for s in specs]
     scores = None
     if wants_circuits(cfg):
         from workers.circuits import model_scores
@@ -121,14 +126,14 @@ def report(store: Store, from_rows: bool = False, phases: Phases | None = None) 
     return finish(store, cfg, partials, scores, phases)
 
 
-def rows_partials(store: Store, cfg: RunConfig, spec: ShardSpec) -> bytes:
+def rows_partials(store: Store, cfg: RunConfig, spec: ShardSpec) -> Accumulator:
     """A shard's partial aggregates recomputed from its rows."""
     import pyarrow.parquet as pq
 
     experiment = experiments.get(spec.experiment)
     names = experiment.target_names(cfg.n_neighbors)
     batch = ScoredBatch.from_table(pq.read_table(io.BytesIO(store.get(spec.key))), len(names))
-    return shard_partials(experiment, spec.scenario, batch, names).to_bytes()
+    return shard_partials(experiment, spec.scenario, batch, names)
 
 
 def wants_circuits(cfg: RunConfig) -> bool:
@@ -176,7 +181,18 @@ def connect(address: str | None):
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private in-process cluster needs no token
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True)
+        _embedded.append(ray)
     return ray
+
+
+_embedded: list = []  # the local cluster this process started, if any
+
+
+def stop_embedded(phases: Phases) -> None:
+    """Stop the local cluster ``connect`` started (its processes take a second or two to go)."""
+    while _embedded:
+        with phases.phase("ray stop"):
+            _embedded.pop().shutdown()
 
 
 def plan_actors(cfg: RunConfig, resources: dict) -> ActorPlan:

@@ -5,7 +5,7 @@ from dataclasses import replace
 
 import pytest
 
-from jobs.config import DEFAULTS, RunConfig, parse_experiments, plan_shards, resolve
+from jobs.config import DEFAULTS, RunConfig, count_shards, parse_experiments, plan_shards, resolve
 from jobs.errors import ConfigError
 from workers import experiments, models
 from workers.sequences import FIRST_TOKEN
@@ -29,6 +29,14 @@ def test_every_sequence_is_planned_exactly_once(seqs, shard_size):
     assert len(seen) == len(set(seen)) == 2 * 37 * seqs + 4 * 50
     assert {t for e, _, t, _ in seen if e == "token-powers"} == set(range(FIRST_TOKEN, FIRST_TOKEN + 37))
     assert len({s.key for s in specs}) == len(specs) and plan_shards(c) == specs  # deterministic names
+    assert count_shards(c) == len(specs)
+
+
+def test_runs_too_large_to_plan_are_refused_before_planning():
+    with pytest.raises(ConfigError, match="int32 sequence index"):
+        cfg(seqs=3_000_000_000)
+    with pytest.raises(ConfigError, match="raise --shard-size"):
+        cfg(seqs=100_000, shard_size=1)
 
 
 def test_the_hash_follows_the_science_only():

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import socket
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -106,13 +108,14 @@ class ShardRunner:
             self.neighbors = self._timed("neighbors", cosine_neighbors, models.centred_unembedding(self.model.W_U),
                                          params.n_neighbors, FIRST_TOKEN)
         self.store = open_store(out)
-        # kernels that another actor of the run compiled already, then the warm-up compiles the rest
-        shared = self.scorer.options["compiled"] and compile_cache.cache_key(self.device, self.scorer.precision,
-                                                                              self.scorer.shapes)
-        loaded = shared and self._timed("cache load", compile_cache.load, self.store, shared)
+        # kernels that another actor of the run compiled already; the warm-up compiles the rest
+        cache = None
+        if self.scorer.options["compiled"]:
+            cache = compile_cache.cache_key(self.device, self.scorer.precision, self.scorer.shapes)
+        loaded = cache is not None and self._timed("cache load", compile_cache.load, self.store, cache)
         self._timed("warm-up", self.warm_up)  # compiles here, not inside the first shard
-        if shared and not loaded and self.scorer.options["compiled"]:
-            self._timed("cache save", compile_cache.save, self.store, shared)
+        if cache is not None and not loaded and self.scorer.options["compiled"]:  # still compiled: no fallback
+            self._timed("cache save", compile_cache.save, self.store, cache)
         self._compute = threading.Lock()  # one shard computes while the previous one uploads
 
     def _timed(self, name: str, fn, *args):
@@ -125,9 +128,6 @@ class ShardRunner:
 
     def ready(self) -> dict:
         """Start-up timings (seconds per step, ``started`` as a Unix time) and where this actor runs."""
-        import os
-        import socket
-
         return {**self.timings, "device": str(self.device), "host": socket.gethostname(), "pid": os.getpid()}
 
     def warm_up(self) -> None:
@@ -141,10 +141,10 @@ class ShardRunner:
         spec = ShardSpec(**spec) if isinstance(spec, dict) else spec
         experiment = self.experiments[spec.experiment]
         names = experiment.target_names(self.params.n_neighbors)
-        start = time.perf_counter()
         with self._compute:
+            start = time.perf_counter()
             batch = self.compute(spec)
-        computed = time.perf_counter()
+            computed = time.perf_counter()
         partials = shard_partials(experiment, spec.scenario, batch, names).to_bytes()
         table = batch.to_table(spec.experiment, spec.scenario, names)
         # which path computed these rows (after any compiler fallback), and what they add to the aggregates

@@ -140,6 +140,11 @@ def resolve(cfg: RunConfig, info: models.ModelInfo, tokens: str | None = None, p
         b = info.resolve_token(pair_b, "--pair-b") if pair_b is not None else default_b
     except models.ModelInputError as exc:
         raise ConfigError(str(exc)) from None
+    fixes_pair = any(not e.per_token and any(s.fix_a or s.fix_b for s in e.scenarios) for e in cfg.experiment_specs)
+    outside = [t for t in (a, b) if not FIRST_TOKEN <= t < info.d_vocab]
+    if fixes_pair and outside:  # only the fallback ids can be: given ones are checked above
+        raise ConfigError(f"the default pair ids {a} and {b} do not fit {cfg.model}'s vocabulary "
+                          f"(ids {FIRST_TOKEN}..{info.d_vocab - 1}): give --pair-a and --pair-b")
     return replace(cfg, tokens=n, pair=(a, b), bos=info.bos)
 
 

@@ -55,6 +55,11 @@ def test_resolution_against_the_model():
     assert resolve(RunConfig("toy-2l", "/x"), TOY, "12").tokens == 12
     with pytest.raises(ConfigError, match="d_vocab 2048"):
         resolve(RunConfig("toy-2l", "/x"), TOY, "5000")
+    small = models.ModelInfo("small", type("Cfg", (), {"d_vocab": 1200})())  # the fallback B (1500) does not fit
+    with pytest.raises(ConfigError, match="give --pair-a and --pair-b"):
+        resolve(RunConfig("small", "/x"), small)
+    assert resolve(RunConfig("small", "/x", experiments=("fixed-pair",)), small, None, "7", "8").pair == (7, 8)
+    assert resolve(RunConfig("small", "/x", experiments=("neighbors",)), small).pair == models.FALLBACK_PAIR  # unused
     assert DEFAULTS["seqs"] == 256 and DEFAULTS["experiments"] == experiments.group("all")
 
 

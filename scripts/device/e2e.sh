@@ -12,30 +12,44 @@
 #   3. --experiment all --tokens all (49.4 M forwards);
 #   4. `report` of run 3 (footer partials only) and `report --from-rows` of run 1 (every row re-read).
 # Logs and each run's manifest.json (with its "phases") go to $OUT (or ./e2e-out).
+# A smoke test of the script itself on a CPU machine with the project's venv (a small model, small runs):
+#   PYTHON=.venv/bin/python E2E_SMALL=1 scripts/device/e2e.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 out="${OUT:-e2e-out}"
+py="${PYTHON:-python3}"
 mkdir -p "$out"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
-mkdir -p /tmp/raysite && tar xJf .whl/ray-slim.tar.xz -C /tmp/raysite
-export PYTHONPATH="/tmp/site:/tmp/raysite:$PWD/scripts/device/stubs:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+: > "$out/walls.txt"
+: > "$out/report.log"
+if [ -d .whl ]; then
+    $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
+    mkdir -p /tmp/raysite && tar xJf .whl/ray-slim.tar.xz -C /tmp/raysite
+    export PYTHONPATH="/tmp/site:/tmp/raysite:$PWD/scripts/device/stubs:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
 export RAY_AUTH_MODE=disabled PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=/tmp/e2e-inductor
 rm -rf /tmp/e2e-inductor /tmp/e2e
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | tee "$out/gpu.txt" || true
 
-python3 -c "from workers import models; models.export_model(models.random_model(), '/tmp/e2e/model')" 2>&1 | tail -2
+if [ -n "${E2E_SMALL:-}" ]; then  # the smoke test's sizes
+    shape="d_vocab=2000, n_ctx=32, d_model=64, n_heads=4, d_head=16"
+    post=(--tokens 64 --seqs 8 --shard-size 256); all=(--tokens all --seqs 4 --pairs 64 --shard-size 1024)
+else
+    shape=""
+    post=(--tokens 10000 --seqs 256 --shard-size 1048576); all=(--tokens all --shard-size 2097152)
+fi
+$py -c "from workers import models; models.export_model(models.random_model($shape), '/tmp/e2e/model')" 2>&1 | tail -2
 sweep() {  # name, then run options
     local name=$1; shift
     local start=$SECONDS
-    python3 -m jobs.cli run --model /tmp/e2e/model --out "/tmp/e2e/$name" --quiet "$@" 2>&1 | tee "$out/$name.log" | sed -n '/^time:/,$p'
+    $py -m jobs.cli run --model /tmp/e2e/model --out "/tmp/e2e/$name" --quiet "$@" 2>&1 | tee "$out/$name.log" | sed -n '/^time:/,$p'
     echo "$name: $((SECONDS - start)) s from command to report" | tee -a "$out/walls.txt"
     cp "/tmp/e2e/$name/manifest.json" "$out/$name.manifest.json"
 }
-sweep post-cold --experiment token-powers --tokens 10000 --seqs 256 --shard-size 1048576
-sweep post-warm --experiment token-powers --tokens 10000 --seqs 256 --shard-size 1048576
-sweep all --experiment all --tokens all --shard-size 2097152
+sweep post-cold --experiment token-powers "${post[@]}"
+sweep post-warm --experiment token-powers "${post[@]}"
+sweep all --experiment all "${all[@]}"
 for args in "/tmp/e2e/all" "/tmp/e2e/post-cold --from-rows"; do
     start=$SECONDS
-    python3 -m jobs.cli report $args 2>&1 | sed -n '/^time:/,$p' | tee -a "$out/report.log"
+    $py -m jobs.cli report $args 2>&1 | sed -n '/^time:/,$p' | tee -a "$out/report.log"
     echo "report $args: $((SECONDS - start)) s" | tee -a "$out/walls.txt"
 done

@@ -48,6 +48,10 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a run with another config at --out")
     p.add_argument("--pair-a", default=None, help='fixed A: a token string (" Fab") or an id')
     p.add_argument("--pair-b", default=None, help='fixed B: a token string ("ien") or an id')
+    p.add_argument("--bos", default=None, help="BOS id, or 'tokenizer' (default: 1 for the attn-only-Nl models and "
+                   "toy-2l, as in the post; else the checkpoint's or the tokenizer's BOS)")
+    p.add_argument("--processing", default=d["processing"], help="exact (default: only weight processing that keeps "
+                   "the function, checked at load) or tl-default (TransformerLens' defaults, as the post loaded its model)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -101,12 +105,12 @@ def run_config(args: argparse.Namespace, phases=None):
         seqs=args.seqs, pairs=args.pairs, neighbors=args.neighbors, seed=args.seed, precision=args.precision,
         save_tokens=args.save_tokens, shard_size=args.shard_size, heads=args.heads, batch_size=args.batch_size,
         actors=parse_count("--actors", args.actors, "auto"), gpus_per_actor=args.gpus_per_actor,
-        address=args.address, overwrite=args.overwrite)
+        address=args.address, overwrite=args.overwrite, processing=args.processing)
     if args.tokens is not None:
         parse_count("--tokens", args.tokens, "all")  # before the model is read
     open_store(cfg.out).check()
     info = models.describe(cfg.model)
-    return resolve(cfg, info, args.tokens, args.pair_a, args.pair_b), info
+    return resolve(cfg, info, args.tokens, args.pair_a, args.pair_b, args.bos), info
 
 
 def cmd_run(args) -> int:

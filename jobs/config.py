@@ -39,6 +39,7 @@ class RunConfig:
     bos: int = models.DEFAULT_BOS
     shard_size: int = 65536  # sequences per shard
     heads: bool = False  # per-head measurements in every row
+    processing: str = "exact"  # how the weights are loaded (workers/models.py processing_steps)
     # execution only: not part of the config hash
     batch_size: int | None = field(default=None, compare=False)
     actors: int | None = field(default=None, compare=False)  # None: auto
@@ -68,7 +69,7 @@ class RunConfig:
     @property
     def work_params(self) -> WorkParams:
         return WorkParams(self.model, self.seed, self.n_neighbors, self.pair, self.bos, self.save_tokens,
-                          self.precision, self.heads, tuple(self.experiment_specs))
+                          self.precision, self.heads, self.processing, tuple(self.experiment_specs))
 
     @classmethod
     def from_science(cls, science: dict, out: str, **execution) -> RunConfig:
@@ -111,12 +112,15 @@ def check_counts(cfg: RunConfig) -> None:
         raise ConfigError(f"--neighbors must be at least 1, not {cfg.neighbors}")
     if cfg.precision not in PRECISIONS:
         raise ConfigError(f"unknown precision {cfg.precision!r}: choose {', '.join(PRECISIONS)}")
+    if cfg.processing not in models.PROCESSING:
+        raise ConfigError(f"unknown processing {cfg.processing!r}: choose {' or '.join(models.PROCESSING)}")
 
 
 def resolve(cfg: RunConfig, info: models.ModelInfo, tokens: str | None = None, pair_a: str | None = None,
-            pair_b: str | None = None) -> RunConfig:
+            pair_b: str | None = None, bos: str | None = None) -> RunConfig:
     """The full config: token count, pair ids and BOS from the model; ConfigError where they do not fit.
-    ``tokens``: a count, ``all``, or None for the post's 10000 (or all, where the vocabulary is smaller)."""
+    ``tokens``: a count, ``all``, or None for the post's 10000 (or all, where the vocabulary is smaller).
+    ``bos``: an id, ``tokenizer`` (the tokenizer's BOS), or None for the model's default (models.default_bos)."""
     check_counts(cfg)
     available = info.d_vocab - FIRST_TOKEN
     count = parse_count("--tokens", tokens, "all")
@@ -145,7 +149,19 @@ def resolve(cfg: RunConfig, info: models.ModelInfo, tokens: str | None = None, p
     if fixes_pair and outside:  # only the fallback ids can be: given ones are checked above
         raise ConfigError(f"the default pair ids {a} and {b} do not fit {cfg.model}'s vocabulary "
                           f"(ids {FIRST_TOKEN}..{info.d_vocab - 1}): give --pair-a and --pair-b")
-    return replace(cfg, tokens=n, pair=(a, b), bos=info.bos)
+    return replace(cfg, tokens=n, pair=(a, b), bos=resolve_bos(info, bos))
+
+
+def resolve_bos(info: models.ModelInfo, bos: str | None) -> int:
+    if bos is None:
+        return info.bos
+    if bos == "tokenizer":
+        if info.tokenizer is None or info.tokenizer.bos_token_id is None:
+            raise ConfigError(f"--bos tokenizer: {info.name} has no tokenizer with a BOS token; give an id")
+        return int(info.tokenizer.bos_token_id)
+    if not bos.isdigit() or int(bos) >= info.d_vocab:
+        raise ConfigError(f"--bos must be 'tokenizer' or an id in 0..{info.d_vocab - 1}, not {bos!r}")
+    return int(bos)
 
 
 def count_shards(cfg: RunConfig) -> int:

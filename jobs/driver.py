@@ -84,11 +84,12 @@ def run(cfg: RunConfig, info: models.ModelInfo | None = None, progress: bool = T
     finally:
         for actor in actors:
             ray.kill(actor)
-    return finish(store, cfg, [partials[s.key] for s in specs], scores, phases, info.token_strings())
+    return finish(store, cfg, [partials[s.key] for s in specs], scores, phases, info.token_strings(),
+                  model_loading=phases.model_loading or (existing or {}).get("model_loading"))
 
 
 def finish(store: Store, cfg: RunConfig, partials: list[Accumulator], circuit_scores: dict | None, phases: Phases,
-           token_strings: list[str] | None = None) -> aggregate.Summary:
+           token_strings: list[str] | None = None, model_loading: dict | None = None) -> aggregate.Summary:
     """Merge the shards' partials (in plan order, so a resumed run equals an undisturbed one), derive
     and write the aggregates, draw the report; mark the run complete with its phase breakdown."""
     with phases.phase("aggregation"):
@@ -100,8 +101,9 @@ def finish(store: Store, cfg: RunConfig, partials: list[Accumulator], circuit_sc
     with phases.phase("report"):
         from jobs import report  # matplotlib (already imported in the background during a run)
 
-        report.render(store, manifest.build(cfg, len(partials), "complete", phases=phases.as_dict()), agg)
-    manifest.write(store, cfg, len(partials), "complete", phases=phases.as_dict())
+        report.render(store, manifest.build(cfg, len(partials), "complete", model_loading=model_loading,
+                                            phases=phases.as_dict()), agg)
+    manifest.write(store, cfg, len(partials), "complete", model_loading=model_loading, phases=phases.as_dict())
     return agg.summary
 
 
@@ -110,6 +112,7 @@ def report(store: Store, from_rows: bool = False, phases: Phases | None = None) 
     with ``from_rows`` recomputed from every row, as a check of the partials."""
     phases = phases or Phases()
     cfg = manifest.config_of(store)
+    loading = manifest.read(store).get("model_loading")
     with phases.phase("read shards"):
         specs = plan_shards(cfg)
         states = manifest.shard_states(store, cfg, specs)
@@ -122,8 +125,8 @@ def report(store: Store, from_rows: bool = False, phases: Phases | None = None) 
         from workers.circuits import model_scores
 
         with phases.phase("circuits"):
-            scores = model_scores(models.load_model(cfg.model, "cpu"), circuit_tokens(cfg))
-    return finish(store, cfg, partials, scores, phases)
+            scores = model_scores(models.load_model(cfg.model, "cpu", cfg.processing), circuit_tokens(cfg))
+    return finish(store, cfg, partials, scores, phases, model_loading=loading)
 
 
 def rows_partials(store: Store, cfg: RunConfig, spec: ShardSpec) -> Accumulator:

@@ -28,6 +28,7 @@ class Phases:
         self.actors: list[dict] = []
         self.shards = {"count": 0, "compute_s": 0.0, "write_s": 0.0}
         self.completions: list[tuple[float, int]] = []  # (time, sequences) of each finished shard
+        self.model_loading: dict | None = None  # how the first ready actor loaded the model (workers/models.py)
         if process_age() > 0:
             self.rows.append({"phase": "python start-up", "start_s": 0.0, "seconds": round(time.time() - self.origin, 3)})
 
@@ -48,6 +49,7 @@ class Phases:
     def actor_ready(self, info: dict, requested: float) -> None:
         """One actor's start-up: its constructor's timed steps, and when it was ready."""
         steps = {k: round(v, 3) for k, v in info.items() if isinstance(v, float) and k != "started"}
+        self.model_loading = self.model_loading or info.get("loading")
         self.actors.append({"host": info.get("host"), "device": info.get("device"), "requested_s": round(requested, 3),
                             "ready_s": round(self.now(), 3), **steps})
 

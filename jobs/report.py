@@ -150,6 +150,15 @@ def render(store: Store, manifest: dict, agg: Aggregates) -> dict[str, bytes]:
     return plots
 
 
+def loading_text(loading: dict | None) -> str:
+    if not loading:
+        return ""
+    steps = ", ".join(loading.get("steps", [])) or "none"
+    check = loading.get("max_abs_diff_log_prob")
+    checked = f"; max |Δ log-prob| against the stored weights {check:.1e}" if check is not None else ""
+    return f" ({html.escape(loading.get('loader', ''))}: {html.escape(steps)}{checked})"
+
+
 def rule_text(experiment: str) -> str:
     """A control's sequence rule, in its docstring's words."""
     rule = experiments.get(experiment).rule if experiment in experiments.REGISTRY else None
@@ -164,7 +173,9 @@ def report_html(manifest: dict, agg: Aggregates, plots: dict[str, bytes]) -> str
     cfg, summary = manifest["config"], agg.summary
     parts = [f"<h1>Induction sweep: {html.escape(str(cfg['model']))}</h1>",
              "<p>Induction strength = log-odds of the target after <code>BOS, r×10, A, B, r×10, A</code> minus its "
-             "log-odds after the same 22 inner tokens shuffled (last position only).</p>"]
+             "log-odds after the same 22 inner tokens shuffled (last position only).</p>",
+             f"<p>BOS id {cfg.get('bos')}; weights loaded with <b>{html.escape(str(cfg.get('processing')))}</b> processing"
+             f"{loading_text(manifest.get('model_loading'))}.</p>"]
     if agg.token_powers is not None:
         tp, table = summary.token_powers, agg.token_powers
         parts += ["<h2>Token powers</h2>",

@@ -42,10 +42,11 @@ def test_runs_too_large_to_plan_are_refused_before_planning():
 def test_the_hash_follows_the_science_only():
     base = cfg()
     assert base.config_hash == replace(base, out="s3://else/where", actors=3, batch_size=7, overwrite=True).config_hash
-    for change in (dict(seed=1), dict(seqs=9), dict(pair=(5, 6)), dict(bos=0), dict(heads=True), dict(precision="bf16")):
+    for change in (dict(seed=1), dict(seqs=9), dict(pair=(5, 6)), dict(bos=0), dict(heads=True), dict(precision="bf16"),
+                   dict(processing="tl-default")):
         assert replace(base, **change).config_hash != base.config_hash
     assert set(base.science()) == {"model", "experiments", "tokens", "seqs", "pairs", "neighbors", "seed", "precision",
-                                   "save_tokens", "pair", "bos", "shard_size", "heads"}
+                                   "save_tokens", "pair", "bos", "shard_size", "heads", "processing"}
 
 
 def test_resolution_against_the_model():
@@ -70,3 +71,14 @@ def test_experiment_groups_and_neighbours():
         parse_experiments("x")
     assert cfg(experiments=("token-powers",)).n_neighbors == 0  # no neighbour table is built
     assert cfg(experiments=("fixed-pair",), neighbors=7).n_neighbors == 7
+
+
+def test_bos_option():
+    assert cfg().bos == 1
+    assert resolve(RunConfig("toy-2l", "/x"), TOY, bos="0").bos == 0
+    with pytest.raises(ConfigError, match="has no tokenizer with a BOS token"):
+        resolve(RunConfig("toy-2l", "/x"), TOY, bos="tokenizer")
+    with pytest.raises(ConfigError, match="--bos must be"):
+        resolve(RunConfig("toy-2l", "/x"), TOY, bos="2048")
+    with pytest.raises(ConfigError, match="unknown processing"):
+        cfg(processing="none")

@@ -73,6 +73,7 @@ def test_s3_run_writes_every_row_once(s3_run):
                 "aggregates/summary.json", "manifest.json"):
         assert key in keys
     assert run.aggregates.histogram("A").counts.sum() == 24 and len(run.aggregates.histogram("B").counts) == 30
+    assert run.manifest["model_loading"]["loader"] == "safetensors"  # toy-2l: read without TransformerLens
     phases = {p["phase"] for p in run.manifest["phases"]["phases"]}  # where the time went, in the manifest
     assert {"ray start", "plan", "actor start-up", "scoring", "aggregation", "report"} <= phases
     assert len(run.manifest["phases"]["actors"]) == 2 and run.manifest["phases"]["shards"]["count"] == len(
@@ -173,3 +174,15 @@ def test_report_from_rows_equals_the_merged_footer_partials(ray_cluster, tmp_pat
     assert summary.token_powers["tokens"] == 12
     footers = driver.report(open_store(out))  # and back from the footers alone
     assert footers == summary
+
+
+def test_tl_default_processing_is_its_own_config_and_is_recorded(ray_cluster, tmp_path):
+    out = str(tmp_path / "tl")
+    cfg = small_run(out, experiments=("neighbors",), processing="tl-default")
+    assert cfg.config_hash != small_run(out, experiments=("neighbors",)).config_hash
+    driver.run(cfg, progress=False)
+    run = results.open_run(out)
+    assert run.manifest["config"]["processing"] == "tl-default"
+    loading = run.manifest["model_loading"]
+    assert loading["loader"] == "transformer_lens" and loading["max_abs_diff_log_prob"] < 1e-4  # toy-2l: LNPre, centred W_pos
+    assert "<b>tl-default</b> processing" in open_store(out).get("report.html").decode()

@@ -24,11 +24,12 @@ def reference_strength(model, batch, targets) -> torch.Tensor:
     return lo[0] - lo[1]
 
 
-def check_parity(model, precision: str, n: int = 128, **scorer_options):
+def check_parity(model, precision: str, n: int = 128, scored=None, **scorer_options):
+    """``scored`` (default ``model``): what the scorer runs, e.g. the weights as the actors load them."""
     batch = seed_style(n, model.cfg.d_vocab)
     targets = torch.stack([batch.b, batch.a, batch.r], 1)
     ref = reference_strength(model, batch, targets)
-    scorer = Scorer(model, precision, **scorer_options)
+    scorer = Scorer(model if scored is None else scored, precision, **scorer_options)
     assert scorer.path == "compact"
     ind, shuf = scorer.strength(batch.tokens, batch.shuffled, targets)
     err = ((ind - shuf).double() - ref).abs().max().item()
@@ -43,6 +44,12 @@ def check_parity(model, precision: str, n: int = 128, **scorer_options):
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_toy_2l(toy_model, precision):
     check_parity(toy_model, precision, n=256)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_toy_2l_as_the_actors_load_it(toy_model, precision):
+    """The actors read toy-2l from safetensors without TransformerLens: same bounds."""
+    check_parity(toy_model, precision, n=256, scored=models.load_weights("toy-2l"))
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

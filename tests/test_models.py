@@ -151,3 +151,58 @@ def test_weights_read_without_transformer_lens_score_as_transformer_lens_does(tm
     ref = logodds(torch.log_softmax(models.full_logits(reference, tokens)[:, -1].double(), -1), targets)
     assert (Scorer(weights, "fp32").logodds(tokens, targets).double() - ref).abs().max() < 1e-4
     assert models.load_weights("toy-2l") is not None and models.load_weights("no-such-dir") is None
+
+
+@pytest.fixture(scope="module")
+def shortformer_ln_checkpoint(tmp_path_factory):
+    """A shortformer LN model saved as a training script saves it: unprocessed, W_pos with a non-zero mean."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(n_layers=2, d_model=64, n_heads=4, d_head=16, d_vocab=300, n_ctx=32, attn_only=True,
+                                  normalization_type="LN", positional_embedding_type="shortformer", seed=3)
+    model = HookedTransformer(cfg)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        model.pos_embed.W_pos.add_(0.5 + 0.3 * torch.randn(model.pos_embed.W_pos.shape, generator=gen))
+        for name, p in model.named_parameters():
+            if ".b_" in name or ".ln" in name:
+                p.add_(0.1 * torch.randn(p.shape, generator=gen))
+    path = tmp_path_factory.mktemp("ckpt") / "shortformer-ln"
+    models.export_model(model.eval(), str(path))
+    return path, model
+
+
+def test_exact_loading_keeps_the_trained_function_and_says_how(shortformer_ln_checkpoint):
+    path, trained = shortformer_ln_checkpoint
+    exact = models.load_model(str(path))
+    loading = exact.induction_sweep_loading
+    assert loading["processing"] == "exact"
+    assert loading["steps"] == ["center_unembed", "fold_value_biases", models.CENTRE_WRITES]
+    assert loading["max_abs_diff_log_prob"] <= models.CHECK_TOLERANCE
+    tokens = torch.randint(4, 300, (16, 24), generator=torch.Generator().manual_seed(5))
+    targets = tokens[:, :3]
+    from workers.scoring import logodds
+
+    ref = logodds(torch.log_softmax(models.full_logits(trained, tokens)[:, -1].double(), -1), targets)
+    assert (Scorer(exact, "fp32").logodds(tokens, targets).double() - ref).abs().max() < 1e-4  # what was trained
+    default = models.load_model(str(path), processing="tl-default")  # TransformerLens' defaults: centres W_pos
+    assert {"fold_ln", "center_writing_weights"} <= set(default.induction_sweep_loading["steps"])
+    assert default.induction_sweep_loading["max_abs_diff_log_prob"] > 0.05  # recorded, not refused
+
+
+def test_a_processing_step_that_changes_the_function_is_named(shortformer_ln_checkpoint, monkeypatch):
+    path, _ = shortformer_ln_checkpoint
+    monkeypatch.setattr(models, "processing_steps", lambda cfg, processing="exact": {
+        "fold_ln": True, "center_writing_weights": True, "center_unembed": True, "fold_value_biases": True,
+        models.CENTRE_WRITES: False})
+    with pytest.raises(models.ModelInputError, match="(fold_ln|center_writing_weights) changes this model's function"):
+        models.load_model(str(path))
+
+
+def test_bos_defaults_and_choices():
+    class Tok:
+        bos_token_id = 0
+
+    assert models.default_bos("attn-only-2l", Tok()) == 1 and models.default_bos("NeelNanda/Attn_Only_2L512W_C4_Code", Tok()) == 1
+    assert models.default_bos("gpt2-small", Tok()) == 0 and models.default_bos("x", None, {"bos_token_id": 7}) == 7
+    assert models.default_bos("x") == models.DEFAULT_BOS

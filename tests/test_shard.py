@@ -15,7 +15,7 @@ from workers.shard import ShardRunner, ShardSpec, WorkParams
 def runner(tmp_path_factory):
     out = tmp_path_factory.mktemp("shards")
     params = WorkParams("toy-2l", seed=3, n_neighbors=4, pair=models.FALLBACK_PAIR, bos=models.DEFAULT_BOS,
-                        save_tokens=True, precision="fp32", heads=False,
+                        save_tokens=True, precision="fp32", heads=False, processing="exact",
                         experiments=tuple(experiments.REGISTRY.values()))
     return ShardRunner(params, str(out), device="cpu", batch_size=37)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import re
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -87,12 +88,30 @@ def checkpoint_dir(spec: str) -> Iterator[Path | None]:
         yield None
 
 
+CENTRE_WRITES = "center_residual_writes"  # our step: TransformerLens' centring without a shortformer's W_pos
+# how load_weights loads: recorded in the manifest like load_processed's check
+DIRECT_LOADING = {"loader": "safetensors", "processing": "exact", "steps": [CENTRE_WRITES, "fold_value_biases"],
+                  "check": "none needed: both steps are exact (LNPre removes the residual stream's mean; attention "
+                           "rows sum to 1)"}
+
+
+def centre_residual_writes(state: dict[str, Tensor], include_pos: bool) -> dict[str, Tensor]:
+    """Every weight that writes to the residual stream (W_E, W_O and b_O, W_out and b_out, and W_pos
+    where positions write there) centred across d_model: exact where every reader of the residual
+    stream is a LayerNorm, and it keeps bf16 roundings small (no large common mean for the LayerNorm
+    to cancel). A shortformer's W_pos is left alone: it feeds queries and keys after the LayerNorm."""
+    writes = (".attn.W_O", ".attn.b_O", ".mlp.W_out", ".mlp.b_out")
+    keys = [k for k in state if k == "embed.W_E" or k.endswith(writes) or (include_pos and k == "pos_embed.W_pos")]
+    return {**state, **{k: state[k] - state[k].mean(-1, keepdim=True) for k in keys}}
+
+
 def load_weights(spec: str, device: str | torch.device = "cpu") -> AttnOnlyWeights | None:
     """The compact forward's weights read straight from a checkpoint, without TransformerLens: for
     attention-only checkpoints with LNPre or no normalisation, where no LayerNorm weights need
-    folding, so the stored weights are the trained function as they are. Value biases are folded
-    into the output bias (exact: attention rows sum to 1), as TransformerLens does. None where the
-    model needs TransformerLens' loading (hub names, LN or RMS weights, other architectures)."""
+    folding. Two exact steps only: with LNPre, the residual stream's writes are centred
+    (``centre_residual_writes``); value biases are folded into the output bias (attention rows sum
+    to 1), as TransformerLens does. None where the model needs TransformerLens' loading (hub names,
+    LN or RMS weights, other architectures)."""
     with checkpoint_dir(spec) as directory:
         if directory is None:
             return None
@@ -103,6 +122,10 @@ def load_weights(spec: str, device: str | torch.device = "cpu") -> AttnOnlyWeigh
 
         state = load_file(str(directory / "model.safetensors"), device=str(device))
     cfg = info.cfg
+    shortformer = getattr(cfg, "positional_embedding_type", "standard") == "shortformer"
+    layer_norm = getattr(cfg, "normalization_type", "LN") == "LNPre"
+    if layer_norm:
+        state = centre_residual_writes(state, include_pos=not shortformer)
 
     def per_layer(name: str) -> list[Tensor]:
         return [state[f"blocks.{i}.attn.{name}"] for i in range(cfg.n_layers)]
@@ -114,21 +137,74 @@ def load_weights(spec: str, device: str | torch.device = "cpu") -> AttnOnlyWeigh
         W_E=state["embed.W_E"], W_pos=state["pos_embed.W_pos"], W_Q=per_layer("W_Q"), W_K=per_layer("W_K"),
         W_V=per_layer("W_V"), W_O=W_O, b_Q=per_layer("b_Q"), b_K=per_layer("b_K"), b_V=[torch.zeros_like(b) for b in b_V],
         b_O=b_O, W_U=state["unembed.W_U"], b_U=state["unembed.b_U"],
-        shortformer=getattr(cfg, "positional_embedding_type", "standard") == "shortformer",
-        layer_norm=getattr(cfg, "normalization_type", "LN") == "LNPre", eps=float(getattr(cfg, "eps", 1e-5)),
+        shortformer=shortformer, layer_norm=layer_norm, eps=float(getattr(cfg, "eps", 1e-5)),
         attn_scale=float(getattr(cfg, "attn_scale", cfg.d_head ** 0.5)) if use_scale else 1.0,
     )
 
 
-def load_model(spec: str, device: str | torch.device = "cpu"):
-    """Load a HookedTransformer in eval mode on ``device``; ModelInputError for a bad spec."""
+PROCESSING = ("exact", "tl-default")
+CHECK_TOLERANCE = 1e-4  # max |Δ log-prob| in float32 between the loaded model and the weights as stored
+TL_STEPS = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases")
+
+
+def processing_steps(cfg, processing: str = "exact") -> dict[str, bool]:
+    """TransformerLens' processing flags for ``cfg``: its defaults (``tl-default``, how the post
+    loaded its model), or (``exact``) the same without the two steps that assume positions write to
+    the residual stream, for shortformer models, whose positions enter queries and keys after the
+    LayerNorm (TransformerLens PR #204): centring W_pos, and folding LayerNorm weights into W_Q and
+    W_K (the positions would be scaled too). The load-time check catches any other such step."""
+    steps = {"fold_ln": cfg.normalization_type in ("LN", "RMS"), "center_writing_weights": True,
+             "center_unembed": True, "fold_value_biases": True, CENTRE_WRITES: False}
+    if processing == "exact" and cfg.positional_embedding_type == "shortformer":
+        steps["fold_ln"] = steps["center_writing_weights"] = False
+        steps[CENTRE_WRITES] = cfg.normalization_type in ("LN", "LNPre")  # the rest of the centring, W_pos left alone
+    return steps
+
+
+def load_processed(build, cfg, name: str, processing: str, device: str | torch.device):
+    """``build(steps)`` with ``processing``'s steps, checked against ``build`` with none on 32 random
+    sequences. Exact processing over CHECK_TOLERANCE is a ModelInputError naming the step that
+    changes the function; TransformerLens' defaults are kept whatever the check says, and recorded."""
+    steps = processing_steps(cfg, processing)
+    model, raw = build(steps), build(dict.fromkeys(steps, False))  # raw: the weights as stored
+    tokens = torch.randint(0, cfg.d_vocab, (32, min(24, cfg.n_ctx)), generator=torch.Generator().manual_seed(0))
+    tokens = tokens.to(device)
+
+    @torch.no_grad()
+    def diff(a, b) -> float:
+        return float((a(tokens).log_softmax(-1) - b(tokens).log_softmax(-1)).abs().max())
+
+    found = diff(model, raw)
+    if processing == "exact" and found > CHECK_TOLERANCE:
+        applied = [s for s in steps if steps[s]]
+        worst = max(applied, key=lambda s: diff(build({k: k == s for k in steps}), raw))
+        raise ModelInputError(f"{name}: TransformerLens' {worst} changes this model's function (max |Δ log-prob| "
+                              f"{found:.2g} > {CHECK_TOLERANCE:g} against the stored weights)")
+    model.induction_sweep_loading = {"loader": "transformer_lens", "processing": processing,
+                                     "steps": [s for s in steps if steps[s]], "max_abs_diff_log_prob": found,
+                                     "tolerance": CHECK_TOLERANCE}
+    return model
+
+
+def load_model(spec: str, device: str | torch.device = "cpu", processing: str = "exact"):
+    """Load a HookedTransformer in eval mode on ``device``, processed as ``processing`` says and
+    checked against its weights as stored (``model.induction_sweep_loading`` records both);
+    ModelInputError for a bad spec."""
     with checkpoint_dir(spec) as directory:
         if directory is not None:
-            return load_checkpoint(directory, device, name=spec)
+            return load_checkpoint(directory, device, name=spec, processing=processing)
     if is_hub_name(spec):
         HookedTransformer, _ = _hooked_transformer()
-        model = HookedTransformer.from_pretrained(spec, device=str(device))
-        model.eval()
+        from transformer_lens.loading_from_pretrained import get_pretrained_model_config
+
+        def build(steps: dict):
+            tl_steps = {k: v for k, v in steps.items() if k != CENTRE_WRITES}
+            model = HookedTransformer.from_pretrained(spec, device=str(device), **tl_steps).eval()
+            if steps[CENTRE_WRITES]:
+                model.load_state_dict(centre_residual_writes(model.state_dict(), include_pos=False))
+            return model
+
+        model = load_processed(build, get_pretrained_model_config(spec), spec, processing, device)
         model.cfg.model_name = spec
         return model
     raise ModelInputError(
@@ -136,7 +212,7 @@ def load_model(spec: str, device: str | torch.device = "cpu"):
     )
 
 
-def load_checkpoint(directory: Path, device: str | torch.device, name: str | None = None):
+def load_checkpoint(directory: Path, device: str | torch.device, name: str | None = None, processing: str = "exact"):
     """HookedTransformer(cfg) + load_and_process_state_dict from a checkpoint directory."""
     HookedTransformer, HookedTransformerConfig = _hooked_transformer()
     missing = [f for f in CHECKPOINT_FILES if not (directory / f).is_file()]
@@ -153,19 +229,24 @@ def load_checkpoint(directory: Path, device: str | torch.device, name: str | Non
             tokenizer = AutoTokenizer.from_pretrained(str(directory))
         else:
             cfg_dict["tokenizer_name"] = None  # a checkpoint never reaches for the hub
-        cfg = HookedTransformerConfig(**cfg_dict, device=str(device))
         from safetensors.torch import load_file
 
         state = load_file(str(directory / "model.safetensors"))
-        model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
-        model.load_and_process_state_dict(state, fold_ln=cfg.normalization_type in ("LN", "RMS"))
+
+        def build(steps: dict):  # processing changes the config (LN becomes LNPre) and the tensors: fresh ones
+            model = HookedTransformer(HookedTransformerConfig(**cfg_dict, device=str(device)), tokenizer=tokenizer,
+                                      move_to_device=False)
+            stored = centre_residual_writes(state, include_pos=False) if steps[CENTRE_WRITES] else state
+            model.load_and_process_state_dict({k: v.clone() for k, v in stored.items()},
+                                              **{k: v for k, v in steps.items() if k != CENTRE_WRITES})
+            return model.to(device, print_details=False).eval()
+
+        model = load_processed(build, HookedTransformerConfig(**cfg_dict), name or str(directory), processing, device)
     except ModelInputError:
         raise
     except Exception as exc:  # corrupt JSON, safetensors or state dict
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ModelInputError(f"checkpoint {name or directory} cannot be loaded: {reason[:200]}") from None
-    model.to(device, print_details=False)
-    model.eval()
     model.cfg.model_name = name or str(directory)
     model.induction_sweep_extra = raw.get("induction_sweep", {})  # e.g. bos_token_id
     return model
@@ -200,13 +281,23 @@ def export_model(model, directory: str) -> None:
         store.put(name, data)
 
 
-def bos_id(model) -> int:
-    extra = getattr(model, "induction_sweep_extra", {})
-    if "bos_token_id" in extra:
+ATTN_ONLY_FAMILY = re.compile(r"(attn-only-\d+l(-demo)?|NeelNanda/Attn_Only_\d+L\d+W_\w+)")
+
+
+def default_bos(name: str, tokenizer=None, extra: dict | None = None) -> int:
+    """The post's id 1 for the attn-only-Nl family and the bundled model; else a checkpoint's own
+    ``induction_sweep.bos_token_id``, the tokenizer's BOS, or 1 where there is neither."""
+    if ATTN_ONLY_FAMILY.fullmatch(name) or name == TOY_MODEL:
+        return DEFAULT_BOS
+    if extra and extra.get("bos_token_id") is not None:
         return int(extra["bos_token_id"])
-    if model.tokenizer is not None and model.tokenizer.bos_token_id is not None:
-        return int(model.tokenizer.bos_token_id)
+    if tokenizer is not None and tokenizer.bos_token_id is not None:
+        return int(tokenizer.bos_token_id)
     return DEFAULT_BOS
+
+
+def bos_id(model) -> int:
+    return default_bos(model.cfg.model_name, model.tokenizer, getattr(model, "induction_sweep_extra", {}))
 
 
 def d_vocab(model) -> int:
@@ -295,8 +386,7 @@ def describe(spec: str) -> ModelInfo:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_name) if cfg.tokenizer_name else None
-        bos = tokenizer.bos_token_id if tokenizer is not None and tokenizer.bos_token_id is not None else DEFAULT_BOS
-        return ModelInfo(spec, cfg, tokenizer, int(bos))
+        return ModelInfo(spec, cfg, tokenizer, default_bos(spec, tokenizer))
     raise ModelInputError(
         f"unknown model {spec!r}: not {TOY_MODEL}, not a checkpoint directory, not a TransformerLens model name"
     )
@@ -330,10 +420,7 @@ def describe_checkpoint(directory: Path, name: str) -> ModelInfo:
     except Exception as exc:  # corrupt JSON or safetensors header, missing fields
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ModelInputError(f"checkpoint {name} cannot be loaded: {reason[:200]}") from None
-    bos = raw.get("induction_sweep", {}).get("bos_token_id")
-    if bos is None:
-        bos = tokenizer.bos_token_id if tokenizer is not None and tokenizer.bos_token_id is not None else DEFAULT_BOS
-    return ModelInfo(name, cfg, tokenizer, int(bos))
+    return ModelInfo(name, cfg, tokenizer, default_bos(name, tokenizer, raw.get("induction_sweep")))
 
 
 def centred_unembedding(W_U: Float[Tensor, "d_model vocab"]) -> Float[Tensor, "d_model vocab"]:

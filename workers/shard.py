@@ -43,6 +43,7 @@ class WorkParams:
     save_tokens: bool
     precision: str
     heads: bool  # per-head attention and logit attribution columns (workers/heads.py)
+    processing: str  # "exact" or "tl-default" (workers/models.py processing_steps)
     experiments: tuple[Experiment, ...]  # the run's declarations travel with the work (a new one needs no deploy)
 
 
@@ -94,10 +95,13 @@ class ShardRunner:
         self.experiments = {e.name: e for e in params.experiments}
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         # attention-only checkpoints load without TransformerLens (seconds of imports saved per actor)
-        self.model = self._timed("load", models.load_weights, params.model, self.device)
+        self.model, self.loading = None, models.DIRECT_LOADING
+        if params.processing == "exact":
+            self.model = self._timed("load", models.load_weights, params.model, self.device)
         if self.model is None:
             self._timed("import", models.import_transformer_lens)
-            self.model = self._timed("load", models.load_model, params.model, self.device)
+            self.model = self._timed("load", models.load_model, params.model, self.device, params.processing)
+            self.loading = self.model.induction_sweep_loading
         from workers.scoring import Scorer, cosine_neighbors
 
         self.scorer = Scorer(self.model, params.precision, compile=compile)
@@ -128,7 +132,8 @@ class ShardRunner:
 
     def ready(self) -> dict:
         """Start-up timings (seconds per step, ``started`` as a Unix time) and where this actor runs."""
-        return {**self.timings, "device": str(self.device), "host": socket.gethostname(), "pid": os.getpid()}
+        return {**self.timings, "device": str(self.device), "host": socket.gethostname(), "pid": os.getpid(),
+                "loading": self.loading}
 
     def warm_up(self) -> None:
         """Two sequences of the run's first experiment: compiles and loads kernels."""

@@ -1,8 +1,9 @@
 """The run's aggregates, derived from the merged accumulator (workers/accumulator.py): typed tables,
 histograms with their edges and the headline summary, as ``aggregates/`` stores them (docs/DESIGN.md §4).
 
-Which tables exist follows the experiment registry: each experiment's ``view`` names its table,
-so a newly declared experiment lands in its view's table without an edit here.
+Which tables exist follows the experiment registry: each experiment's ``view`` names its table
+(POWERS, PAIR and NEIGHBORS one experiment each), so a newly declared CONTROL experiment lands in
+the controls table without an edit here.
 """
 
 from __future__ import annotations

@@ -31,7 +31,8 @@ def actor_scaling(model: str, tokens: int = 256, seqs: int = 256, shard_size: in
             specs, phases = plan_shards(cfg), Phases()
             actors = driver.start_actors(ray, cfg, driver.ActorPlan(count, 0, 1, "cpu", 1))
             try:
-                driver.execute(ray, actors, specs, phases, phases.now(), False, 0, len(specs))
+                for _ in driver.execute(ray, actors, specs, phases, phases.now(), False, 0, len(specs)):
+                    pass
             finally:
                 for actor in actors:
                     ray.kill(actor)

@@ -93,7 +93,7 @@ def build_parser() -> Parser:
     return parser
 
 
-def run_config(args: argparse.Namespace, phases=None):
+def run_config(args: argparse.Namespace):
     """The full, resolved RunConfig of ``run``'s options, and the model's description: every check
     that needs no cluster, before any work."""
     from jobs.config import RunConfig, parse_count, parse_experiments, resolve

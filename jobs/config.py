@@ -12,7 +12,7 @@ import json
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 
 from jobs.errors import ConfigError
-from workers import experiments, models
+from workers import experiments, models, scoring
 from workers.sequences import FIRST_TOKEN
 from workers.shard import ShardSpec, WorkParams
 
@@ -20,7 +20,7 @@ SCHEMA_VERSION = 2  # bump when a change alters what shards hold (2: partial agg
 DEFAULT_TOKENS = 10000  # the post's "first 10000 tokens"
 MAX_SEQUENCE_INDEX = 2**31 - 1  # the rows' seq column is int32
 MAX_SHARDS = 1_000_000  # a plan beyond this is a mistake (or needs a larger --shard-size)
-PRECISIONS = ("auto", "fp32", "tf32", "bf16")
+PRECISIONS = ("auto", *scoring.PRECISIONS)
 
 
 @dataclass(frozen=True)
@@ -130,8 +130,9 @@ def resolve(cfg: RunConfig, info: models.ModelInfo, tokens: str | None = None, p
                           f"so at most {available} tokens (ids {FIRST_TOKEN}..{info.d_vocab - 1}); use --tokens all")
     if cfg.neighbors > available - 1:
         raise ConfigError(f"--neighbors {cfg.neighbors} exceeds the {available - 1} candidate neighbours of {cfg.model}")
-    if cfg.heads and not info.compact:
-        raise ConfigError(f"--heads needs an attention-only model; {cfg.model} is not one")
+    if cfg.heads and not info.compact(cfg.processing):
+        raise ConfigError(f"--heads needs an attention-only model that the compact forward scores; {cfg.model} with "
+                          f"{cfg.processing} processing is not one (a shortformer LN model keeps its LayerNorm weights)")
     for name in ("seqs", "pairs"):
         if getattr(cfg, name) > MAX_SEQUENCE_INDEX:
             raise ConfigError(f"--{name} {getattr(cfg, name)} is beyond the rows' int32 sequence index ({MAX_SEQUENCE_INDEX})")

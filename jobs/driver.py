@@ -15,6 +15,7 @@ import io
 import os
 import socket
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 import pandas as pd
@@ -49,6 +50,7 @@ def run(cfg: RunConfig, info: models.ModelInfo | None = None, progress: bool = T
     """The whole run of a resolved config (jobs/config.py resolve); ConfigError before any work for bad input."""
     phases = phases or Phases()
     info = info or models.describe(cfg.model)
+    token_strings = info.token_strings()
     store = open_store(cfg.out)
     if cfg.address:
         check_reachable(cfg.address)
@@ -69,7 +71,7 @@ def run(cfg: RunConfig, info: models.ModelInfo | None = None, progress: bool = T
             if existing is not None and cfg.overwrite and existing.get("config_hash") != cfg.config_hash:
                 manifest.clear(store)
             manifest.write(store, cfg, len(specs), "running")
-            write_vocab(store, info.token_strings())
+            write_vocab(store, token_strings)
             states = manifest.shard_states(store, cfg, specs)
         partials = {key: Accumulator.from_bytes(data) for key, data in states.partials.items()}  # kept shards
         todo = states.missing + states.corrupt
@@ -84,7 +86,7 @@ def run(cfg: RunConfig, info: models.ModelInfo | None = None, progress: bool = T
     finally:
         for actor in actors:
             ray.kill(actor)
-    return finish(store, cfg, [partials[s.key] for s in specs], scores, phases, info.token_strings(),
+    return finish(store, cfg, [partials[s.key] for s in specs], scores, phases, token_strings,
                   model_loading=phases.model_loading or (existing or {}).get("model_loading"))
 
 
@@ -125,7 +127,7 @@ def report(store: Store, from_rows: bool = False, phases: Phases | None = None) 
         from workers.circuits import model_scores
 
         with phases.phase("circuits"):
-            scores = model_scores(models.load_model(cfg.model, "cpu", cfg.processing), circuit_tokens(cfg))
+            scores = model_scores(models.load_for_scoring(cfg.model, "cpu", cfg.processing)[0], circuit_tokens(cfg))
     return finish(store, cfg, partials, scores, phases, model_loading=loading)
 
 
@@ -225,15 +227,15 @@ def start_actors(ray, cfg: RunConfig, plan: ActorPlan) -> list:
 
 
 def execute(ray, actors: list, todo: list[ShardSpec], phases: Phases, requested: float, progress: bool,
-            already: int, total: int) -> list[ShardSummary]:
-    """Run ``todo`` on the actors, each from the moment it is ready; returns the shards' summaries."""
+            already: int, total: int) -> Iterator[ShardSummary]:
+    """Run ``todo`` on the actors, each from the moment it is ready; yields each shard's summary as it completes."""
     from tqdm import tqdm
 
     queue = list(reversed(todo))
     pending = {actor.ready.remote(): (actor, None) for actor in actors}
     bar = tqdm(total=sum(s.n_sequences for s in todo), unit="seq", unit_scale=True, disable=not progress,
                desc=f"{len(actors)} actor(s), shards {already}/{total}", mininterval=1.0)
-    done, summaries, first_ready = already, [], None
+    done, first_ready = already, None
 
     def submit(actor) -> None:
         if queue:
@@ -257,8 +259,8 @@ def execute(ray, actors: list, todo: list[ShardSpec], phases: Phases, requested:
             bar.set_description(f"{len(actors)} actor(s), shards {done}/{total}", refresh=False)
             bar.update(result.sequences)
             phases.shard_done(result.sequences, result.compute_s, result.write_s)
-            summaries.append(result)
             submit(actor)
+            yield result
     except Exception as exc:
         cause = getattr(exc, "cause", None) or exc
         raise RunFailed(f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1][:300]}") from None
@@ -266,4 +268,3 @@ def execute(ray, actors: list, todo: list[ShardSpec], phases: Phases, requested:
         bar.close()
     if todo:
         phases.add("scoring", first_ready)
-    return summaries

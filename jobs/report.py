@@ -195,8 +195,10 @@ def report_html(manifest: dict, agg: Aggregates, plots: dict[str, bytes]) -> str
                   "<p>Mean strength on B, on its k nearest neighbours in the unembedding (cosine), and on a random token.</p>",
                   _img(plots["neighbors.png"]), agg.neighbors.to_html(index=False, float_format="%.3f")]
     if agg.controls is not None:
-        lines = "".join(f"<li><b>{html.escape(e)}</b> ({html.escape(rule_text(e))}): strength on B {v['B']:.2f}, "
-                        f"on A {v['A']:.2f}, on a random token {v['R']:.2f}</li>" for e, v in summary.controls.items())
+        nan = float("nan")
+        lines = "".join(f"<li><b>{html.escape(e)}</b> ({html.escape(rule_text(e))}): strength on B {v.get('B', nan):.2f}, "
+                        f"on A {v.get('A', nan):.2f}, on a random token {v.get('R', nan):.2f}</li>"
+                        for e, v in summary.controls.items())
         parts += ["<h2>Mechanism controls</h2>",
                   "<p>Each control alters the induction sequence before it is shuffled, and is scored against its "
                   "own shuffled control.</p>", f"<ul>{lines}</ul>", _img(plots["controls.png"]),

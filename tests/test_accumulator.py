@@ -1,4 +1,4 @@
-"""The keyed accumulator's maths, on the CPU: moments, the pairwise merge, histogram bins, the footer round trip."""
+"""The keyed accumulator's maths, on the CPU: moments, the merge, histogram bins, the footer round trip."""
 
 import numpy as np
 import pandas as pd
@@ -40,7 +40,7 @@ def test_merging_parts_equals_the_whole_in_any_split():
 
 
 def test_merge_is_stable_far_from_zero():
-    """Values 1e9 + N(0, 1): a sum-of-squares formula loses every digit of the variance; the pairwise one keeps them."""
+    """Values 1e9 + N(0, 1): a sum-of-squares formula loses every digit of the variance; deviations from the merged mean keep them."""
     rng = np.random.default_rng(2)
     noise = rng.normal(size=4000)
     parts = [Accumulator.of("x", "e", "s", 1e9 + noise[i : i + 1000]) for i in range(0, 4000, 1000)]

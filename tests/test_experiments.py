@@ -47,7 +47,12 @@ def test_the_post_experiments_and_controls_are_declared_once():
     assert len(set(codes)) == len(codes)  # a code names an experiment's sequences
     with pytest.raises(ValueError, match="already 'neighbors'"):
         experiments.register(Experiment("other", experiments.get("neighbors").code, FREE, pair_targets, CONTROL))
-    assert experiments.get("token-powers").key == ("scenario", "token")
+    assert experiments.get("token-powers").key == ("scenario", "target", "token")
+    with pytest.raises(ValueError, match="already shows 'neighbors'"):
+        experiments.register(Experiment("more-neighbors", 91, FREE, pair_targets, experiments.NEIGHBORS))
+    with pytest.raises(ValueError, match="does not score"):
+        experiments.register(Experiment("a-only", 92, FREE, lambda k: ("A",), CONTROL, histograms=True))
+    assert "more-neighbors" not in experiments.REGISTRY and "a-only" not in experiments.REGISTRY
     assert experiments.get("fixed-pair").target_names(20) == ("B", "A", "N1", "N2", "N3", "R")
     assert experiments.get("neighbors").target_names(2) == ("B", "N1", "N2", "R")
 

@@ -4,7 +4,8 @@ Each entry is the count, mean and sum of squared deviations (M2) of one statisti
 ``(stat, experiment, scenario, target, token, bin)``: strength moments per target or per fixed
 token, histogram counts on fixed bins (a count is an entry's n), per-head moments. Every shard
 computes its own (``shard_partials``) and stores it in its Parquet footer, written in the same
-atomic put as its rows; the driver merges them (Chan et al.'s pairwise update, float64), so the
+atomic put as its rows; the driver merges them (the parallel-variance combination of Chan et al.,
+over many parts at once, float64), so the
 end of a run reads kilobytes per shard. Tables and plots derive from the merged accumulator
 (jobs/aggregate.py).
 """
@@ -62,11 +63,11 @@ class Accumulator:
         varying = {k: np.asarray(v).reshape(-1) for k, v in (("target", target), ("token", token), ("bin", bin))
                    if isinstance(v, np.ndarray)}
         codes, uniques = [], {}
-        for name, column in varying.items():
-            uniques[name], code = np.unique(column, return_inverse=True)
+        for name, column in varying.items():  # hashing, in order of appearance: O(n), no sort
+            code, uniques[name] = pd.factorize(column)
             codes.append(code)
         group = np.ravel_multi_index(codes, [len(u) for u in uniques.values()]) if codes else np.zeros(len(values), np.int64)
-        ids, inverse = np.unique(group, return_inverse=True)
+        inverse, ids = pd.factorize(group)
         n = np.bincount(inverse, minlength=len(ids))
         mean = np.bincount(inverse, weights=values, minlength=len(ids)) / n
         m2 = np.bincount(inverse, weights=(values - mean[inverse]) ** 2, minlength=len(ids))
@@ -91,7 +92,8 @@ class Accumulator:
 
     @staticmethod
     def merge(parts: Sequence[Accumulator]) -> Accumulator:
-        """Combine entries with equal keys: n adds, means weight by n, M2 adds plus n·(mean - merged mean)².
+        """Combine entries with equal keys: n adds, means weight by n, M2 adds plus n·(mean - merged mean)²
+        (Chan et al.'s combination, for any number of parts at once: no sum of squares cancels).
         Deterministic for a given order of ``parts``."""
         df = Accumulator.concat(parts).frame
         if df.empty:
@@ -128,11 +130,11 @@ class Accumulator:
 
 def shard_partials(experiment: Experiment, scenario: str, batch: ScoredBatch, names: tuple[str, ...]) -> Accumulator:
     """Everything a shard contributes to the run's aggregates, from its scored (numpy) batch."""
-    n_seq, n_t = batch.targets.shape
     name = experiment.name
     strength = batch.strength
-    token = np.repeat(batch.fixed.astype(np.int64), n_t) if experiment.per_token else -1
-    parts = [Accumulator.of(STRENGTH, name, scenario, strength, target=np.tile(np.array(names), n_seq), token=token)]
+    token = batch.fixed.astype(np.int64) if "token" in experiment.key else -1
+    parts = [Accumulator.of(STRENGTH, name, scenario, strength[:, j], target=target, token=token)
+             for j, target in enumerate(names)]
     if experiment.histograms:
         on_b = names.index("B")
         parts.append(Accumulator.counts(HIST_STRENGTH, name, scenario, bin_index(strength[:, on_b], STRENGTH_BINS)))

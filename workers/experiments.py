@@ -1,11 +1,12 @@
-"""The experiment registry (docs/DESIGN.md §1): each experiment declared once.
+"""The experiment registry (docs/DESIGN.md §1 for the science, §3 for the registry): each experiment declared once.
 
 An ``Experiment`` says what it fixes (its scenarios), which targets it scores, whether it sweeps
 the fixed tokens (per token) or scores ``--pairs`` sequences per scenario, how its sequences
 differ from plain induction (its sequence rule, for controls), and how the report shows it.
-Planning (jobs/config.py), scoring (workers/shard.py), aggregation (workers/partials.py,
+Planning (jobs/config.py), scoring (workers/shard.py), aggregation (workers/accumulator.py,
 jobs/aggregate.py) and the report (jobs/report.py) read these declarations; none branches on
-an experiment's name. Adding an experiment is one ``register(Experiment(...))`` plus, for a
+an experiment's name. The POWERS, PAIR and NEIGHBORS views show one experiment each; CONTROL
+shows any number. Adding an experiment is one ``register(Experiment(...))`` plus, for a
 control, its sequence rule (a function of workers/sequences.py's kind).
 """
 
@@ -62,8 +63,8 @@ class Experiment:
 
     @property
     def key(self) -> tuple[str, ...]:
-        """The aggregation key of its strength moments."""
-        return ("scenario", "token") if self.per_token else ("scenario", "target")
+        """The aggregation key of its strength moments (workers/accumulator.py shard_partials)."""
+        return ("scenario", "target", "token") if self.per_token else ("scenario", "target")
 
     def target_names(self, n_neighbors: int) -> tuple[str, ...]:
         return self.targets(n_neighbors)
@@ -79,10 +80,19 @@ FREE = (Scenario("free", 0, False, False),)
 REGISTRY: dict[str, Experiment] = {}
 
 
+SINGLE_VIEWS = (POWERS, PAIR, NEIGHBORS)  # one experiment each: their tables have no experiment column
+
+
 def register(experiment: Experiment) -> Experiment:
-    clash = [e.name for e in REGISTRY.values() if e.code == experiment.code and e.name != experiment.name]
+    others = [e for e in REGISTRY.values() if e.name != experiment.name]
+    clash = [e.name for e in others if e.code == experiment.code]
     if clash:
         raise ValueError(f"experiment code {experiment.code} is already {clash[0]!r}'s")
+    taken = [e.name for e in others if e.view == experiment.view and e.view in SINGLE_VIEWS]
+    if taken:
+        raise ValueError(f"the {experiment.view} view already shows {taken[0]!r}; declare a {CONTROL} experiment instead")
+    if experiment.histograms and "B" not in experiment.targets(1):
+        raise ValueError(f"{experiment.name}: histograms are of the strength on B, which it does not score")
     REGISTRY[experiment.name] = experiment
     return experiment
 

@@ -43,18 +43,24 @@ class ModelInputError(ValueError):
     """A model spec or token that cannot be used: reported as bad input (exit 2)."""
 
 
+_TL_IMPORT: dict[str, float] = {}  # how long this process took to import TransformerLens, once it has
+
+
 def _hooked_transformer():
+    import time
     import warnings
 
+    start = time.perf_counter()
     warnings.filterwarnings("ignore", message=".*HookedTransformer is deprecated.*")
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+    _TL_IMPORT.setdefault("seconds", time.perf_counter() - start)  # the first import is the slow one
     return HookedTransformer, HookedTransformerConfig
 
 
-def import_transformer_lens() -> None:
-    """Import TransformerLens now (seconds: it brings transformers), so that callers can time it."""
-    _hooked_transformer()
+def transformer_lens_import_seconds() -> float:
+    """Seconds this process spent importing TransformerLens (it brings transformers); 0 if it has not."""
+    return _TL_IMPORT.get("seconds", 0.0)
 
 
 def is_hub_name(spec: str) -> bool:
@@ -115,13 +121,12 @@ def load_weights(spec: str, device: str | torch.device = "cpu") -> AttnOnlyWeigh
     with checkpoint_dir(spec) as directory:
         if directory is None:
             return None
-        info = describe_checkpoint(directory, spec)
-        if not compact_supported(info.cfg):  # LN weights to fold, or not attention-only
+        cfg, _ = checkpoint_config(directory, spec)  # config.json only: no tokenizer, no transformers import
+        if not compact_supported(cfg):  # LN weights to fold, or not attention-only
             return None
         from safetensors.torch import load_file
 
         state = load_file(str(directory / "model.safetensors"), device=str(device))
-    cfg = info.cfg
     shortformer = getattr(cfg, "positional_embedding_type", "standard") == "shortformer"
     layer_norm = getattr(cfg, "normalization_type", "LN") == "LNPre"
     if layer_norm:
@@ -144,7 +149,6 @@ def load_weights(spec: str, device: str | torch.device = "cpu") -> AttnOnlyWeigh
 
 PROCESSING = ("exact", "tl-default")
 CHECK_TOLERANCE = 1e-4  # max |Δ log-prob| in float32 between the loaded model and the weights as stored
-TL_STEPS = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases")
 
 
 def processing_steps(cfg, processing: str = "exact") -> dict[str, bool]:
@@ -153,11 +157,12 @@ def processing_steps(cfg, processing: str = "exact") -> dict[str, bool]:
     the residual stream, for shortformer models, whose positions enter queries and keys after the
     LayerNorm (TransformerLens PR #204): centring W_pos, and folding LayerNorm weights into W_Q and
     W_K (the positions would be scaled too). The load-time check catches any other such step."""
-    steps = {"fold_ln": cfg.normalization_type in ("LN", "RMS"), "center_writing_weights": True,
+    normalization = getattr(cfg, "normalization_type", "LN")  # TransformerLens' defaults for absent fields
+    steps = {"fold_ln": normalization in ("LN", "RMS"), "center_writing_weights": True,
              "center_unembed": True, "fold_value_biases": True, CENTRE_WRITES: False}
-    if processing == "exact" and cfg.positional_embedding_type == "shortformer":
+    if processing == "exact" and getattr(cfg, "positional_embedding_type", "standard") == "shortformer":
         steps["fold_ln"] = steps["center_writing_weights"] = False
-        steps[CENTRE_WRITES] = cfg.normalization_type in ("LN", "LNPre")  # the rest of the centring, W_pos left alone
+        steps[CENTRE_WRITES] = normalization in ("LN", "LNPre")  # the rest of the centring, W_pos left alone
     return steps
 
 
@@ -184,6 +189,17 @@ def load_processed(build, cfg, name: str, processing: str, device: str | torch.d
                                      "steps": [s for s in steps if steps[s]], "max_abs_diff_log_prob": found,
                                      "tolerance": CHECK_TOLERANCE}
     return model
+
+
+def load_for_scoring(spec: str, device: str | torch.device, processing: str = "exact") -> tuple[Any, dict]:
+    """What a scorer needs, and how it was loaded: an attention-only checkpoint's weights read
+    directly where ``exact`` processing allows it (no TransformerLens import), else the
+    TransformerLens model."""
+    weights = load_weights(spec, device) if processing == "exact" else None
+    if weights is not None:
+        return weights, DIRECT_LOADING
+    model = load_model(spec, device, processing)
+    return model, model.induction_sweep_loading
 
 
 def load_model(spec: str, device: str | torch.device = "cpu", processing: str = "exact"):
@@ -215,19 +231,13 @@ def load_model(spec: str, device: str | torch.device = "cpu", processing: str = 
 def load_checkpoint(directory: Path, device: str | torch.device, name: str | None = None, processing: str = "exact"):
     """HookedTransformer(cfg) + load_and_process_state_dict from a checkpoint directory."""
     HookedTransformer, HookedTransformerConfig = _hooked_transformer()
-    missing = [f for f in CHECKPOINT_FILES if not (directory / f).is_file()]
-    if missing:
-        raise ModelInputError(f"checkpoint {name or directory} lacks {', '.join(missing)}")
-    try:
-        raw = json.loads((directory / "config.json").read_text())
+    name = name or str(directory)
+    raw, extra = checkpoint_config(directory, name)
+    tokenizer = checkpoint_tokenizer(directory, name)
+    with _as_input_error(name):
         fields = {f.name for f in dataclasses.fields(HookedTransformerConfig)}
-        cfg_dict = {k: v for k, v in raw.items() if k in fields and k not in ("device", "dtype", "n_params")}
-        tokenizer = None
-        if any((directory / f).is_file() for f in TOKENIZER_FILES):
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(str(directory))
-        else:
+        cfg_dict = {k: v for k, v in vars(raw).items() if k in fields and k not in ("device", "dtype", "n_params")}
+        if tokenizer is None:
             cfg_dict["tokenizer_name"] = None  # a checkpoint never reaches for the hub
         from safetensors.torch import load_file
 
@@ -241,14 +251,9 @@ def load_checkpoint(directory: Path, device: str | torch.device, name: str | Non
                                               **{k: v for k, v in steps.items() if k != CENTRE_WRITES})
             return model.to(device, print_details=False).eval()
 
-        model = load_processed(build, HookedTransformerConfig(**cfg_dict), name or str(directory), processing, device)
-    except ModelInputError:
-        raise
-    except Exception as exc:  # corrupt JSON, safetensors or state dict
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ModelInputError(f"checkpoint {name or directory} cannot be loaded: {reason[:200]}") from None
-    model.cfg.model_name = name or str(directory)
-    model.induction_sweep_extra = raw.get("induction_sweep", {})  # e.g. bos_token_id
+        model = load_processed(build, HookedTransformerConfig(**cfg_dict), name, processing, device)
+    model.cfg.model_name = name
+    model.induction_sweep_extra = extra  # e.g. bos_token_id
     return model
 
 
@@ -318,10 +323,10 @@ class ModelInfo:
     def d_vocab(self) -> int:
         return int(self.cfg.d_vocab)
 
-    @property
-    def compact(self) -> bool:
-        """Whether the compact forward (workers/fast.py) supports this architecture."""
-        return compact_supported(self.cfg, ln_folds=isinstance(self.cfg, SimpleNamespace))
+    def compact(self, processing: str = "exact") -> bool:
+        """Whether the actors will score this model with the compact forward (workers/fast.py), once
+        loaded with ``processing`` (an LN model qualifies only where its LayerNorm gets folded)."""
+        return compact_supported(self.cfg, ln_folds=processing_steps(self.cfg, processing)["fold_ln"])
 
     def token_strings(self) -> list[str]:
         """Printable string of every id: the tokenizer's, or ``#<id>`` where there is none."""
@@ -401,26 +406,47 @@ def _safetensors_header(path: Path) -> dict:
         return json.loads(f.read(size))
 
 
-def describe_checkpoint(directory: Path, name: str) -> ModelInfo:
+@contextlib.contextmanager
+def _as_input_error(name: str) -> Iterator[None]:
+    """Corrupt JSON, safetensors or tokenizer files, missing fields: a ModelInputError naming the checkpoint."""
+    try:
+        yield
+    except ModelInputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever the file's corruption raises
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelInputError(f"checkpoint {name} cannot be loaded: {reason[:200]}") from None
+
+
+def checkpoint_config(directory: Path, name: str) -> tuple[SimpleNamespace, dict]:
+    """config.json's fields (checked against the safetensors header) and its induction_sweep section."""
     missing = [f for f in CHECKPOINT_FILES if not (directory / f).is_file()]
     if missing:
         raise ModelInputError(f"checkpoint {name} lacks {', '.join(missing)}")
-    try:
+    with _as_input_error(name):
         raw = json.loads((directory / "config.json").read_text())
         header = _safetensors_header(directory / "model.safetensors")
         cfg = SimpleNamespace(**{k: v for k, v in raw.items() if k != "induction_sweep"})
         shape = header.get("embed.W_E", {}).get("shape")
         if shape != [cfg.d_vocab, cfg.d_model]:
             raise ValueError(f"embed.W_E has shape {shape}, config.json says [{cfg.d_vocab}, {cfg.d_model}]")
-        tokenizer = None
-        if any((directory / f).is_file() for f in TOKENIZER_FILES):
-            from transformers import AutoTokenizer
+    return cfg, raw.get("induction_sweep") or {}
 
-            tokenizer = AutoTokenizer.from_pretrained(str(directory))
-    except Exception as exc:  # corrupt JSON or safetensors header, missing fields
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ModelInputError(f"checkpoint {name} cannot be loaded: {reason[:200]}") from None
-    return ModelInfo(name, cfg, tokenizer, default_bos(name, tokenizer, raw.get("induction_sweep")))
+
+def checkpoint_tokenizer(directory: Path, name: str):
+    """The checkpoint's tokenizer (transformers' AutoTokenizer), or None where it has no tokenizer files."""
+    if not any((directory / f).is_file() for f in TOKENIZER_FILES):
+        return None
+    with _as_input_error(name):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(directory))
+
+
+def describe_checkpoint(directory: Path, name: str) -> ModelInfo:
+    cfg, extra = checkpoint_config(directory, name)
+    tokenizer = checkpoint_tokenizer(directory, name)
+    return ModelInfo(name, cfg, tokenizer, default_bos(name, tokenizer, extra))
 
 
 def centred_unembedding(W_U: Float[Tensor, "d_model vocab"]) -> Float[Tensor, "d_model vocab"]:

@@ -7,6 +7,7 @@ sequence-major; ``from_table`` reads such rows back (for ``report --from-rows``)
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, fields
 from typing import Union
 
@@ -27,7 +28,7 @@ ROW_SCHEMA = pa.schema([
     ("seq", pa.int32()),
     ("a", pa.int32()),
     ("b", pa.int32()),
-    ("target", pa.dictionary(pa.int8(), pa.string())),
+    ("target", pa.dictionary(pa.int16(), pa.string())),  # B, A, N1..NK, R: K may pass 126
     ("target_token", pa.int32()),
     ("logodds_induction", pa.float32()),
     ("logodds_shuffled", pa.float32()),
@@ -49,7 +50,7 @@ class ScoredBatch:
     tokens: Int[Array, "batch pos"] | None = None
     shuffled_tokens: Int[Array, "batch pos"] | None = None
 
-    @property
+    @functools.cached_property
     def strength(self) -> Float[np.ndarray, "batch n_targets"]:
         """Induction minus shuffled log-odds, in float32 as stored (numpy batches)."""
         return (self.induction.astype(np.float32) - self.shuffled.astype(np.float32)).astype(np.float32)
@@ -79,7 +80,7 @@ class ScoredBatch:
         arrays = [
             constant(experiment), constant(scenario),
             per_seq(self.fixed), per_seq(self.seq), per_seq(self.a), per_seq(self.b),
-            pa.DictionaryArray.from_arrays(np.tile(np.arange(n_t, dtype=np.int8), n_seq), pa.array(list(names))),
+            pa.DictionaryArray.from_arrays(np.tile(np.arange(n_t, dtype=np.int16), n_seq), pa.array(list(names))),
             pa.array(self.targets.reshape(-1).astype(np.int32)),
             pa.array(self.induction.reshape(-1).astype(np.float32)),
             pa.array(self.shuffled.reshape(-1).astype(np.float32)),

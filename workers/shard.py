@@ -95,13 +95,10 @@ class ShardRunner:
         self.experiments = {e.name: e for e in params.experiments}
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         # attention-only checkpoints load without TransformerLens (seconds of imports saved per actor)
-        self.model, self.loading = None, models.DIRECT_LOADING
-        if params.processing == "exact":
-            self.model = self._timed("load", models.load_weights, params.model, self.device)
-        if self.model is None:
-            self._timed("import", models.import_transformer_lens)
-            self.model = self._timed("load", models.load_model, params.model, self.device, params.processing)
-            self.loading = self.model.induction_sweep_loading
+        self.model, self.loading = self._timed("load", models.load_for_scoring, params.model, self.device, params.processing)
+        if models.transformer_lens_import_seconds():  # the TransformerLens import, apart from the load itself
+            self.timings["import"] = models.transformer_lens_import_seconds()
+            self.timings["load"] -= self.timings["import"]
         from workers.scoring import Scorer, cosine_neighbors
 
         self.scorer = Scorer(self.model, params.precision, compile=compile)

@@ -222,6 +222,10 @@ def main(args) -> int:
         print(f"  target {device.type} {precision}: {t['figure']:,.1f} against {t['goal']:,} "
               f"{'reached' if t['reached'] else 'NOT reached'}, accuracy {'within' if t['accurate'] else 'OUTSIDE'} "
               f"{BOUNDS[precision]}", flush=True)
+    if args.bias:
+        from jobs.bench_bias import main as bias
+
+        report["bias"] = bias(args.model, device.type, args.bias)
     if args.actors:  # needs Ray: imported only here
         from jobs.bench_actors import actor_scaling
 

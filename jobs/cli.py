@@ -86,6 +86,9 @@ def build_parser() -> Parser:
     p.add_argument("--batches", type=lambda v: [int(b) for b in v.split(",")], default=None,
                    help="comma-separated batch sizes to try (default 256,1024,4096 on CPU; 8192,32768,65536 on CUDA)")
     p.add_argument("--profile", action="store_true", help="print the busiest kernels of each scorer's best step")
+    p.add_argument("--bias", type=int, default=0, metavar="TOKENS",
+                   help="also measure the bias of bf16 (and tf32 on CUDA) A and B power against fp32 over TOKENS "
+                        "tokens x 256 sequences, on toy-2l and the random shape (or --model)")
 
     p = sub.add_parser("export-model", help="write a model as a checkpoint directory (local or s3://)")
     p.add_argument("model")

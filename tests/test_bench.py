@@ -23,3 +23,14 @@ def test_bench_reports_every_precision_with_errors_against_float64():
     assert rows[("bf16", False)]["max_abs_err_strength"] > 10 * rows[("fp32", False)]["max_abs_err_strength"]
     assert set(report["targets"]) == {"fp32", "bf16"}
     assert report["gpu"].startswith("not measured")
+
+
+def test_precision_bias_of_the_powers_against_fp32():
+    """bf16 (emulated on a CPU) against fp32 on the same sequences, through the sweep's own scoring path."""
+    from jobs.bench_bias import BIAS_BOUND, powers, precision_bias
+
+    result = precision_bias("toy-2l", "cpu", tokens=6, seqs=16)
+    bf16 = result["precisions"]["bf16"]
+    assert 0 < bf16["B_max_abs"] < 0.1 and abs(bf16["A_mean_bias"]) <= bf16["A_max_abs"]
+    assert result["auto"] == ("bf16" if bf16["within"] else "fp32") and result["bound"] == BIAS_BOUND
+    assert (powers("toy-2l", "fp32", "cpu", 6, 16) == powers("toy-2l", "fp32", "cpu", 6, 16)).all()  # deterministic

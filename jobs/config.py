@@ -130,9 +130,8 @@ def resolve(cfg: RunConfig, info: models.ModelInfo, tokens: str | None = None, p
                           f"so at most {available} tokens (ids {FIRST_TOKEN}..{info.d_vocab - 1}); use --tokens all")
     if cfg.neighbors > available - 1:
         raise ConfigError(f"--neighbors {cfg.neighbors} exceeds the {available - 1} candidate neighbours of {cfg.model}")
-    if cfg.heads and not info.compact(cfg.processing):
-        raise ConfigError(f"--heads needs an attention-only model that the compact forward scores; {cfg.model} with "
-                          f"{cfg.processing} processing is not one (a shortformer LN model keeps its LayerNorm weights)")
+    if cfg.heads and not info.compact:
+        raise ConfigError(f"--heads needs an attention-only model; {cfg.model} is not one")
     for name in ("seqs", "pairs"):
         if getattr(cfg, name) > MAX_SEQUENCE_INDEX:
             raise ConfigError(f"--{name} {getattr(cfg, name)} is beyond the rows' int32 sequence index ({MAX_SEQUENCE_INDEX})")

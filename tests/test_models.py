@@ -40,7 +40,7 @@ def test_toy_2l_is_a_real_hooked_transformer(toy_model):
     assert models.bos_id(toy_model) == 1
     info = models.describe("toy-2l")  # what the driver reads: config.json, no weights
     assert toy_model.tokenizer is None and info.tokenizer is None and info.token_strings()[7] == "#7"
-    assert (info.d_vocab, info.bos, info.compact()) == (2048, 1, True)
+    assert (info.d_vocab, info.bos, info.compact) == (2048, 1, True)
 
 
 def test_export_round_trip(tmp_path, toy_model):
@@ -185,8 +185,9 @@ def test_exact_loading_keeps_the_trained_function_and_says_how(shortformer_ln_ch
 
     ref = logodds(torch.log_softmax(models.full_logits(trained, tokens)[:, -1].double(), -1), targets)
     assert (Scorer(exact, "fp32").logodds(tokens, targets).double() - ref).abs().max() < 1e-4  # what was trained
-    info = models.describe(str(path))  # --heads needs the compact forward: only where the LN gets folded
-    assert not info.compact("exact") and info.compact("tl-default")
+    weights = models.load_weights(str(path))  # the actors: straight from safetensors, LN folded with positions unscaled
+    assert models.describe(str(path)).compact and weights is not None
+    assert (Scorer(weights, "fp32").logodds(tokens, targets).double() - ref).abs().max() < 1e-4
     default = models.load_model(str(path), processing="tl-default")  # TransformerLens' defaults: centres W_pos
     assert {"fold_ln", "center_writing_weights"} <= set(default.induction_sweep_loading["steps"])
     assert default.induction_sweep_loading["max_abs_diff_log_prob"] > 0.05  # recorded, not refused

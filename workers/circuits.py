@@ -52,12 +52,16 @@ def circuit_scores(w: AttnOnlyWeights, tokens: Int[Tensor, " n"], chunk: int = 1
     if last >= 1:
         prev = sum((E @ w.W_V[0][h0] + w.b_V[0][h0]) @ w.W_O[0][h0] for h0 in range(w.W_Q[0].shape[0]))
         q_pos, k_pos = w.W_pos[SEQ_LEN - 1], w.W_pos[B_POS]
-        # shortformer: positions join the query/key input after the LayerNorm; otherwise the residual
-        keys_in = ln(prev) + k_pos if w.shortformer else ln(prev + k_pos)
-        queries_in = E[tokens] + q_pos if w.shortformer else ln(w.W_E[tokens] + q_pos)
+        # shortformer: positions join the query/key input after the LayerNorm, meeting the weights
+        # before any LayerNorm fold (W_*_pos); otherwise they are part of the residual stream
+        keys_in = ln(prev) if w.shortformer else ln(prev + k_pos)
+        queries_in = E[tokens] if w.shortformer else ln(w.W_E[tokens] + q_pos)
         for h in range(n_heads):
-            K = keys_in @ w.W_K[last][h] + w.b_K[last][h]
-            ranks = [_rank((q_in @ w.W_Q[last][h] + w.b_Q[last][h]) @ K.T, t)
+            q_bias, k_bias = w.b_Q[last][h], w.b_K[last][h]
+            if w.shortformer:
+                q_bias, k_bias = q_bias + q_pos @ w.W_Q_pos[last][h], k_bias + k_pos @ w.W_K_pos[last][h]
+            K = keys_in @ w.W_K[last][h] + k_bias
+            ranks = [_rank((q_in @ w.W_Q[last][h] + q_bias) @ K.T, t)
                      for q_in, t in zip(queries_in.split(chunk), tokens.split(chunk))]
             out[f"qk_rank_h{h}"] = torch.cat(ranks)
     for kind in ("ov", "qk"):

@@ -54,7 +54,9 @@ class CompactForward(torch.nn.Module):
         for i in range(self.n_layers - 1):
             W_QKV = torch.cat([_heads(w.W_Q[i]), _heads(w.W_K[i]), _heads(w.W_V[i])], dim=1)
             b_QKV = torch.cat([w.b_Q[i].flatten(), w.b_K[i].flatten(), w.b_V[i].flatten()])
-            pos_QKV = torch.cat([pos @ _heads(w.W_Q[i]), pos @ _heads(w.W_K[i]), pos.new_zeros(len(pos), W_QKV.shape[1] // 3)], 1)
+            # positions meet the weights as trained (W_*_pos: before the LayerNorm's weights were folded in)
+            pos_QKV = torch.cat([pos @ _heads(w.W_Q_pos[i]), pos @ _heads(w.W_K_pos[i]),
+                                 pos.new_zeros(len(pos), W_QKV.shape[1] // 3)], 1)
             self.register_buffer(f"W_QKV{i}", self.cast(W_QKV))
             if i == 0 and self.shortformer:  # layer 0 reads the token embedding alone: one Q/K/V row per token
                 self.register_buffer("tok_QKV0", self.ln(w.W_E) @ W_QKV.float())
@@ -63,9 +65,9 @@ class CompactForward(torch.nn.Module):
             self.register_buffer(f"b_O{i}", w.b_O[i].float())
         last = self.n_layers - 1
         self.register_buffer("W_Q_last", _heads(w.W_Q[last]).float())  # float32: the query decides where induction looks
-        self.register_buffer("q_bias", (pos @ _heads(w.W_Q[last]) + w.b_Q[last].flatten()).float())  # pos heads_x_d_head
+        self.register_buffer("q_bias", (pos @ _heads(w.W_Q_pos[last]) + w.b_Q[last].flatten()).float())  # pos heads_x_d_head
         self.register_buffer("W_K_last", w.W_K[last].float())  # heads d_model d_head
-        self.register_buffer("k_bias", (torch.einsum("pd,hde->phe", pos, w.W_K[last]) + w.b_K[last]).float())
+        self.register_buffer("k_bias", (torch.einsum("pd,hde->phe", pos, w.W_K_pos[last]) + w.b_K[last]).float())
         self.register_buffer("W_V_last", self.cast(w.W_V[last]))
         self.register_buffer("b_V_last", w.b_V[last].float())
         self.register_buffer("W_O_last", self.cast(w.W_O[last].flatten(0, 1)))

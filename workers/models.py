@@ -96,9 +96,10 @@ def checkpoint_dir(spec: str) -> Iterator[Path | None]:
 
 CENTRE_WRITES = "center_residual_writes"  # our step: TransformerLens' centring without a shortformer's W_pos
 # how load_weights loads: recorded in the manifest like load_processed's check
-DIRECT_LOADING = {"loader": "safetensors", "processing": "exact", "steps": [CENTRE_WRITES, "fold_value_biases"],
-                  "check": "none needed: both steps are exact (LNPre removes the residual stream's mean; attention "
-                           "rows sum to 1)"}
+DIRECT_LOADING = {"loader": "safetensors", "processing": "exact",
+                  "steps": [CENTRE_WRITES, "fold_ln (positions unscaled)", "fold_value_biases"],
+                  "check": "none needed: each step is exact (the LayerNorm removes the residual stream's mean; its "
+                           "weights fold into what reads its output; attention rows sum to 1)"}
 
 
 def centre_residual_writes(state: dict[str, Tensor], include_pos: bool) -> dict[str, Tensor]:
@@ -112,39 +113,24 @@ def centre_residual_writes(state: dict[str, Tensor], include_pos: bool) -> dict[
 
 
 def load_weights(spec: str, device: str | torch.device = "cpu") -> AttnOnlyWeights | None:
-    """The compact forward's weights read straight from a checkpoint, without TransformerLens: for
-    attention-only checkpoints with LNPre or no normalisation, where no LayerNorm weights need
-    folding. Two exact steps only: with LNPre, the residual stream's writes are centred
-    (``centre_residual_writes``); value biases are folded into the output bias (attention rows sum
-    to 1), as TransformerLens does. None where the model needs TransformerLens' loading (hub names,
-    LN or RMS weights, other architectures)."""
+    """The compact forward's weights read straight from a checkpoint, without TransformerLens, for
+    attention-only checkpoints (LN, LNPre or no normalisation). Exact steps only: under a
+    LayerNorm the residual stream's writes are centred (``centre_residual_writes``), then
+    ``weights_from_state`` folds LayerNorm weights (positions unscaled) and value biases. None where
+    the model needs TransformerLens' loading (hub names, RMS, other architectures)."""
     with checkpoint_dir(spec) as directory:
         if directory is None:
             return None
         cfg, _ = checkpoint_config(directory, spec)  # config.json only: no tokenizer, no transformers import
-        if not compact_supported(cfg):  # LN weights to fold, or not attention-only
+        if not compact_supported(cfg):  # not attention-only, RMS, or another variant
             return None
         from safetensors.torch import load_file
 
         state = load_file(str(directory / "model.safetensors"), device=str(device))
-    shortformer = getattr(cfg, "positional_embedding_type", "standard") == "shortformer"
-    layer_norm = getattr(cfg, "normalization_type", "LN") == "LNPre"
-    if layer_norm:
+    if getattr(cfg, "normalization_type", "LN") in ("LN", "LNPre"):
+        shortformer = getattr(cfg, "positional_embedding_type", "standard") == "shortformer"
         state = centre_residual_writes(state, include_pos=not shortformer)
-
-    def per_layer(name: str) -> list[Tensor]:
-        return [state[f"blocks.{i}.attn.{name}"] for i in range(cfg.n_layers)]
-
-    W_O, b_V = per_layer("W_O"), per_layer("b_V")
-    b_O = [b + torch.einsum("he,hed->d", v, w) for b, v, w in zip(per_layer("b_O"), b_V, W_O)]
-    use_scale = getattr(cfg, "use_attn_scale", True)
-    return AttnOnlyWeights(
-        W_E=state["embed.W_E"], W_pos=state["pos_embed.W_pos"], W_Q=per_layer("W_Q"), W_K=per_layer("W_K"),
-        W_V=per_layer("W_V"), W_O=W_O, b_Q=per_layer("b_Q"), b_K=per_layer("b_K"), b_V=[torch.zeros_like(b) for b in b_V],
-        b_O=b_O, W_U=state["unembed.W_U"], b_U=state["unembed.b_U"],
-        shortformer=shortformer, layer_norm=layer_norm, eps=float(getattr(cfg, "eps", 1e-5)),
-        attn_scale=float(getattr(cfg, "attn_scale", cfg.d_head ** 0.5)) if use_scale else 1.0,
-    )
+    return weights_from_state(state, cfg)
 
 
 PROCESSING = ("exact", "tl-default")
@@ -323,10 +309,10 @@ class ModelInfo:
     def d_vocab(self) -> int:
         return int(self.cfg.d_vocab)
 
-    def compact(self, processing: str = "exact") -> bool:
-        """Whether the actors will score this model with the compact forward (workers/fast.py), once
-        loaded with ``processing`` (an LN model qualifies only where its LayerNorm gets folded)."""
-        return compact_supported(self.cfg, ln_folds=processing_steps(self.cfg, processing)["fold_ln"])
+    @property
+    def compact(self) -> bool:
+        """Whether the actors will score this model with the compact forward (workers/fast.py)."""
+        return compact_supported(self.cfg)
 
     def token_strings(self) -> list[str]:
         """Printable string of every id: the tokenizer's, or ``#<id>`` where there is none."""
@@ -471,7 +457,9 @@ def last_logits(model, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch
 
 @dataclass
 class AttnOnlyWeights:
-    """A processed attention-only model's weights, as plain tensors (see workers/fast.py)."""
+    """An attention-only model's weights with its LayerNorms' weights folded in, as plain tensors
+    (see workers/fast.py); ``layer_norm``: a LayerNorm without weights (LNPre) before each layer
+    and the unembedding."""
 
     W_E: Float[Tensor, "vocab d_model"]
     W_pos: Float[Tensor, "n_ctx d_model"]
@@ -485,6 +473,8 @@ class AttnOnlyWeights:
     b_O: list[Float[Tensor, " d_model"]]
     W_U: Float[Tensor, "d_model vocab"]
     b_U: Float[Tensor, " vocab"]
+    W_Q_pos: list[Float[Tensor, "heads d_model d_head"]]  # what a shortformer's positions meet: W_Q before any fold
+    W_K_pos: list[Float[Tensor, "heads d_model d_head"]]
     shortformer: bool  # positions enter queries and keys only, not the residual stream
     layer_norm: bool  # LNPre (centre + scale) before each layer and the unembedding
     eps: float
@@ -495,37 +485,47 @@ def attn_only_weights(model) -> AttnOnlyWeights | None:
     """Weights for the compact forward, or None where the architecture needs TransformerLens' path."""
     if not compact_supported(model.cfg):
         return None
-    blocks = [block.attn for block in model.blocks]
+    return weights_from_state({k: v.detach() for k, v in model.state_dict().items()}, model.cfg)
 
-    def per_layer(name: str) -> list[Tensor]:
-        return [getattr(attn, name).detach() for attn in blocks]
 
-    cfg = model.cfg
+def weights_from_state(state: dict[str, Tensor], cfg) -> AttnOnlyWeights:
+    """An attention-only model's weights from its state dict (HookedTransformer's names), with two
+    exact folds: LayerNorm weights and biases into the projections that read the LayerNorm's output
+    — positions, which a shortformer adds after the LayerNorm, keep meeting the unscaled W_Q and
+    W_K (TransformerLens' own fold scales them too, so it refuses shortformers) — and value biases
+    into b_O (attention rows sum to 1)."""
+    W_Q, W_K, W_V, b_Q, b_K, b_V, W_Q_pos, W_K_pos = ([] for _ in range(8))
+    for i in range(cfg.n_layers):
+        w = {name: state[f"blocks.{i}.attn.{name}"] for name in ("W_Q", "W_K", "W_V", "b_Q", "b_K", "b_V")}
+        W_Q_pos.append(w["W_Q"])
+        W_K_pos.append(w["W_K"])
+        if f"blocks.{i}.ln1.w" in state:  # LN(x) = norm(x) * g + c feeds x @ W + b
+            g, c = state[f"blocks.{i}.ln1.w"], state[f"blocks.{i}.ln1.b"]
+            for m in "QKV":
+                w[f"b_{m}"] = w[f"b_{m}"] + torch.einsum("d,hde->he", c, w[f"W_{m}"])
+                w[f"W_{m}"] = w[f"W_{m}"] * g[None, :, None]
+        for out, name in ((W_Q, "W_Q"), (W_K, "W_K"), (W_V, "W_V"), (b_Q, "b_Q"), (b_K, "b_K"), (b_V, "b_V")):
+            out.append(w[name])
+    W_O = [state[f"blocks.{i}.attn.W_O"] for i in range(cfg.n_layers)]
+    b_O = [state[f"blocks.{i}.attn.b_O"] + torch.einsum("he,hed->d", v, o) for i, (v, o) in enumerate(zip(b_V, W_O))]
+    W_U, b_U = state["unembed.W_U"], state["unembed.b_U"]
+    if "ln_final.w" in state:
+        W_U, b_U = state["ln_final.w"][:, None] * W_U, b_U + state["ln_final.b"] @ W_U
+    use_scale = getattr(cfg, "use_attn_scale", True)
     return AttnOnlyWeights(
-        W_E=model.W_E.detach(),
-        W_pos=model.W_pos.detach(),
-        W_Q=per_layer("W_Q"),
-        W_K=per_layer("W_K"),
-        W_V=per_layer("W_V"),
-        W_O=per_layer("W_O"),
-        b_Q=per_layer("b_Q"),
-        b_K=per_layer("b_K"),
-        b_V=per_layer("b_V"),
-        b_O=per_layer("b_O"),
-        W_U=model.W_U.detach(),
-        b_U=model.b_U.detach(),
-        shortformer=cfg.positional_embedding_type == "shortformer",
-        layer_norm=cfg.normalization_type == "LNPre",
-        eps=float(cfg.eps),
-        attn_scale=float(cfg.attn_scale) if cfg.use_attn_scale else 1.0,
+        W_E=state["embed.W_E"], W_pos=state["pos_embed.W_pos"], W_Q=W_Q, W_K=W_K, W_V=W_V, W_O=W_O, b_Q=b_Q, b_K=b_K,
+        b_V=[torch.zeros_like(b) for b in b_V], b_O=b_O, W_U=W_U, b_U=b_U, W_Q_pos=W_Q_pos, W_K_pos=W_K_pos,
+        shortformer=getattr(cfg, "positional_embedding_type", "standard") == "shortformer",
+        layer_norm=getattr(cfg, "normalization_type", "LN") in ("LN", "LNPre"), eps=float(getattr(cfg, "eps", 1e-5)),
+        attn_scale=float(getattr(cfg, "attn_scale", None) or cfg.d_head ** 0.5) if use_scale else 1.0,
     )
 
 
-def compact_supported(cfg, ln_folds: bool = False) -> bool:
-    """Whether workers/fast.py computes this architecture exactly: attention only, LNPre or no
-    normalisation, standard or shortformer positions, none of the variants below. ``cfg`` is a
-    HookedTransformerConfig or config.json's fields (absent ones take TransformerLens' defaults);
-    ``ln_folds``: the loader will fold an LN's weights, leaving LNPre (a checkpoint's config)."""
+def compact_supported(cfg) -> bool:
+    """Whether workers/fast.py computes this architecture exactly: attention only, LN (its weights
+    folded by ``weights_from_state``), LNPre or no normalisation, standard or shortformer positions,
+    none of the variants below. ``cfg`` is a HookedTransformerConfig or config.json's fields (absent
+    ones take TransformerLens' defaults)."""
 
     def get(name, default=None):
         return getattr(cfg, name, default)
@@ -533,7 +533,7 @@ def compact_supported(cfg, ln_folds: bool = False) -> bool:
     normalization = get("normalization_type", "LN")
     return bool(
         get("attn_only", False)
-        and (normalization in ("LNPre", None) or (ln_folds and normalization == "LN"))
+        and normalization in ("LN", "LNPre", None)
         and get("positional_embedding_type", "standard") in ("standard", "shortformer")
         and not get("final_rms", False)
         and get("n_key_value_heads") in (None, get("n_heads"))

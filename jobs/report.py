@@ -129,12 +129,14 @@ def render(store: Store, manifest: dict, agg: Aggregates) -> dict[str, bytes]:
     """Write plots/*.png and report.html; returns the plots."""
     plots: dict[str, bytes] = {}
     if agg.token_powers is not None:
-        roles = [h for h in agg.histograms if h.name in ("A", "B")]
+        roles = {s.name for s in experiments.shown_by(experiments.POWERS).scenarios}  # A and B power
+        roles = [h for h in agg.histograms if h.name in roles]
         plots["token_powers.png"] = token_powers_plot(roles, agg.summary.token_powers)
     if agg.fixed_pair is not None:
         fp = agg.summary.fixed_pair
         pair = f"A={fp['pair_str'][0]!r} B={fp['pair_str'][1]!r}"
-        plots["fixed_pair_strength.png"] = fixed_pair_strength_plot([h for h in agg.histograms if " " in h.name], pair)
+        prefix = experiments.shown_by(experiments.PAIR).name + " "  # histograms named "<experiment> <scenario>"
+        plots["fixed_pair_strength.png"] = fixed_pair_strength_plot([h for h in agg.histograms if h.name.startswith(prefix)], pair)
         plots["fixed_pair_logodds.png"] = fixed_pair_logodds_plot(agg.logodds)
     if agg.neighbors is not None:
         plots["neighbors.png"] = neighbors_plot(agg.neighbors)

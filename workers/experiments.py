@@ -101,6 +101,11 @@ def get(name: str) -> Experiment:
     return REGISTRY[name]
 
 
+def shown_by(view: str) -> Experiment:
+    """The experiment that one of the SINGLE_VIEWS shows."""
+    return next(e for e in REGISTRY.values() if e.view == view)
+
+
 def group(name: str) -> tuple[str, ...]:
     return tuple(e.name for e in REGISTRY.values() if e.group == name)
 

@@ -19,7 +19,8 @@ from collections.abc import Callable
 import torch
 
 from workers import experiments, models
-from workers.scoring import PRECISIONS, Scorer, logodds
+from workers.fast import ATTENTION
+from workers.scoring import PRECISIONS, Scorer, fastest_path, logodds
 from workers.sequences import make_batch, sequence_keys
 
 PLAIN_BATCH = 256
@@ -106,11 +107,12 @@ BOUNDS = {"fp32": 1e-3, "tf32": 0.1, "bf16": 0.1}
 
 
 def variants(device: torch.device) -> list[dict]:
-    """Scorer options to try: on CUDA the fused unembedding kernel against torch's logits (both
-    compiled); on a CPU eager against torch.compile (Inductor's C++ backend)."""
+    """Scorer options to try: the attention of the layers before the last (SDPA or small products)
+    and, on CUDA, the fused unembedding kernel against torch's logits (both compiled there); on a
+    CPU eager against torch.compile (Inductor's C++ backend). ``scoring.FASTEST`` holds the winners."""
     if device.type == "cuda":
-        return [{"compile": True, "fused": True}, {"compile": True, "fused": False}]
-    return [{"compile": False}, {"compile": True}]
+        return [{"compile": True, "attention": a, "fused": f} for a in ATTENTION for f in (True, False)]
+    return [{"compile": c, "attention": a} for c in (False, True) for a in ATTENTION]
 
 
 def profile_step(step: Callable[[], None], device: torch.device, rows: int = 12) -> str:
@@ -151,7 +153,47 @@ def measure(model, precision: str, options: dict, sample, reference, batches, de
     if profile and best_step is not None:
         best["profile"] = profile_step(best_step, device)
     best.update(scorer.options)  # what ran, after any fallback from torch.compile or the Triton kernel
+    if best["fused"]:
+        from workers.unembed_lse import _unembed_lse_kernel
+
+        best["triton_config"] = str(getattr(_unembed_lse_kernel, "best_config", None))  # the autotuner's pick
     return best
+
+
+def check(spec: str, device: torch.device) -> list[dict]:
+    """Every variant's error on ``spec`` (toy-2l: sharp induction) against its float64 TransformerLens
+    forward, eager (the compiled graphs are the bench's own, checked there on the random shape)."""
+    model = models.load_model(spec, device)
+    d_vocab, bos = models.d_vocab(model), models.bos_id(model)
+    sample = bench_batch(REFERENCE_SEQS, d_vocab, bos, device)
+    reference = reference_strength(model, sample, device)
+    out = []
+    for precision in precisions(device):
+        for attention in ATTENTION:
+            for fused in (True, False) if device.type == "cuda" else (False,):
+                scorer = Scorer(model, precision, compile=False, attention=attention, fused=fused)
+                ind, shuf = scorer.strength(sample.tokens, sample.shuffled, sample.b[:, None])
+                err = float(((ind - shuf)[:, 0].double() - reference).abs().max())
+                out.append({"model": spec, "precision": precision, **scorer.options, "max_abs_err_strength": err,
+                            "within": err <= BOUNDS[precision]})
+                print(f"  check {spec} {precision:5} attention {attention:8} fused {fused!s:5}: err {err:.1e} "
+                      f"{'within' if out[-1]['within'] else 'OUTSIDE'} {BOUNDS[precision]}", flush=True)
+    return out
+
+
+def precisions(device: torch.device) -> list[str]:
+    return [p for p in PRECISIONS if p != "tf32" or device.type == "cuda"]  # TF32 is a CUDA matmul mode
+
+
+def fastest(results: list[dict]) -> dict:
+    """Per precision, the fastest variant within its accuracy bound, and what the scorer defaults to."""
+    out = {}
+    for precision in {r["precision"] for r in results}:
+        ok = [r for r in results if r["precision"] == precision and r["max_abs_err_strength"] <= BOUNDS[precision]]
+        if ok:
+            best = max(ok, key=lambda r: r["seq_per_s"])
+            out[precision] = {"attention": best["attention"], "fused": best["fused"], "seq_per_s": best["seq_per_s"]}
+    return out
 
 
 def targets(device: torch.device, results: list[dict]) -> dict:
@@ -198,14 +240,12 @@ def main(args) -> int:
 
     batches = args.batches or ([8192, 32768, 65536] if device.type == "cuda" else [256, 1024, 4096])
     results = []
-    for precision in PRECISIONS:
-        if precision == "tf32" and device.type != "cuda":
-            continue  # TF32 is a CUDA matmul mode; on a CPU it is fp32
+    for precision in precisions(device):
         for options in variants(device):
             best = measure(model, precision, options, sample, reference, batches, device, seconds, plain_rate,
                            args.profile)
             results.append(best)
-            print(f"  scorer {best['path']:>8} {precision:5} {json.dumps(options):34} batch {best['batch']:6d}: "
+            print(f"  scorer {best['path']:>8} {precision:5} {json.dumps(options):60} batch {best['batch']:6d}: "
                   f"{best['seq_per_s']:12,.0f} seq/s {best['ratio']:6.1f}x   err {best['max_abs_err_strength']:.1e}   "
                   f"{best['peak_mem_mb']:8.0f} MB   token-powers {best['token_powers_s']:,.1f} s", flush=True)
             if args.profile:
@@ -214,7 +254,8 @@ def main(args) -> int:
     report = {"model": name, "device": gpu or str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
               "plain_seq_per_s": plain_rate, "plain_max_abs_err_strength": plain_err, "plain_peak_mem_mb": plain_mem,
               "results": [{k: v for k, v in r.items() if k != "profile"} for r in results],
-              "targets": targets(device, results)}
+              "targets": targets(device, results), "fastest": fastest(results),
+              "defaults": {p: fastest_path(device, p) for p in precisions(device)}}
     if device.type != "cuda":
         report["gpu"] = ("not measured: no CUDA device here; run scripts/device/bench.sh on a GPU machine"
                          if not torch.cuda.is_available() else "not measured: --device cpu")
@@ -222,6 +263,13 @@ def main(args) -> int:
         print(f"  target {device.type} {precision}: {t['figure']:,.1f} against {t['goal']:,} "
               f"{'reached' if t['reached'] else 'NOT reached'}, accuracy {'within' if t['accurate'] else 'OUTSIDE'} "
               f"{BOUNDS[precision]}", flush=True)
+    for precision, best in report["fastest"].items():
+        default = report["defaults"][precision]
+        same = all(best[k] == default[k] for k in default)
+        print(f"  fastest {precision}: attention {best['attention']}, fused {best['fused']} "
+              f"({'the default' if same else f'default is {default}'})", flush=True)
+    if args.check:
+        report["checks"] = [r for spec in args.check for r in check(spec, device)]
     if args.bias:
         from jobs.bench_bias import main as bias
 

@@ -4,6 +4,11 @@ import json
 import subprocess
 import sys
 
+import torch
+
+from workers.fast import ATTENTION
+from workers.scoring import fastest_path
+
 
 def test_bench_reports_every_precision_with_errors_against_float64():
     out = subprocess.run(
@@ -13,14 +18,17 @@ def test_bench_reports_every_precision_with_errors_against_float64():
     ).stdout
     report = json.loads(out.strip().splitlines()[-1])  # the JSON object is the last line (README.md, "Running")
     assert report["model"] == "toy-2l" and report["device"] == "cpu" and report["plain_seq_per_s"] > 0
-    rows = {(r["precision"], r["compile"]): r for r in report["results"]}
-    assert set(rows) == {("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True)}  # no tf32 on a CPU
-    for (precision, compiled), r in rows.items():
+    rows = {(r["precision"], r["compile"], r["attention"]): r for r in report["results"]}
+    assert set(rows) == {(p, c, a) for p in ("fp32", "bf16") for c in (False, True) for a in ATTENTION}  # no tf32 on a CPU
+    for (precision, compiled, attention), r in rows.items():
+        assert r["attention"] == attention
         assert r["path"] == "compact" and r["batch"] == 64 and r["compiled"] == compiled and not r["fused"]
         assert r["ratio"] == r["seq_per_s"] / report["plain_seq_per_s"]
         assert r["max_abs_err_strength"] <= (1e-4 if precision == "fp32" else 0.1)
     # bf16 rounding shows in the error: a path that silently ran float32 would not
-    assert rows[("bf16", False)]["max_abs_err_strength"] > 10 * rows[("fp32", False)]["max_abs_err_strength"]
+    assert rows[("bf16", False, "sdpa")]["max_abs_err_strength"] > 10 * rows[("fp32", False, "sdpa")]["max_abs_err_strength"]
+    # the fastest accurate variant per precision is named, and the scorer's default for the device
+    assert set(report["fastest"]) == {"fp32", "bf16"} and report["defaults"]["fp32"] == fastest_path(torch.device("cpu"), "fp32")
     assert set(report["targets"]) == {"fp32", "bf16"}
     assert report["gpu"].startswith("not measured")
 

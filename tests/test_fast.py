@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from workers import experiments, models
-from workers.fast import CompactForward
-from workers.scoring import Scorer, logodds
+from workers.fast import ATTENTION, CompactForward
+from workers.scoring import Scorer, fastest_path, logodds
 from workers.sequences import make_batch, sequence_keys
 
 BOUNDS = {"fp32": 1e-4, "bf16": 0.1}
@@ -37,13 +37,16 @@ def check_parity(model, precision: str, n: int = 128, scored=None, **scorer_opti
     # what was asked for ran, rather than the fallback taken when a compiler fails
     on_cuda = scorer.device.type == "cuda"  # where both default to on
     assert scorer.options["compiled"] == scorer_options.get("compile", on_cuda)
-    assert scorer.options["fused"] == scorer_options.get("fused", on_cuda)
+    default = fastest_path(scorer.device, precision)
+    assert scorer.options["fused"] == scorer_options.get("fused", default["fused"] and on_cuda)
+    assert scorer.options["attention"] == scorer_options.get("attention", default["attention"])
     return err
 
 
+@pytest.mark.parametrize("attention", ATTENTION)
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_toy_2l(toy_model, precision):
-    check_parity(toy_model, precision, n=256)
+def test_toy_2l(toy_model, precision, attention):
+    check_parity(toy_model, precision, n=256, attention=attention)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -75,24 +78,28 @@ def test_models_with_mlps_take_transformer_lens_path():
     assert Scorer(model, "fp32").path == "transformer_lens"
 
 
+@pytest.mark.parametrize("attention", ATTENTION)
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_compiled_forward(precision):
-    """torch.compile of the compact forward (the default on CUDA), here through Inductor's CPU backend."""
+def test_compiled_forward(precision, attention):
+    """torch.compile of the compact forward and of torch's unembedding + log-sum-exp (the default on
+    CUDA), here through Inductor's CPU backend."""
     model = models.random_model(d_vocab=4096, n_ctx=64, seed=3, perturb=True)
-    check_parity(model, precision, compile=True)
+    check_parity(model, precision, compile=True, attention=attention)
     # and the same numbers as eager, up to values that round to bf16 the other way after a
     # reordered float32 sum. Were the roundings dropped, the mean would be ~2e-3 (measured).
     batch = seed_style(128, model.cfg.d_vocab)
-    eager, compiled = (Scorer(model, precision, compile=c).logodds(batch.tokens, batch.b[:, None]) for c in (False, True))
+    eager, compiled = (Scorer(model, precision, compile=c, attention=attention).logodds(batch.tokens, batch.b[:, None])
+                       for c in (False, True))
     assert (eager - compiled).abs().mean() < 1e-4 and (eager - compiled).abs().max() < 2e-3
 
 
+@pytest.mark.parametrize("attention", ATTENTION)
 @pytest.mark.parametrize("shape", [dict(n_layers=1), dict(n_layers=2), dict(n_layers=3, positional_embedding_type="standard")])
-def test_native_bf16_path_runs_on_meta_tensors(shape):
+def test_native_bf16_path_runs_on_meta_tensors(shape, attention):
     """The CUDA bf16 path (bf16 products, float32 sums through mm/bmm out_dtype) cannot run on a
     CPU; on meta tensors every call's shapes and dtypes are still checked."""
     model = models.random_model(d_vocab=1024, n_ctx=32, d_model=64, n_heads=4, d_head=16, seed=4, **shape)
-    forward = CompactForward(models.attn_only_weights(model), torch.bfloat16, torch.bfloat16).to("meta")
+    forward = CompactForward(models.attn_only_weights(model), torch.bfloat16, torch.bfloat16, attention).to("meta")
     assert forward.float_sums
     h = forward(torch.zeros(8, 24, dtype=torch.long, device="meta"))
     assert h.shape == (8, 64) and h.dtype == torch.float32
@@ -111,4 +118,5 @@ def test_compiled_scorer_builds_one_graph_for_every_batch_size(toy_model):
     for n in (64, 40, 17):
         scorer.logodds(batch.tokens[:n], batch.b[:n, None])
     Scorer(toy_model, "fp32", compile=True).logodds(batch.tokens[:30], batch.b[:30, None])  # another actor's scorer
-    assert scorer.options["compiled"] and counters["stats"]["unique_graphs"] == 1
+    # one graph for the forward, one for the unembedding + log-sum-exp
+    assert scorer.options["compiled"] and counters["stats"]["unique_graphs"] == 2

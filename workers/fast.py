@@ -33,15 +33,23 @@ def _heads(w: Float[Tensor, "heads d_model d_head"]) -> Float[Tensor, "d_model h
     return w.permute(1, 0, 2).reshape(w.shape[1], -1)
 
 
+ATTENTION = ("sdpa", "products")
+
+
 class CompactForward(torch.nn.Module):
-    def __init__(self, w: AttnOnlyWeights, dtype: torch.dtype = torch.float32, compute: torch.dtype | None = None):
+    def __init__(self, w: AttnOnlyWeights, dtype: torch.dtype = torch.float32, compute: torch.dtype | None = None,
+                 attention: str = "sdpa"):
         """``dtype`` rounds the weights and inputs of the projections (Q/K/V, O, V and O of the last
         layer, unembedding); ``compute`` runs them (default ``dtype``); their sums are float32.
         Attention over the 24 positions (the last layer's query and ``W_K^T q`` included: one row
         per head), biases, the layer-0 table and the residual stream stay float32: they cost little
         and carry most of the bf16 error otherwise. bf16 rounding with float32 compute gives bf16
-        tensor-core numerics on CPUs, where bf16 products are far slower than float32 (docs/PERFORMANCE.md)."""
+        tensor-core numerics on CPUs, where bf16 products are far slower than float32 (docs/PERFORMANCE.md).
+        ``attention``: how the layers before the last attend over every position (ATTENTION)."""
         super().__init__()
+        if attention not in ATTENTION:
+            raise ValueError(f"unknown attention {attention!r}: choose {', '.join(ATTENTION)}")
+        self.attention = attention
         self.n_layers, self.n_heads, self.d_head = len(w.W_Q), w.W_Q[0].shape[0], w.W_Q[0].shape[2]
         self.shortformer, self.layer_norm, self.eps, self.scale = w.shortformer, w.layer_norm, w.eps, w.attn_scale
         self.dtype, self.compute = dtype, compute or dtype
@@ -83,13 +91,16 @@ class CompactForward(torch.nn.Module):
         return t.to(self.dtype).to(self.compute)
 
     def project(self, x: Float[Tensor, "*batch rows k"], W: Float[Tensor, "*batch k n"]) -> Float[Tensor, "*batch rows n"]:
-        """``x @ W`` with inputs in the projection precision and a float32 result."""
-        x = self.cast(x)
+        """``x @ W`` with inputs in the projection precision and a float32 result (``W`` is cast already)."""
+        return self.matmul(self.cast(x), W)
+
+    def matmul(self, a: Float[Tensor, "*batch rows k"], b: Float[Tensor, "*batch k n"]) -> Float[Tensor, "*batch rows n"]:
+        """``a @ b`` of inputs in the compute dtype, with a float32 result."""
         if self.compute == torch.float32:
-            return x @ W
+            return a @ b
         if self.float_sums:
-            return (torch.mm if W.dim() == 2 else torch.bmm)(x, W, out_dtype=torch.float32)
-        return (x @ W).float()  # a torch without out_dtype: sums rounded to bf16
+            return (torch.mm if b.dim() == 2 else torch.bmm)(a, b, out_dtype=torch.float32)
+        return (a @ b).float()  # a torch without out_dtype: sums rounded to bf16
 
     def ln(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
         return layer_norm_pre(x, self.eps) if self.layer_norm else x.float()
@@ -122,9 +133,21 @@ class CompactForward(torch.nn.Module):
         else:
             qkv = self.project(self.ln(x).flatten(0, 1), getattr(self, f"W_QKV{i}")).view(batch, n_pos, -1) + bias
         q, k, v = (self.heads(t) for t in qkv.chunk(3, dim=-1))
-        z = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1 / self.scale)
+        z = self.causal_attention(q, k, v)
         out = self.project(z.transpose(1, 2).reshape(batch * n_pos, -1), getattr(self, f"W_O{i}"))
         return out.view(batch, n_pos, -1).add_(getattr(self, f"b_O{i}"))
+
+    def causal_attention(
+        self, q: Float[Tensor, "batch heads pos d_head"], k: Float[Tensor, "batch heads pos d_head"],
+        v: Float[Tensor, "batch heads pos d_head"],
+    ) -> Float[Tensor, "batch heads pos d_head"]:
+        if self.attention == "sdpa":
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1 / self.scale)
+        # one [pos, pos] product per sequence and head, in float32 (bf16 scores in layer 0 triple
+        # toy-2l's bf16 error): SDPA's float32 kernels are tuned for long sequences, not 24 positions
+        scores = q @ k.transpose(-1, -2) / self.scale
+        future = torch.ones(q.shape[2], q.shape[2], dtype=torch.bool, device=q.device).triu(1)
+        return scores.masked_fill_(future, float("-inf")).softmax(-1) @ v
 
     def attend_last(self, x: Float[Tensor, "batch pos d_model"], trace: dict | None) -> Float[Tensor, "batch d_model"]:
         """The last layer's output at the last position, keys and values folded into the query side."""

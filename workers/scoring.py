@@ -33,6 +33,19 @@ def resolve_precision(precision: str, device: torch.device | str) -> str:
     return precision
 
 
+# What measured fastest, per device type and precision, at accuracy within the bench's bounds
+# (docs/PERFORMANCE.md, "GPU scorer"; ``bench`` measures every combination on the machine at hand).
+FASTEST = {
+    "cuda": {"fp32": {"attention": "products", "fused": False}, "tf32": {"attention": "products", "fused": False},
+             "bf16": {"attention": "products", "fused": True}},
+    "cpu": {p: {"attention": "sdpa", "fused": False} for p in PRECISIONS},
+}
+
+
+def fastest_path(device: torch.device, precision: str) -> dict:
+    return FASTEST.get(device.type, FASTEST["cpu"])[precision]
+
+
 def native_bf16(device: torch.device) -> bool:
     """bf16 products on the hardware: CUDA. CPUs round inputs to bf16 and multiply in float32: on
     AVX2 bf16 products are far slower than float32, and where they are fast (AMX) torch's CPU
@@ -100,9 +113,10 @@ class Scorer:
     """
 
     def __init__(self, model, precision: str = "auto", fast: bool = True, compile: bool | None = None,
-                 fused: bool | None = None):
+                 fused: bool | None = None, attention: str | None = None):
         """``model``: a HookedTransformer, or an attention-only model's weights (models.load_weights).
-        ``fused``: the Triton unembedding + log-sum-exp (default on CUDA where Triton is installed)."""
+        ``fused``: the Triton unembedding + log-sum-exp; ``attention``: CompactForward's. Both default
+        to what measured fastest for the device and precision (``fastest_path``)."""
         self.model = model
         self.device = model.W_E.device
         self.precision = resolve_precision(precision, self.device)
@@ -112,7 +126,10 @@ class Scorer:
         else:
             weights = models.attn_only_weights(model) if fast else None
         compute = self.dtype if native_bf16(self.device) else torch.float32
-        self.compact = CompactForward(weights, self.dtype, compute).to(self.device) if weights is not None else None
+        best = fastest_path(self.device, self.precision)
+        self.attention = attention or best["attention"]
+        self.compact = (CompactForward(weights, self.dtype, compute, self.attention).to(self.device)
+                        if weights is not None else None)
         self.path = "compact" if self.compact is not None else "transformer_lens"
         if self.compact is None:
             return
@@ -123,8 +140,14 @@ class Scorer:
             compiled = _batch_dynamic(torch.compile(self.compact), emulate_casts=self.dtype != compute)
             self._forward = FirstCallFallback(compiled, self.compact, "torch.compile")
         if fused is None:
-            fused = self.device.type == "cuda" and importlib.util.find_spec("triton") is not None
+            fused = best["fused"] and importlib.util.find_spec("triton") is not None
+        self.fused = fused
         self._softmax_parts = self._torch_softmax_parts
+        if use_compile and not fused:
+            # one compiled pass over each chunk's logits: max, then the rest's exp-sum (eager: five passes)
+            compiled = _batch_dynamic(torch.compile(self._torch_softmax_parts), emulate_casts=self.dtype != compute)
+            self._softmax_parts = FirstCallFallback(functools.partial(self._chunked, compiled),
+                                                    self._torch_softmax_parts, "torch.compile")
         if fused:
             from workers.unembed_lse import FusedUnembedLSE  # Triton: imported only where it runs
 
@@ -133,6 +156,13 @@ class Scorer:
 
     def _torch_softmax_parts(self, h: Float[Tensor, "batch d_model"]):
         return softmax_parts(self.compact.logits(h))
+
+    @staticmethod
+    def _chunked(parts: Callable, h: Float[Tensor, "batch d_model"], rows: int = 16384):
+        """``parts`` over row chunks: the float32 logits of 16384 rows of a 48262-token vocabulary are 3 GB."""
+        if len(h) <= rows:
+            return parts(h)
+        return tuple(torch.cat(p) for p in zip(*(parts(h[lo : lo + rows]) for lo in range(0, len(h), rows))))
 
     def _fused_softmax_parts(self, h: Float[Tensor, "batch d_model"]):
         return self._unembed_lse(self.compact.unembed_input(h), tf32=self.precision == "tf32")
@@ -143,16 +173,16 @@ class Scorer:
         c = self.compact
         return {"path": self.path, "layers": c.n_layers, "heads": c.n_heads, "d_head": c.d_head,
                 "d_model": c.W_E.shape[1], "d_vocab": c.W_E.shape[0], "shortformer": c.shortformer,
-                "layer_norm": c.layer_norm, "fused": self.options["fused"]}
+                "layer_norm": c.layer_norm, "fused": self.options["fused"], "attention": c.attention}
 
     @property
     def options(self) -> dict:
         """What this scorer runs (after any fallback)."""
         if self.compact is None:
-            return {"compiled": False, "fused": False}
+            return {"compiled": False, "fused": False, "attention": None}
         compiled = isinstance(self._forward, FirstCallFallback) and self._forward.primary_ok is not False
-        fused = isinstance(self._softmax_parts, FirstCallFallback) and self._softmax_parts.primary_ok is not False
-        return {"compiled": compiled, "fused": fused}
+        fused = self.fused and self._softmax_parts.primary_ok is not False
+        return {"compiled": compiled, "fused": fused, "attention": self.compact.attention}
 
     def _matmul_precision(self):
         """TF32 only where asked for; fp32 means full float32 products on every device."""

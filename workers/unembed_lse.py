@@ -27,9 +27,13 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 if INTERPRET:  # numpy emulation: one small tile, no tuning
     CONFIGS = [triton.Config({"BLOCK_B": 16, "BLOCK_V": 64, "BLOCK_K": 32})]
 else:
+    # Hopper's wgmma wants 4-warp groups and tiles of at least 64; K (d_model + 1 padded: 576 for
+    # attn-only-2l) is short, so deeper K tiles with fewer stages are tried too
     CONFIGS = [
-        triton.Config({"BLOCK_B": b, "BLOCK_V": v, "BLOCK_K": 64}, num_warps=w, num_stages=s)
-        for b, v, w, s in [(128, 128, 8, 3), (128, 256, 8, 3), (64, 128, 4, 4), (128, 64, 4, 4), (256, 128, 8, 3)]
+        triton.Config({"BLOCK_B": b, "BLOCK_V": v, "BLOCK_K": k}, num_warps=w, num_stages=s)
+        for b, v, k, w, s in [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
+                              (256, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 256, 64, 8, 4), (128, 128, 128, 8, 3),
+                              (128, 256, 128, 8, 2), (256, 128, 128, 8, 2)]
     ]
 
 

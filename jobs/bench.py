@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import torch
 
+from jobs.errors import ConfigError
 from workers import experiments, models
 from workers.fast import ATTENTION
 from workers.scoring import PRECISIONS, Scorer, fastest_path, logodds
@@ -106,13 +107,13 @@ TARGETS = {"cpu": {"fp32": 10.0, "bf16": 25.0}, "cuda": {"tf32": 1.5e6, "bf16": 
 BOUNDS = {"fp32": 1e-3, "tf32": 0.1, "bf16": 0.1}
 
 
-def variants(device: torch.device) -> list[dict]:
+def variants(device: torch.device, attention: list[str] | None = None) -> list[dict]:
     """Scorer options to try: the attention of the layers before the last (SDPA or small products)
     and, on CUDA, the fused unembedding kernel against torch's logits (both compiled there); on a
     CPU eager against torch.compile (Inductor's C++ backend). ``scoring.FASTEST`` holds the winners."""
     if device.type == "cuda":
-        return [{"compile": True, "attention": a, "fused": f} for a in ATTENTION for f in (True, False)]
-    return [{"compile": c, "attention": a} for c in (False, True) for a in ATTENTION]
+        return [{"compile": True, "attention": a, "fused": f} for a in attention or ATTENTION for f in (True, False)]
+    return [{"compile": c, "attention": a} for c in (False, True) for a in attention or ATTENTION]
 
 
 def profile_step(step: Callable[[], None], device: torch.device, rows: int = 12) -> str:
@@ -212,6 +213,9 @@ def targets(device: torch.device, results: list[dict]) -> dict:
 
 def main(args) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    for given, known in ((args.precisions, precisions(device)), (args.attention, ATTENTION)):
+        if unknown := set(given or ()) - set(known):
+            raise ConfigError(f"unknown {', '.join(sorted(unknown))} for {device.type}: choose from {', '.join(known)}")
     seconds = args.seconds or (2.0 if device.type == "cuda" else 3.0)
     model = models.load_model(args.model, device) if args.model else models.random_model(device=device)
     d_vocab, bos = models.d_vocab(model), models.bos_id(model)
@@ -240,8 +244,8 @@ def main(args) -> int:
 
     batches = args.batches or ([8192, 32768, 65536] if device.type == "cuda" else [256, 1024, 4096])
     results = []
-    for precision in precisions(device):
-        for options in variants(device):
+    for precision in args.precisions or precisions(device):
+        for options in variants(device, args.attention):
             best = measure(model, precision, options, sample, reference, batches, device, seconds, plain_rate,
                            args.profile)
             results.append(best)

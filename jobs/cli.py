@@ -86,6 +86,9 @@ def build_parser() -> Parser:
     p.add_argument("--batches", type=lambda v: [int(b) for b in v.split(",")], default=None,
                    help="comma-separated batch sizes to try (default 256,1024,4096 on CPU; 8192,32768,65536 on CUDA)")
     p.add_argument("--profile", action="store_true", help="print the busiest kernels of each scorer's best step")
+    p.add_argument("--precisions", type=lambda v: v.split(","), default=None, help="comma-separated (default: all)")
+    p.add_argument("--attention", type=lambda v: v.split(","), default=None,
+                   help="comma-separated attention variants to try (default: sdpa,products)")
     p.add_argument("--check", action="append", default=[], metavar="MODEL",
                    help="also check every scorer variant's error on MODEL (e.g. toy-2l) against TransformerLens")
     p.add_argument("--bias", type=int, default=0, metavar="TOKENS",

@@ -82,8 +82,13 @@ class CompactForward(torch.nn.Module):
         self.register_buffer("b_O_last", w.b_O[last].float())
         self.register_buffer("W_E", w.W_E.float())
         self.register_buffer("W_pos", w.W_pos.float())
-        # b_U as one more row of W_U: the bias rides in the product instead of a pass over [batch, vocab]
-        self.register_buffer("W_U", self.cast(torch.cat([w.W_U, w.b_U[None]])))
+        # b_U as one more row of W_U: the bias rides in the product instead of a pass over [batch, vocab].
+        # Both sides padded to multiples of 64 (zero rows; zero columns, sliced off the logits): cuBLAS
+        # takes its Hopper kernels only for aligned leading dimensions, which 513 and 48262 are not
+        # (docs/PERFORMANCE.md: 145 TFLOP/s unaligned on an H200)
+        W_U = torch.cat([w.W_U, w.b_U[None]])
+        self.d_vocab = W_U.shape[1]
+        self.register_buffer("W_U", self.cast(F.pad(W_U, (0, -W_U.shape[1] % 64, 0, -W_U.shape[0] % 64))))
         self.register_buffer("W_U_rows", w.W_U.T.float().contiguous())  # float32 target logits
         self.register_buffer("b_U", w.b_U.float())
 
@@ -167,13 +172,14 @@ class CompactForward(torch.nn.Module):
             trace["head_out"] = torch.einsum("bhe,hed->bhd", z, W_O)
         return self.project(z.flatten(1), self.W_O_last) + self.b_O_last
 
-    def unembed_input(self, h: Float[Tensor, "batch d_model"]) -> Float[Tensor, "batch d_model_plus_1"]:
-        """``h`` with a 1 appended (b_U is the last row of W_U), in the projection precision."""
-        return self.cast(torch.cat([h, h.new_ones(len(h), 1)], dim=1))
+    def unembed_input(self, h: Float[Tensor, "batch d_model"]) -> Float[Tensor, "batch k_padded"]:
+        """``h`` with a 1 appended (b_U is W_U's row d_model) and zeros up to W_U's rows, in the projection precision."""
+        one = h.new_ones(len(h), 1)
+        return self.cast(F.pad(torch.cat([h, one], dim=1), (0, self.W_U.shape[0] - h.shape[1] - 1)))
 
     def logits(self, h: Float[Tensor, "batch d_model"]) -> Float[Tensor, "batch vocab"]:
         """Every logit of the last position, in float32 (for the log-sum-exp)."""
-        return self.project(self.unembed_input(h), self.W_U)
+        return self.project(self.unembed_input(h), self.W_U)[:, : self.d_vocab]
 
     def target_logits(self, h: Float[Tensor, "batch d_model"], targets: Int[Tensor, "batch n_targets"]) -> Float[Tensor, "batch n_targets"]:
         """The targets' logits recomputed in float32: accurate even when the rest is bf16."""

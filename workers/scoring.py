@@ -151,7 +151,7 @@ class Scorer:
         if fused:
             from workers.unembed_lse import FusedUnembedLSE  # Triton: imported only where it runs
 
-            self._unembed_lse = FusedUnembedLSE(self.compact.W_U)
+            self._unembed_lse = FusedUnembedLSE(self.compact.W_U[:, : self.compact.d_vocab])
             self._softmax_parts = FirstCallFallback(self._fused_softmax_parts, self._torch_softmax_parts, "the Triton kernel")
 
     def _torch_softmax_parts(self, h: Float[Tensor, "batch d_model"]):

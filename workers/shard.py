@@ -133,11 +133,13 @@ class ShardRunner:
                 "loading": self.loading}
 
     def warm_up(self) -> None:
-        """Two sequences of the run's first experiment: compiles and loads kernels."""
+        """Sequences of the run's first experiment: compiles and loads kernels. On a GPU a whole batch
+        (milliseconds there), so that kernels are tuned for the size the shards run at."""
         experiment = self.params.experiments[0]
-        spec = ShardSpec(experiment.name, experiment.scenarios[0].name, 0, 0, 2)
+        n = self.batch_size if self.device.type == "cuda" else 2
+        spec = ShardSpec(experiment.name, experiment.scenarios[0].name, 0, 0, n)
         with torch.inference_mode():
-            self.score(experiment, experiment.scenarios[0], *self.identities(spec, 0, 2))
+            self.score(experiment, experiment.scenarios[0], *self.identities(spec, 0, n))
 
     def run(self, spec: ShardSpec | dict) -> ShardSummary:
         spec = ShardSpec(**spec) if isinstance(spec, dict) else spec

@@ -37,11 +37,13 @@ else:
     ]
 
 
-@triton.autotune(configs=CONFIGS, key=["K", "V", "PRECISION"])
+# BIG_BATCH in the key: tiles tuned on an actor's warm-up or a bench's accuracy sample (a few
+# hundred rows) would otherwise serve batches of 65536
+@triton.autotune(configs=CONFIGS, key=["K", "V", "PRECISION", "BIG_BATCH"])
 @triton.jit
 def _unembed_lse_kernel(
     h_ptr, w_ptr, top_value_ptr, top_ptr, rest_ptr, B, K, V, stride_h, stride_w,
-    PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr, BIG_BATCH: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # int64 offsets: k × vocab can pass 2^31
     rows = (tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
@@ -91,7 +93,8 @@ def unembed_lse(
     # "tf32" is Triton's default; only float32 inputs read it
     precision = "ieee" if h.dtype == torch.float32 and not tf32 else "tf32"
     _unembed_lse_kernel[lambda meta: (triton.cdiv(B, meta["BLOCK_B"]),)](
-        h, W_U, top_value, top, rest, B, K, V, h.stride(0), W_U.stride(0), PRECISION=precision)
+        h, W_U, top_value, top, rest, B, K, V, h.stride(0), W_U.stride(0), PRECISION=precision,
+        BIG_BATCH=B >= 8192)
     return top_value, top.long(), rest
 
 

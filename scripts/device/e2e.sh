@@ -11,7 +11,8 @@
 #   2. the same run again into a fresh directory: Inductor's on-disk caches warm, as on any reuse;
 #   3. --experiment all --tokens all (49.4 M forwards);
 #   4. `report` of run 3 (footer partials only) and `report --from-rows` of run 1 (every row re-read).
-# Logs and each run's manifest.json (with its "phases") go to $OUT (or ./e2e-out).
+# Logs and each run's manifest.json (with its "phases") go to $OUT (or ./e2e-out). E2E_RUNS picks some
+# of them (default "post-cold post-warm all reports").
 # A smoke test of the script itself on a CPU machine with the project's venv (a small model, small runs):
 #   PYTHON=.venv/bin/python E2E_SMALL=1 scripts/device/e2e.sh
 set -euo pipefail
@@ -45,9 +46,12 @@ sweep() {  # name, then run options
     echo "$name: $((SECONDS - start)) s from command to report" | tee -a "$out/walls.txt"
     cp "/tmp/e2e/$name/manifest.json" "$out/$name.manifest.json"
 }
-sweep post-cold --experiment token-powers "${post[@]}"
-sweep post-warm --experiment token-powers "${post[@]}"
-sweep all --experiment all "${all[@]}"
+runs="${E2E_RUNS:-post-cold post-warm all reports}"  # a subset, e.g. E2E_RUNS=post-cold
+want() { [[ " $runs " == *" $1 "* ]]; }
+want post-cold && sweep post-cold --experiment token-powers "${post[@]}"
+want post-warm && sweep post-warm --experiment token-powers "${post[@]}"
+want all && sweep all --experiment all "${all[@]}"
+want reports || exit 0
 for args in "/tmp/e2e/all" "/tmp/e2e/post-cold --from-rows"; do
     start=$SECONDS
     $py -m jobs.cli report $args 2>&1 | sed -n '/^time:/,$p' | tee -a "$out/report.log"

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from workers import models
-from workers.scoring import FirstCallFallback, Scorer, cosine_neighbors, logodds
+from workers.scoring import FirstCallFallback, Scorer, cosine_neighbors, logodds, softmax_parts
 from workers.sequences import FIRST_TOKEN
 
 
@@ -95,3 +95,18 @@ def test_failure_after_a_first_success_is_raised():
     assert guarded(5) == 5
     with pytest.raises(RuntimeError, match="out of memory"):
         guarded(5)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_masked_softmax_parts_equal_the_in_place_ones(compiled):
+    """The form torch.compile fuses (the top masked out) against the eager, in-place one: the same
+    top and the same mass of the others, with a top of 1e-30 of the mass above the rest and ties."""
+    torch.manual_seed(1)
+    logits = torch.randn(32, 3001) * 4
+    logits[0, 7] = 90.0  # every other token ~1e-38 of the top
+    logits[1, 5] = logits[1, 9] = 30.0  # a tie at the top: one of the two is the top, the other stays in the mass
+    fn = torch.compile(softmax_parts, dynamic=True) if compiled else softmax_parts
+    masked = fn(logits.clone(), in_place=False)
+    in_place = softmax_parts(logits.clone())
+    assert torch.equal(masked[1], in_place[1]) and torch.equal(masked[0], in_place[0])
+    assert torch.allclose(masked[2], in_place[2], rtol=0, atol=1e-5)

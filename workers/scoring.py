@@ -55,17 +55,22 @@ def native_bf16(device: torch.device) -> bool:
 
 
 def softmax_parts(
-    logits: Float[Tensor, "batch vocab"],
+    logits: Float[Tensor, "batch vocab"], in_place: bool = True,
 ) -> tuple[Float[Tensor, "batch 1"], Int[Tensor, "batch 1"], Float[Tensor, "batch 1"]]:
     """(top logit, its token, log of the softmax mass of every *other* token, unnormalised).
 
     The mass is summed without the top token, so it is exact even when it is 1e-30 of the top.
-    In place: three passes over the vocabulary and no new [batch, vocab] tensor; ``logits`` is
-    consumed. The fused kernel (workers/unembed_lse.py) returns the same from ``h`` and ``W_U``.
+    ``in_place`` (eager): no new [batch, vocab] tensor, ``logits`` is consumed. Otherwise (under
+    torch.compile) the top is masked out instead of scattered, so that the exp-sum fuses into one
+    read of the logits. The fused kernel (workers/unembed_lse.py) returns the same from ``h`` and ``W_U``.
     """
     top_value, top = logits.max(-1, keepdim=True)
-    rest = top_value + logits.sub_(top_value).exp_().scatter_(1, top, 0.0).sum(-1, keepdim=True).log()
-    return top_value, top, rest
+    if in_place:
+        mass = logits.sub_(top_value).exp_().scatter_(1, top, 0.0).sum(-1, keepdim=True)
+    else:
+        ids = torch.arange(logits.shape[-1], device=logits.device)
+        mass = torch.where(ids == top, 0.0, (logits - top_value).exp()).sum(-1, keepdim=True)
+    return top_value, top, top_value + mass.log()
 
 
 def logodds_from_parts(
@@ -145,7 +150,7 @@ class Scorer:
         self._softmax_parts = self._torch_softmax_parts
         if use_compile and not fused:
             # one compiled pass over each chunk's logits: max, then the rest's exp-sum (eager: five passes)
-            compiled = _batch_dynamic(torch.compile(self._torch_softmax_parts), emulate_casts=self.dtype != compute)
+            compiled = _batch_dynamic(torch.compile(self._compiled_softmax_parts), emulate_casts=self.dtype != compute)
             self._softmax_parts = FirstCallFallback(functools.partial(self._chunked, compiled),
                                                     self._torch_softmax_parts, "torch.compile")
         if fused:
@@ -156,6 +161,9 @@ class Scorer:
 
     def _torch_softmax_parts(self, h: Float[Tensor, "batch d_model"]):
         return softmax_parts(self.compact.logits(h))
+
+    def _compiled_softmax_parts(self, h: Float[Tensor, "batch d_model"]):
+        return softmax_parts(self.compact.logits(h), in_place=False)
 
     @staticmethod
     def _chunked(parts: Callable, h: Float[Tensor, "batch d_model"], rows: int = 16384):

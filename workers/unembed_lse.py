@@ -14,6 +14,7 @@ without a GPU.
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import torch
@@ -39,7 +40,12 @@ else:
 
 # BIG_BATCH in the key: tiles tuned on an actor's warm-up or a bench's accuracy sample (a few
 # hundred rows) would otherwise serve batches of 65536
-@triton.autotune(configs=CONFIGS, key=["K", "V", "PRECISION", "BIG_BATCH"])
+# the tuning's result kept in Triton's on-disk cache where this Triton can (a later actor on the
+# machine skips ~10 configs' compilation and timing); older Tritons lack the option
+_CACHE = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+
+
+@triton.autotune(configs=CONFIGS, key=["K", "V", "PRECISION", "BIG_BATCH"], **_CACHE)
 @triton.jit
 def _unembed_lse_kernel(
     h_ptr, w_ptr, top_value_ptr, top_ptr, rest_ptr, B, K, V, stride_h, stride_w,

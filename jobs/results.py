@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from jobs.errors import ConfigError
 from storage import Store, open_store
 from storage.arrow import filesystem
 
+FETCH_THREADS = 16
 FETCHED = ("manifest.json", "report.html", "vocab.parquet", "aggregates/", "plots/")
 
 
@@ -64,12 +66,13 @@ def fetch(uri: str, to: str, shards: bool = False) -> list[Path]:
     store = open_store(uri)
     if manifest.read(store) is None:
         raise ConfigError(f"no run at {uri} (no manifest.json)")
-    target = Path(to)
-    written = []
-    for prefix in FETCHED + (("shards/",) if shards else ()):
-        for key in sorted(store.list(prefix)):
-            path = target / key
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(store.get(key))
-            written.append(path)
-    return written
+    keys = sorted(k for prefix in FETCHED + (("shards/",) if shards else ()) for k in store.list(prefix))
+
+    def copy(key: str) -> Path:
+        path = Path(to) / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(store.get(key))
+        return path
+
+    with ThreadPoolExecutor(FETCH_THREADS) as pool:  # S3 GETs are latency-bound: many at once
+        return list(pool.map(copy, keys))

@@ -16,7 +16,8 @@ import uuid
 from pathlib import Path
 
 # Non-secret S3 settings that a run forwards to its actors and jobs (credentials never travel).
-FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION", "INDUCTION_SWEEP_S3_ATTEMPTS")
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE",
+                 "INDUCTION_SWEEP_S3_ATTEMPTS")
 TMP_DIR = ".tmp"  # local in-flight writes; never under a listed prefix
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 
@@ -118,13 +119,27 @@ class LocalStore(Store):
 
 
 def s3_client():
-    """A boto3 S3 client: standard credential chain, AWS_ENDPOINT_URL honoured, retries with backoff."""
+    """A boto3 S3 client: standard credential chain, AWS_ENDPOINT_URL honoured, retries with backoff.
+
+    AWS_MAX_ATTEMPTS and AWS_RETRY_MODE (or the AWS config file's max_attempts and retry_mode) are
+    honoured as by the AWS tools; where neither is set, a long run's default: standard mode, 10
+    attempts (INDUCTION_SWEEP_S3_ATTEMPTS)."""
     import boto3
+    import botocore.session
     from botocore.config import Config
 
-    attempts = int(os.environ.get("INDUCTION_SWEEP_S3_ATTEMPTS", "10"))
-    config = Config(retries={"mode": "standard", "max_attempts": attempts}, connect_timeout=5, read_timeout=60)
-    return boto3.session.Session().client("s3", config=config)  # a fresh credential lookup
+    core = botocore.session.get_session()  # a fresh credential lookup
+
+    def user_set(name: str) -> bool:
+        return core.get_config_variable(name, methods=("env", "config")) is not None
+
+    retries = {}  # keys left out are read by botocore from the environment and the config file
+    if not user_set("retry_mode"):
+        retries["mode"] = "standard"
+    if not user_set("max_attempts"):
+        retries["total_max_attempts"] = int(os.environ.get("INDUCTION_SWEEP_S3_ATTEMPTS", "10"))
+    config = Config(retries=retries, connect_timeout=5, read_timeout=60)
+    return boto3.session.Session(botocore_session=core).client("s3", config=config)
 
 
 class S3Store(Store):

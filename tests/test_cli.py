@@ -134,3 +134,12 @@ def test_wrong_credentials(capsys, monkeypatch):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+@pytest.mark.parametrize("command", [["status"], ["report"], ["fetch", "--to", "TO"]])
+def test_commands_on_a_uri_with_no_run(capsys, tmp_path, command):
+    """status, report and fetch of a directory that holds no run: one line, exit 2, nothing written."""
+    argv = [command[0], str(tmp_path / "empty"), *[str(tmp_path / "to") if a == "TO" else a for a in command[1:]]]
+    refused(capsys, argv, "no run at")
+    assert not (tmp_path / "to").exists()
+    refused(capsys, ["run", "--model", "toy-2l", "--out", str(tmp_path / "big"), "--seqs", "3000000000"], "int32")

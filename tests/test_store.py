@@ -61,3 +61,28 @@ def test_malformed_uris(uri):
 def test_missing_bucket_is_an_input_error(moto_server):
     with pytest.raises(StorageInputError, match="does not exist"):
         open_store("s3://no-such-bucket-here/x").check()
+
+
+@pytest.mark.parametrize("env, sends", [({}, 4), ({"AWS_MAX_ATTEMPTS": "2"}, 2), ({"AWS_MAX_ATTEMPTS": "3"}, 3)])
+def test_retries_follow_the_aws_variables(monkeypatch, env, sends):
+    """AWS_MAX_ATTEMPTS wins over the project's default (INDUCTION_SWEEP_S3_ATTEMPTS, here 4), as in the
+    AWS tools: counted as requests sent to an endpoint that refuses connections."""
+    import socket
+
+    from storage.store import s3_client
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("INDUCTION_SWEEP_S3_ATTEMPTS", "4")
+    monkeypatch.delenv("AWS_MAX_ATTEMPTS", raising=False)
+    monkeypatch.delenv("AWS_RETRY_MODE", raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    client = s3_client()
+    count = []
+    client.meta.events.register("before-send.s3", lambda **kw: count.append(1))
+    with pytest.raises(Exception, match="Could not connect"):
+        client.head_bucket(Bucket="b")
+    assert len(count) == sends and client.meta.config.retries["mode"] == "standard"

@@ -9,6 +9,7 @@ import tempfile
 from jobs import driver
 from jobs.config import RunConfig, plan_shards, resolve
 from jobs.phases import Phases
+from jobs.pool import ActorPlan, ActorPool
 from workers import models
 
 
@@ -29,13 +30,12 @@ def actor_scaling(model: str, tokens: int = 256, seqs: int = 256, shard_size: in
                             precision="fp32")
             cfg = resolve(cfg, models.describe(model), str(tokens))
             specs, phases = plan_shards(cfg), Phases()
-            actors = driver.start_actors(ray, cfg, driver.ActorPlan(count, 0, 1, "cpu", 1))
+            pool = ActorPool(ray, cfg, ActorPlan(count, 0, 1, 1, {}, count))
             try:
-                for _ in driver.execute(ray, actors, specs, phases, phases.now(), False, 0, len(specs)):
+                for _ in pool.execute(specs, phases, phases.now(), False, 0, len(specs)):
                     pass
             finally:
-                for actor in actors:
-                    ray.kill(actor)
+                pool.kill()
             rates[count] = steady_rate(phases.completions, count)
     return {"model": model, "pairs_per_s_1_actor": rates[1], "pairs_per_s_2_actors": rates[2],
             "scaling": rates[2] / (2 * rates[1])}

@@ -39,8 +39,11 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default=d["precision"], help="auto (bf16 on GPU, fp32 on CPU), fp32, tf32 or bf16")
     p.add_argument("--batch-size", type=int, default=d["batch_size"], help="sequences per forward (default: by device)")
     p.add_argument("--shard-size", type=int, default=d["shard_size"], help="sequences per shard file (default %(default)s)")
-    p.add_argument("--actors", default=None, help="N or auto: one per GPU, else one per 2 CPUs")
+    p.add_argument("--actors", default=None, help="N or auto (what the cluster holds now: one per GPU, or per "
+                   "--resources-per-actor slot, else one per 2 CPUs); N beyond that waits for the cluster to grow")
     p.add_argument("--gpus-per-actor", type=float, default=d["gpus_per_actor"], help="GPUs per actor, fractions allowed")
+    p.add_argument("--resources-per-actor", default=None, metavar="JSON",
+                   help='Ray custom resources each actor needs, e.g. \'{"gpu_node": 1}\' (places actors on chosen node types)')
     p.add_argument("--address", default=d["address"], help="join a running Ray cluster (default: start a local one)")
     p.add_argument("--save-tokens", action="store_true", help="store each row's exact model inputs")
     p.add_argument("--heads", action="store_true", help="store per-head attention and logit attribution "
@@ -104,7 +107,7 @@ def build_parser() -> Parser:
 def run_config(args: argparse.Namespace):
     """The full, resolved RunConfig of ``run``'s options, and the model's description: every check
     that needs no cluster, before any work."""
-    from jobs.config import RunConfig, parse_count, parse_experiments, resolve
+    from jobs.config import RunConfig, parse_count, parse_experiments, parse_resources, resolve
     from storage import open_store
     from workers import models
 
@@ -113,7 +116,8 @@ def run_config(args: argparse.Namespace):
         seqs=args.seqs, pairs=args.pairs, neighbors=args.neighbors, seed=args.seed, precision=args.precision,
         save_tokens=args.save_tokens, shard_size=args.shard_size, heads=args.heads, batch_size=args.batch_size,
         actors=parse_count("--actors", args.actors, "auto"), gpus_per_actor=args.gpus_per_actor,
-        address=args.address, overwrite=args.overwrite, processing=args.processing)
+        address=args.address, overwrite=args.overwrite, processing=args.processing,
+        resources_per_actor=parse_resources(args.resources_per_actor))
     if args.tokens is not None:
         parse_count("--tokens", args.tokens, "all")  # before the model is read
     open_store(cfg.out).check()

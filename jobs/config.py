@@ -44,6 +44,7 @@ class RunConfig:
     batch_size: int | None = field(default=None, compare=False)
     actors: int | None = field(default=None, compare=False)  # None: auto
     gpus_per_actor: float | None = field(default=None, compare=False)
+    resources_per_actor: tuple[tuple[str, float], ...] = field(default=(), compare=False)  # Ray custom resources
     address: str | None = field(default=None, compare=False)
     overwrite: bool = field(default=False, compare=False)
 
@@ -91,6 +92,24 @@ def parse_experiments(text: str) -> tuple[str, ...]:
             raise ConfigError(f"unknown experiment {name!r}: choose from {', '.join(experiments.REGISTRY)}, all or controls")
         chosen += [e for e in groups.get(name, (name,)) if e not in chosen]
     return tuple(chosen)
+
+
+def parse_resources(text: str | None) -> tuple[tuple[str, float], ...]:
+    """``--resources-per-actor '{"node_type_gpu": 1}'``: Ray custom resources, as Ray's APIs take them."""
+    if not text:
+        return ()
+    try:
+        given = json.loads(text)
+    except json.JSONDecodeError:
+        given = None
+    if not isinstance(given, dict) or not given or not all(
+            isinstance(k, str) and k and isinstance(v, int | float) and not isinstance(v, bool) and v > 0
+            for k, v in given.items()):
+        raise ConfigError(f"--resources-per-actor must be a JSON object of resource names to positive amounts, not {text!r}")
+    reserved = {"CPU", "GPU", "memory", "object_store_memory"} & set(given)
+    if reserved:
+        raise ConfigError(f"--resources-per-actor takes custom resources; use --gpus-per-actor for {', '.join(sorted(reserved))}")
+    return tuple(sorted((k, float(v)) for k, v in given.items()))
 
 
 def parse_count(option: str, text: str | None, allowed: str) -> int | None:

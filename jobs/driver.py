@@ -14,9 +14,9 @@ import importlib
 import io
 import os
 import socket
+import sys
 import threading
-from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import pandas as pd
 
@@ -24,25 +24,13 @@ from jobs import aggregate, manifest
 from jobs.config import RunConfig, plan_shards
 from jobs.errors import ConfigError, RunFailed
 from jobs.phases import Phases
+from jobs.pool import ActorPool, plan_actors
 from storage import Store, open_store
-from storage.store import FORWARDED_ENV
 from workers import experiments, models
 from workers.accumulator import Accumulator, shard_partials
 from workers.rows import ScoredBatch
 from workers.scoring import resolve_precision
-from workers.shard import ShardRunner, ShardSpec, ShardSummary
-
-IN_FLIGHT_PER_ACTOR = 2  # one shard computing while the previous one encodes and uploads
-CPU_THREADS_PER_ACTOR = 2
-
-
-@dataclass
-class ActorPlan:
-    count: int
-    num_gpus: float
-    num_cpus: float
-    device: str
-    threads: int | None
+from workers.shard import ShardSpec
 
 
 def run(cfg: RunConfig, info: models.ModelInfo | None = None, progress: bool = True,
@@ -57,11 +45,14 @@ def run(cfg: RunConfig, info: models.ModelInfo | None = None, progress: bool = T
     with phases.phase("ray start"):
         ray = connect(cfg.address)
         plan = plan_actors(cfg, ray.cluster_resources())  # ConfigError before anything is written
+    if plan.count > plan.fit_now:
+        print(f"induction-sweep: {plan.count} actors asked for, room for {plan.fit_now} now; the rest are "
+              "pending (the autoscaler's demand) and join as the cluster grows", file=sys.stderr, flush=True)
     # ``auto`` resolved where the cluster's devices are known: the config hash names the precision that runs
     cfg = replace(cfg, precision=resolve_precision(cfg.precision, plan.device))
     existing = manifest.check_compatible(store, cfg)
     requested = phases.now()
-    actors = start_actors(ray, cfg, plan)  # they import and load while the driver plans
+    pool = ActorPool(ray, cfg, plan)  # the actors import and load while the driver plans
     # the report's plotting library loads while the driver waits on the actors (ray.wait frees the GIL)
     threading.Thread(target=importlib.import_module, args=("jobs.report",), daemon=True).start()
 
@@ -77,15 +68,14 @@ def run(cfg: RunConfig, info: models.ModelInfo | None = None, progress: bool = T
         todo = states.missing + states.corrupt
         circuits = wants_circuits(cfg)
         if todo or circuits:  # each shard's partials are decoded as it completes, merged at the end
-            for summary in execute(ray, actors, todo, phases, requested, progress, len(states.done), len(specs)):
+            for summary in pool.execute(todo, phases, requested, progress, len(states.done), len(specs)):
                 partials[summary.key] = Accumulator.from_bytes(summary.partials)
         scores = None
         if circuits:
             with phases.phase("circuits"):
-                scores = ray.get(actors[0].circuit_scores.remote(circuit_tokens(cfg)))
+                scores = ray.get(pool.any_ready().circuit_scores.remote(circuit_tokens(cfg)))
     finally:
-        for actor in actors:
-            ray.kill(actor)
+        pool.kill()
     return finish(store, cfg, [partials[s.key] for s in specs], scores, phases, token_strings,
                   model_loading=phases.model_loading or (existing or {}).get("model_loading"))
 
@@ -200,71 +190,3 @@ def stop_embedded(phases: Phases) -> None:
             _embedded.pop().shutdown()
 
 
-def plan_actors(cfg: RunConfig, resources: dict) -> ActorPlan:
-    """One actor per GPU (or per ``--gpus-per-actor``); CPU actors where the cluster has no GPU."""
-    gpus, cpus = float(resources.get("GPU", 0)), float(resources.get("CPU", 1))
-    if cfg.gpus_per_actor is not None and cfg.gpus_per_actor > gpus:
-        raise ConfigError(f"--gpus-per-actor {cfg.gpus_per_actor:g} asks for more GPUs than the cluster has ({gpus:g})")
-    if gpus > 0:
-        per = cfg.gpus_per_actor or 1.0
-        most = int(gpus // per + 1e-9)
-        count = min(cfg.actors, most) if cfg.actors else most
-        if cfg.actors and cfg.actors > most:
-            raise ConfigError(f"--actors {cfg.actors} with {per:g} GPU each needs {cfg.actors * per:g} GPUs; the cluster has {gpus:g}")
-        return ActorPlan(count, per, 1, "cuda", None)
-    count = cfg.actors or max(1, int(cpus) // CPU_THREADS_PER_ACTOR)
-    threads = max(1, int(cpus) // count)
-    return ActorPlan(count, 0, min(threads, cpus / count), "cpu", threads)
-
-
-def start_actors(ray, cfg: RunConfig, plan: ActorPlan) -> list:
-    """Request ``plan.count`` model replicas; they start loading at once."""
-    Runner = ray.remote(ShardRunner).options(
-        num_gpus=plan.num_gpus, num_cpus=plan.num_cpus, max_restarts=-1, max_task_retries=-1,
-        max_concurrency=IN_FLIGHT_PER_ACTOR,
-        runtime_env={"env_vars": {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}})
-    return [Runner.remote(cfg.work_params, cfg.out, plan.device, cfg.batch_size, plan.threads) for _ in range(plan.count)]
-
-
-def execute(ray, actors: list, todo: list[ShardSpec], phases: Phases, requested: float, progress: bool,
-            already: int, total: int) -> Iterator[ShardSummary]:
-    """Run ``todo`` on the actors, each from the moment it is ready; yields each shard's summary as it completes."""
-    from tqdm import tqdm
-
-    queue = list(reversed(todo))
-    pending = {actor.ready.remote(): (actor, None) for actor in actors}
-    bar = tqdm(total=sum(s.n_sequences for s in todo), unit="seq", unit_scale=True, disable=not progress,
-               desc=f"{len(actors)} actor(s), shards {already}/{total}", mininterval=1.0)
-    done, first_ready = already, None
-
-    def submit(actor) -> None:
-        if queue:
-            spec = queue.pop()
-            pending[actor.run.remote(spec)] = (actor, spec)
-
-    try:
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            actor, spec = pending.pop(ready[0])
-            result = ray.get(ready[0])
-            if spec is None:  # the actor has loaded its model
-                phases.actor_ready(result, requested)
-                if first_ready is None:
-                    first_ready = phases.now()
-                    phases.add("actor start-up", requested)
-                for _ in range(IN_FLIGHT_PER_ACTOR):
-                    submit(actor)
-                continue
-            done += 1
-            bar.set_description(f"{len(actors)} actor(s), shards {done}/{total}", refresh=False)
-            bar.update(result.sequences)
-            phases.shard_done(result.sequences, result.compute_s, result.write_s)
-            submit(actor)
-            yield result
-    except Exception as exc:
-        cause = getattr(exc, "cause", None) or exc
-        raise RunFailed(f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1][:300]}") from None
-    finally:
-        bar.close()
-    if todo:
-        phases.add("scoring", first_ready)

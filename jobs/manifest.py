@@ -17,7 +17,8 @@ from workers.accumulator import FOOTER_KEY
 from workers.shard import ShardSpec
 
 MANIFEST = "manifest.json"
-RUN_PREFIXES = ("shards/", "aggregates/", "plots/", "report.html", "vocab.parquet", MANIFEST)
+PROGRESS = "progress.json"  # a running run's rate and time left (jobs/pool.py Progress), read by ``status``
+RUN_PREFIXES = ("shards/", "aggregates/", "plots/", "report.html", "vocab.parquet", PROGRESS, MANIFEST)
 
 
 def code_version() -> str:

@@ -7,10 +7,12 @@ benchmark and tests use it directly. Its constructor loads the model once (and t
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
 import socket
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -29,6 +31,7 @@ from workers.rows import ScoredBatch
 from workers.sequences import FIRST_TOKEN, make_batch, sequence_keys
 
 SCORER_KEY = b"induction_sweep.scorer"
+ORIGIN_KEY = b"induction_sweep.origin"  # host, pid and (in Ray) node and actor ids of the computing actor
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,15 @@ class ShardRunner:
             self._timed("cache save", compile_cache.save, self.store, cache)
         self._compute = threading.Lock()  # one shard computes while the previous one uploads
 
+    @functools.cached_property
+    def origin(self) -> dict:
+        """Where this actor runs: its host and, inside Ray, its node and actor ids (each shard records them)."""
+        where = {"host": socket.gethostname(), "pid": os.getpid()}
+        if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+            context = sys.modules["ray"].get_runtime_context()
+            where.update(node=context.get_node_id(), actor=context.get_actor_id())
+        return where
+
     def _timed(self, name: str, fn, *args):
         start = time.perf_counter()
         out = fn(*args)
@@ -155,7 +167,7 @@ class ShardRunner:
         scorer = {"path": self.scorer.path, "precision": self.scorer.precision, **self.scorer.options,
                   "device": str(self.device), "torch": torch.__version__}
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), SCORER_KEY: json.dumps(scorer).encode(),
-                                               FOOTER_KEY: partials})
+                                               ORIGIN_KEY: json.dumps(self.origin).encode(), FOOTER_KEY: partials})
         buffer = io.BytesIO()
         pq.write_table(table, buffer, compression="zstd")
         self.store.put(spec.key, buffer.getvalue())

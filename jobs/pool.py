@@ -1,0 +1,245 @@
+"""The run's model replicas on Ray: how many to ask for, and feeding them shards.
+
+The pool is elastic. It asks Ray for every actor the run wants, whatever the cluster holds now:
+actors that do not fit stay pending, which is the demand Ray's autoscaler acts on, and each one
+takes shards from the moment it is ready, mid-run included. An actor lost with its node (or its
+process) gives its in-flight shards back to the queue, for the others, and a replacement is
+asked for. Ray's own restarts are off for that reason: a restart waits for room on the cluster,
+holding the shards it had, while the queue can go on elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from jobs.config import RunConfig
+from jobs.errors import ConfigError, RunFailed
+from jobs.manifest import PROGRESS
+from jobs.phases import Phases
+from storage import StorageError, Store, open_store
+from storage.store import FORWARDED_ENV
+from workers.shard import ShardRunner, ShardSpec, ShardSummary
+
+IN_FLIGHT_PER_ACTOR = 2  # one shard computing while the previous one encodes and uploads
+CPU_THREADS_PER_ACTOR = 2
+PLACEMENT_WAIT_S = float(os.environ.get("INDUCTION_SWEEP_PLACEMENT_WAIT_S", "60"))  # then say how many are ready
+PROGRESS_EVERY_S = 10.0  # a progress line (and progress.json) this often where there is no terminal
+TICK_S = 1.0
+
+
+@dataclass
+class ActorPlan:
+    count: int
+    num_gpus: float
+    num_cpus: float
+    threads: int | None
+    resources: dict[str, float]
+    fit_now: int  # how many of ``count`` the cluster holds room for at the start
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.num_gpus > 0 else "cpu"
+
+
+def plan_actors(cfg: RunConfig, resources: dict) -> ActorPlan:
+    """One actor per GPU (``--gpus-per-actor`` each), per ``--resources-per-actor`` slot, or per 2 CPUs.
+    ``--actors N`` beyond what fits now is asked for anyway (elastic); a single actor that fits
+    nowhere on the cluster is bad input."""
+    gpus, cpus = float(resources.get("GPU", 0)), float(resources.get("CPU", 1))
+    custom = dict(cfg.resources_per_actor)
+    for name, need in custom.items():
+        if float(resources.get(name, 0)) < need:
+            raise ConfigError(f"--resources-per-actor asks for {need:g} {name!r} per actor; the cluster has "
+                              f"{float(resources.get(name, 0)):g} now")
+    if cfg.gpus_per_actor is not None and cfg.gpus_per_actor > gpus:
+        raise ConfigError(f"--gpus-per-actor {cfg.gpus_per_actor:g} asks for more GPUs than the cluster has ({gpus:g})")
+    slots = [int(float(resources[name]) // need + 1e-9) for name, need in custom.items()]
+    if gpus > 0:
+        per = cfg.gpus_per_actor or 1.0
+        fit = min([int(gpus // per + 1e-9), *slots])
+        return ActorPlan(cfg.actors or fit, per, 1, None, custom, fit)
+    if custom:
+        fit = min(slots)
+        count = cfg.actors or fit
+        threads = max(1, int(cpus) // max(1, fit))
+        return ActorPlan(count, 0, 1, threads, custom, fit)
+    count = cfg.actors or max(1, int(cpus) // CPU_THREADS_PER_ACTOR)
+    threads = max(1, int(cpus) // count)
+    return ActorPlan(count, 0, min(threads, cpus / count), threads, custom, count)
+
+
+class ActorPool:
+    """``plan.count`` ShardRunner actors, asked for at once; they import and load while the driver plans."""
+
+    def __init__(self, ray, cfg: RunConfig, plan: ActorPlan):
+        self.ray, self.plan = ray, plan
+        self._runner = ray.remote(ShardRunner).options(
+            num_gpus=plan.num_gpus, num_cpus=plan.num_cpus, resources=plan.resources or None,
+            max_restarts=0, max_task_retries=0, max_concurrency=IN_FLIGHT_PER_ACTOR,
+            runtime_env={"env_vars": {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}})
+        # device None: the actor's process decides from what it sees (a GPU where Ray gave it one)
+        self._args = (cfg.work_params, cfg.out, None, cfg.batch_size, plan.threads)
+        self.store = open_store(cfg.out)
+        self.replacements_left = max(4, 2 * plan.count)
+        self.starting = {}  # ready() ref -> actor, for actors not ready yet
+        self.live: list = []  # ready actors
+        for _ in range(plan.count):
+            self._start()
+
+    def _start(self) -> None:
+        actor = self._runner.remote(*self._args)
+        self.starting[actor.ready.remote()] = actor
+
+    def lose(self, actor) -> None:
+        """An actor died (or its node did): drop it and ask for another."""
+        if actor in self.live:
+            self.live.remove(actor)
+        self.ray.kill(actor, no_restart=True)
+        if self.replacements_left <= 0:
+            raise RunFailed("actors keep dying; see the actors' logs")
+        self.replacements_left -= 1
+        self._start()
+
+    def any_ready(self):
+        """A ready actor, waiting for one if none is yet (a resumed run with every shard kept)."""
+        from ray.exceptions import RayActorError
+
+        while not self.live:
+            ready, _ = self.ray.wait(list(self.starting), num_returns=1)
+            actor = self.starting.pop(ready[0])
+            try:
+                self.ray.get(ready[0])
+                self.live.append(actor)
+            except RayActorError:
+                self.lose(actor)
+        return self.live[0]
+
+    def kill(self) -> None:
+        for actor in [*self.live, *self.starting.values()]:
+            self.ray.kill(actor)
+
+    def execute(self, todo: list[ShardSpec], phases: Phases, requested: float, progress: bool,
+                already: int, total: int) -> Iterator[ShardSummary]:
+        """Run ``todo`` on the actors, each from the moment it is ready; yields each shard's summary as it completes."""
+        from ray.exceptions import RayActorError
+
+        queue, running = deque(todo), {}  # shard ref -> (actor, spec)
+        report = Progress(progress, sum(s.n_sequences for s in todo), already, total, requested, phases, self.store)
+        first_ready = None
+
+        def feed(actor) -> None:
+            while queue and sum(a is actor for a, _ in running.values()) < IN_FLIGHT_PER_ACTOR:
+                spec = queue.popleft()
+                running[actor.run.remote(spec)] = (actor, spec)
+
+        try:
+            while queue or running:
+                ready, _ = self.ray.wait([*running, *self.starting], num_returns=1, timeout=TICK_S)
+                report.tick(len(self.live), self.plan.count)
+                if not ready:
+                    continue
+                ref = ready[0]
+                if ref in self.starting:  # an actor has loaded its model
+                    actor = self.starting.pop(ref)
+                    try:
+                        info = self.ray.get(ref)
+                    except RayActorError:
+                        self.lose(actor)
+                        continue
+                    phases.actor_ready(info, requested)
+                    if first_ready is None:
+                        first_ready = phases.now()
+                        phases.add("actor start-up", requested)
+                    self.live.append(actor)
+                    feed(actor)
+                    continue
+                actor, spec = running.pop(ref)
+                try:
+                    result = self.ray.get(ref)
+                except RayActorError:  # its process or node is gone: the shard goes to another actor
+                    queue.appendleft(spec)
+                    self.lose(actor)
+                    for other in self.live:
+                        feed(other)
+                    continue
+                report.shard_done(result.sequences)
+                phases.shard_done(result.sequences, result.compute_s, result.write_s)
+                feed(actor)
+                yield result
+        except RunFailed:
+            raise
+        except Exception as exc:
+            cause = getattr(exc, "cause", None) or exc
+            raise RunFailed(f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1][:300]}") from None
+        finally:
+            report.close()
+        if todo:
+            phases.add("scoring", first_ready)
+
+
+class Progress:
+    """A progress bar on a terminal; elsewhere (a Ray Job's log) a line every PROGRESS_EVERY_S seconds
+    with shards done, sequences per second and the time left. The same figures go to the run's
+    ``progress.json`` at that pace, for ``status``. Says once how many actors are ready if not all
+    are after PLACEMENT_WAIT_S (a cluster that cannot grow)."""
+
+    def __init__(self, enabled: bool, sequences: int, already: int, total: int, requested: float, phases: Phases,
+                 store: Store):
+        from tqdm import tqdm
+
+        self.sequences, self.done, self.total, self.store = sequences, already, total, store
+        self.requested, self.phases = requested, phases
+        self.lines = enabled and not sys.stderr.isatty()
+        self.bar = tqdm(total=sequences, unit="seq", unit_scale=True, disable=not enabled or self.lines,
+                        desc=f"shards {already}/{total}", mininterval=1.0)
+        self.scored, self.start, self.last, self.placement_said = 0, None, time.monotonic(), False
+        self.placed = 0
+
+    def shard_done(self, sequences: int) -> None:
+        self.done += 1
+        self.scored += sequences
+        self.bar.set_description(f"shards {self.done}/{self.total}", refresh=False)
+        self.bar.update(sequences)
+
+    def tick(self, placed: int, asked: int) -> None:
+        now = time.monotonic()
+        self.placed = placed
+        if placed and self.start is None:
+            self.start = now  # the rate counts from the first ready actor
+        if not self.placement_said and placed < asked and self.phases.now() - self.requested > PLACEMENT_WAIT_S:
+            self.placement_said = True
+            print(f"induction-sweep: {placed} of {asked} actors ready after {PLACEMENT_WAIT_S:.0f} s; going on with "
+                  f"those that are (the rest join when the cluster has room)", file=sys.stderr, flush=True)
+        if now - self.last >= PROGRESS_EVERY_S:
+            self.last = now
+            self.publish(now)
+
+    def figures(self, now: float) -> dict:
+        elapsed = now - self.start if self.start is not None else 0.0
+        rate = self.scored / elapsed if elapsed > 0 else 0.0
+        return {"shards_done": self.done, "shards_total": self.total, "sequences_done": self.scored,
+                "sequences_todo": self.sequences, "seq_per_s": round(rate, 1), "actors": self.placed,
+                "eta_s": round((self.sequences - self.scored) / rate, 1) if rate > 0 else None,
+                "updated_unix": round(time.time(), 3)}
+
+    def publish(self, now: float) -> None:
+        f = self.figures(now)
+        try:
+            self.store.put(PROGRESS, json.dumps(f).encode())
+        except StorageError:  # only the progress is lost; a shard's write failing is what fails the run
+            pass
+        if self.lines:
+            eta = time.strftime("%H:%M:%S", time.gmtime(f["eta_s"])) if f["eta_s"] is not None else "unknown"
+            print(f"progress: shards {f['shards_done']}/{f['shards_total']}, {f['sequences_done']:,}/{f['sequences_todo']:,} "
+                  f"sequences, {f['seq_per_s']:,.0f} seq/s, ETA {eta}, {f['actors']} actor(s)", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.scored:
+            self.publish(time.monotonic())

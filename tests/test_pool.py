@@ -1,0 +1,184 @@
+"""The elastic actor pool (jobs/pool.py): how many actors a run asks for, and a sweep on a cluster of
+several Ray nodes on this machine that gains a node mid-run and loses another."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pyarrow.parquet as pq
+import pytest
+
+from jobs import driver, results
+from jobs.config import RunConfig, parse_resources
+from jobs.errors import ConfigError
+from jobs.pool import plan_actors
+from storage import open_store
+from tests.conftest import VENV_BIN, free_port, wait_for_port
+from tests.test_driver import assert_same_aggregates, resolved
+from tests.test_faults import assert_complete_once
+from workers.shard import ORIGIN_KEY
+
+ROOT = Path(__file__).parent.parent
+
+
+def config(**fields) -> RunConfig:
+    return RunConfig(model="toy-2l", out="unused", **fields)
+
+
+def test_actors_beyond_what_fits_now_are_asked_for():
+    """Pending actors are the autoscaler's demand: --actors 8 on a cluster with 2 GPUs now asks for 8."""
+    plan = plan_actors(config(actors=8), {"GPU": 2, "CPU": 16})
+    assert (plan.count, plan.fit_now, plan.num_gpus, plan.device) == (8, 2, 1.0, "cuda")
+    plan = plan_actors(config(actors=5, resources_per_actor=(("slot", 1.0),)), {"CPU": 2, "slot": 2})
+    assert (plan.count, plan.fit_now, plan.resources) == (5, 2, {"slot": 1.0})
+
+
+def test_auto_is_what_the_cluster_holds_now():
+    assert plan_actors(config(), {"GPU": 4, "CPU": 8}).count == 4
+    assert plan_actors(config(gpus_per_actor=0.5), {"GPU": 2, "CPU": 8}).count == 4
+    assert plan_actors(config(resources_per_actor=(("slot", 1.0),)), {"CPU": 3, "slot": 3}).count == 3
+    plan = plan_actors(config(), {"CPU": 4})
+    assert (plan.count, plan.num_gpus, plan.threads, plan.device) == (2, 0, 2, "cpu")
+
+
+@pytest.mark.parametrize("fields, resources, match", [
+    (dict(gpus_per_actor=1.0), {"CPU": 4}, "more GPUs than the cluster has"),
+    (dict(resources_per_actor=(("slot", 1.0),)), {"CPU": 4}, "'slot' per actor; the cluster has 0"),
+])
+def test_an_actor_that_fits_nowhere_is_refused(fields, resources, match):
+    with pytest.raises(ConfigError, match=match):
+        plan_actors(config(**fields), resources)
+
+
+@pytest.mark.parametrize("text, match", [
+    ("slot", "JSON object"), ('{"slot": 0}', "positive"), ('{"slot": true}', "positive"), ("{}", "JSON object"),
+    ('{"GPU": 1}', "use --gpus-per-actor for GPU"),
+])
+def test_bad_resources_per_actor(text, match):
+    with pytest.raises(ConfigError, match=match):
+        parse_resources(text)
+    assert parse_resources('{"b": 2, "a": 0.5}') == (("a", 0.5), ("b", 2.0))
+
+
+# --- several nodes ---------------------------------------------------------------------------------
+
+SWEEP = ["--model", "toy-2l", "--experiment", "token-powers", "--tokens", "400", "--seqs", "32", "--shard-size", "64",
+         "--batch-size", "32", "--precision", "fp32"]
+# the GCS notices a dead node within seconds instead of its default half minute
+FAST_FAILURE = {"RAY_health_check_initial_delay_ms": "0", "RAY_health_check_period_ms": "500",
+                "RAY_health_check_timeout_ms": "500", "RAY_health_check_failure_threshold": "2"}
+
+
+class Node:
+    """One `ray start --block` node with its own temp dir and ports, stopped by its own PIDs."""
+
+    def __init__(self, temp: Path, head_port: int | None = None, port: int | None = None):
+        self.temp = temp
+        ports = [f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
+                 f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+                 f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
+        where = ["--head", f"--port={port}", "--include-dashboard=false"] if head_port is None else [
+            f"--address=127.0.0.1:{head_port}"]
+        env = {**os.environ, **FAST_FAILURE, "RAY_AUTH_MODE": "disabled", "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
+        self.proc = subprocess.Popen(
+            [str(VENV_BIN / "ray"), "start", "--block", *where, "--num-cpus=1", '--resources={"slot": 1}',
+             f"--temp-dir={temp}", "--disable-usage-stats", *ports],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def processes(self) -> list[psutil.Process]:
+        found = []
+        for p in psutil.process_iter(["cmdline"]):
+            cmd = p.info["cmdline"] or []
+            if any(str(self.temp) in part for part in cmd) and p.pid != os.getpid():
+                found.append(p)
+        return found
+
+    def kill(self) -> None:
+        """All at once with SIGKILL: a machine lost, not a shutdown."""
+        self.proc.kill()
+        for p in self.processes():
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        self.proc.wait(30)
+
+    def stop(self) -> None:
+        """Raylet first, then the rest, GCS last (the order `ray stop` uses)."""
+        for name in ("raylet", "", "gcs_server"):
+            for p in self.processes():
+                try:
+                    if name in " ".join(p.cmdline()) and (name or "gcs_server" not in " ".join(p.cmdline())):
+                        p.terminate()
+                except psutil.NoSuchProcess:
+                    pass
+            time.sleep(0.5)
+        self.proc.terminate()
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        for p in self.processes():
+            p.kill()
+
+
+def shard_nodes(out: Path) -> dict[str, str]:
+    """Shard key -> the Ray node that computed it, from each shard's metadata."""
+    nodes = {}
+    for path in (out / "shards").rglob("*.parquet"):
+        try:
+            origin = json.loads(pq.read_schema(path).metadata[ORIGIN_KEY])
+        except (OSError, KeyError, ValueError):
+            continue  # not whole yet
+        nodes[path.relative_to(out).as_posix()] = origin["node"]
+    return nodes
+
+
+def wait_until(condition, what: str, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def test_a_sweep_grows_onto_a_new_node_and_survives_losing_one(ray_cluster, short_tmp, tmp_path):
+    out = tmp_path / "multi"
+    head_port = free_port()
+    nodes = [Node(short_tmp / "head", port=head_port)]
+    try:
+        wait_for_port(head_port, timeout=60)
+        nodes.append(Node(short_tmp / "a", head_port=head_port))
+        time.sleep(3)  # the worker node registers
+        env = {**os.environ, "RAY_AUTH_MODE": "disabled", "INDUCTION_SWEEP_PLACEMENT_WAIT_S": "5"}
+        log = open(tmp_path / "driver.log", "w")
+        run = subprocess.Popen([sys.executable, "-m", "jobs.cli", "run", *SWEEP, "--actors", "3", "--out", str(out),
+                                "--resources-per-actor", '{"slot": 1}', "--address", f"127.0.0.1:{head_port}", "--quiet"],
+                               cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        # two nodes hold two of the three actors; both compute
+        wait_until(lambda: len(set(shard_nodes(out).values())) >= 2, "shards from the head and node a")
+        nodes_before = set(shard_nodes(out).values())
+        nodes.append(Node(short_tmp / "b", head_port=head_port))  # the cluster grows mid-run
+        wait_until(lambda: len(set(shard_nodes(out).values())) >= 3, "a shard from the added node b")
+        nodes[1].kill()  # node a is lost with its actor and whatever it was computing
+        assert run.wait(600) == 0, (tmp_path / "driver.log").read_text()[-3000:]
+    finally:
+        for node in reversed(nodes):
+            node.stop()
+    text = (tmp_path / "driver.log").read_text()
+    # node a may register after the driver looked: room for 1 or 2 at the start, never 3
+    assert re.search(r"3 actors asked for, room for [12] now", text), text[-3000:]
+    assert re.search(r"[0-2] of 3 actors ready after 5 s", text), text[-3000:]
+    computed_by = shard_nodes(out)
+    assert len(set(computed_by.values())) == 3 and nodes_before < set(computed_by.values())
+    assert_complete_once(str(out), 400, 32)
+    # a single-node run of the same science gives the same aggregates, bit for bit
+    single = tmp_path / "single"
+    driver.run(resolved(RunConfig(model="toy-2l", out=str(single), experiments=("token-powers",), seqs=32, shard_size=64,
+                                  batch_size=32, precision="fp32", actors=2), "400"), progress=False)
+    assert_same_aggregates(results.open_run(str(single)).aggregates, results.open_run(str(out)).aggregates)
+    assert open_store(str(out)).exists("progress.json")

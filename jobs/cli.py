@@ -69,8 +69,9 @@ def build_parser() -> Parser:
     p.add_argument("--python", default="python", help="interpreter on the cluster (default: python)")
     p.add_argument("run_args", nargs=argparse.REMAINDER, help="the run's options (as for `run`)")
 
-    p = sub.add_parser("status", help="shards done/total of a run")
+    p = sub.add_parser("status", help="shards done/total of a run, and its rate and time left while it runs")
     p.add_argument("uri")
+    p.add_argument("--json", action="store_true", help="one JSON object, for scripts")
     p = sub.add_parser("fetch", help="copy a run's aggregates, plots and report to a directory")
     p.add_argument("uri")
     p.add_argument("--to", required=True)
@@ -153,7 +154,7 @@ def cmd_submit(args) -> int:
 def cmd_status(args) -> int:
     from jobs import results
 
-    print(results.status_text(args.uri))
+    print(json.dumps(results.status(args.uri)) if args.json else results.status_text(args.uri))
     return 0
 
 

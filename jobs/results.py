@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,18 +47,36 @@ def open_run(uri: str) -> Run:
     return Run(store, found, Aggregates.read(store) if store.exists("aggregates/summary.json") else None)
 
 
-def status_text(uri: str) -> str:
+def status(uri: str) -> dict:
+    """Where a run stands, from storage alone: shards done, corrupt and missing, and for a running run
+    its latest rate and time left (``progress.json``, written every few seconds by the driver)."""
     store = open_store(uri)
     cfg = manifest.config_of(store)
     found = manifest.read(store)
     states = manifest.shard_states(store, cfg)
-    lines = [f"{store.uri}: {found['status']}, shards {len(states.done)}/{states.total} done"
-             f" (model {cfg.model}, config {cfg.config_hash})"]
-    if states.corrupt:
-        lines.append(f"corrupt (recomputed by a rerun): {', '.join(s.key for s in states.corrupt)}")
-    if states.missing and found["status"] != "complete":
-        lines.append(f"missing: {len(states.missing)}")
-    if not states.missing and not states.corrupt and found["status"] == "complete":
+    out = {"uri": store.uri, "status": found["status"], "model": cfg.model, "config_hash": cfg.config_hash,
+           "shards_done": len(states.done), "shards_total": states.total,
+           "corrupt": [s.key for s in states.corrupt], "missing": len(states.missing)}
+    if found["status"] == "running" and store.exists(manifest.PROGRESS):
+        progress = json.loads(store.get(manifest.PROGRESS))
+        out.update(seq_per_s=progress["seq_per_s"], eta_s=progress["eta_s"], actors=progress["actors"],
+                   progress_age_s=round(time.time() - progress["updated_unix"], 1))
+    return out
+
+
+def status_text(uri: str) -> str:
+    s = status(uri)
+    lines = [f"{s['uri']}: {s['status']}, shards {s['shards_done']}/{s['shards_total']} done"
+             f" (model {s['model']}, config {s['config_hash']})"]
+    if "seq_per_s" in s:
+        eta = time.strftime("%H:%M:%S", time.gmtime(s["eta_s"])) if s["eta_s"] is not None else "unknown"
+        lines.append(f"{s['seq_per_s']:,.0f} seq/s on {s['actors']} actor(s), ETA {eta} "
+                     f"(as of {s['progress_age_s']:.0f} s ago)")
+    if s["corrupt"]:
+        lines.append(f"corrupt (recomputed by a rerun): {', '.join(s['corrupt'])}")
+    if s["missing"] and s["status"] != "complete":
+        lines.append(f"missing: {s['missing']}")
+    if not s["missing"] and not s["corrupt"] and s["status"] == "complete":
         lines.append("complete")
     return "\n".join(lines)
 

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs import driver, results
+from jobs.cli import main
 from jobs.config import RunConfig, parse_resources
 from jobs.errors import ConfigError
 from jobs.pool import plan_actors
@@ -146,7 +147,7 @@ def wait_until(condition, what: str, timeout: float = 240) -> None:
         time.sleep(0.2)
 
 
-def test_a_sweep_grows_onto_a_new_node_and_survives_losing_one(ray_cluster, short_tmp, tmp_path):
+def test_a_sweep_grows_onto_a_new_node_and_survives_losing_one(ray_cluster, short_tmp, tmp_path, capsys):
     out = tmp_path / "multi"
     head_port = free_port()
     nodes = [Node(short_tmp / "head", port=head_port)]
@@ -157,7 +158,7 @@ def test_a_sweep_grows_onto_a_new_node_and_survives_losing_one(ray_cluster, shor
         env = {**os.environ, "RAY_AUTH_MODE": "disabled", "INDUCTION_SWEEP_PLACEMENT_WAIT_S": "5"}
         log = open(tmp_path / "driver.log", "w")
         run = subprocess.Popen([sys.executable, "-m", "jobs.cli", "run", *SWEEP, "--actors", "3", "--out", str(out),
-                                "--resources-per-actor", '{"slot": 1}', "--address", f"127.0.0.1:{head_port}", "--quiet"],
+                                "--resources-per-actor", '{"slot": 1}', "--address", f"127.0.0.1:{head_port}"],
                                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         # two nodes hold two of the three actors; both compute
         wait_until(lambda: len(set(shard_nodes(out).values())) >= 2, "shards from the head and node a")
@@ -165,6 +166,12 @@ def test_a_sweep_grows_onto_a_new_node_and_survives_losing_one(ray_cluster, shor
         nodes.append(Node(short_tmp / "b", head_port=head_port))  # the cluster grows mid-run
         wait_until(lambda: len(set(shard_nodes(out).values())) >= 3, "a shard from the added node b")
         nodes[1].kill()  # node a is lost with its actor and whatever it was computing
+        # a running run's rate and time left, as `status --json` gives them to scripts
+        wait_until(lambda: open_store(str(out)).exists("progress.json"), "progress.json")
+        assert main(["status", "--json", str(out)]) == 0
+        running = json.loads(capsys.readouterr().out)
+        assert running["status"] == "running" and running["seq_per_s"] > 0 and running["eta_s"] is not None
+        assert 0 < running["shards_done"] < running["shards_total"]
         assert run.wait(600) == 0, (tmp_path / "driver.log").read_text()[-3000:]
     finally:
         for node in reversed(nodes):
@@ -173,6 +180,8 @@ def test_a_sweep_grows_onto_a_new_node_and_survives_losing_one(ray_cluster, shor
     # node a may register after the driver looked: room for 1 or 2 at the start, never 3
     assert re.search(r"3 actors asked for, room for [12] now", text), text[-3000:]
     assert re.search(r"[0-2] of 3 actors ready after 5 s", text), text[-3000:]
+    # no terminal: progress lines in the log (what a Ray Job's log shows)
+    assert re.search(r"progress: shards \d+/\d+, [\d,]+/[\d,]+ sequences, [\d,]+ seq/s, ETA \d\d:\d\d:\d\d", text)
     computed_by = shard_nodes(out)
     assert len(set(computed_by.values())) == 3 and nodes_before < set(computed_by.values())
     assert_complete_once(str(out), 400, 32)

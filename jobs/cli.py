@@ -64,7 +64,8 @@ def build_parser() -> Parser:
     add_run_options(sub.add_parser("run", help="run a sweep (local Ray cluster unless --address)"))
 
     p = sub.add_parser("submit", help="submit a run to a Ray cluster as a Ray Job")
-    p.add_argument("--address", required=True, help="the cluster's dashboard, http://HEAD:8265")
+    p.add_argument("--address", default=None, help="the cluster's dashboard, http://HEAD:8265 (default: "
+                   "RAY_API_SERVER_ADDRESS or RAY_ADDRESS, as for `ray job submit`)")
     p.add_argument("--wait", action="store_true", help="stream the job's logs and return its outcome")
     p.add_argument("--python", default="python", help="interpreter on the cluster (default: python)")
     p.add_argument("run_args", nargs=argparse.REMAINDER, help="the run's options (as for `run`)")
@@ -147,8 +148,8 @@ def cmd_submit(args) -> int:
     from jobs import submit
 
     run_args = [a for a in args.run_args if a != "--"]
-    run_config(build_parser().parse_args(["run", *run_args]))  # refuse bad options before submitting
-    return submit.submit(args.address, run_args, wait=args.wait, python=args.python)
+    cfg, _ = run_config(build_parser().parse_args(["run", *run_args]))  # refuse bad options before submitting
+    return submit.submit(args.address, run_args, cfg.out, cfg.config_hash, wait=args.wait, python=args.python)
 
 
 def cmd_status(args) -> int:

@@ -2,11 +2,14 @@
 
 The project directory travels as the job's ``working_dir``; the cluster's nodes have the
 project's requirements installed (cluster.yaml's setup commands). Only non-secret settings are
-forwarded (``AWS_ENDPOINT_URL``, the region): credentials come from the cluster's own chain.
+forwarded (``AWS_ENDPOINT_URL``, the region, retries): credentials come from the cluster's own
+chain. As `ray job submit`, the cluster is --address, RAY_API_SERVER_ADDRESS or RAY_ADDRESS; the
+job is named by the output URI and the config hash, so a second submit of a run is recognised.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shlex
 import sys
@@ -21,26 +24,66 @@ AGENT_WAIT_S = 60
 EXCLUDES = [".venv", ".git", "runs", "out", "**/__pycache__", "*.egg-info", ".pytest_cache"]
 
 
-def submit(address: str, run_args: list[str], wait: bool = False, python: str = "python") -> int:
+def cluster_address(given: str | None) -> str:
+    """As `ray job submit` finds the cluster: --address, else RAY_API_SERVER_ADDRESS, else RAY_ADDRESS."""
+    address = given or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
+    if not address:
+        raise ConfigError("no Ray cluster to submit to: give --address http://HEAD:8265 or set RAY_ADDRESS")
+    return address if "://" in address else f"http://{address}"
+
+
+def submission_id(out: str, config_hash: str, attempt: int = 1) -> str:
+    """Named by the output and the science: a second submit of the same run is recognised as such."""
+    base = f"induction-sweep-{hashlib.sha256(out.rstrip('/').encode()).hexdigest()[:10]}-{config_hash}"
+    return base if attempt == 1 else f"{base}-{attempt}"
+
+
+def next_attempt(client, out: str, config_hash: str) -> int:
+    """1 for a new run; a failed or stopped job of this run is resubmitted (it resumes) under a new
+    attempt number; a pending, running or succeeded one is refused."""
+    from ray.job_submission import JobStatus
+
+    ours = {job.submission_id: job.status for job in client.list_jobs()
+            if (job.submission_id or "").startswith(submission_id(out, config_hash))}
+    attempt = 1
+    while submission_id(out, config_hash, attempt) in ours:
+        status = ours[submission_id(out, config_hash, attempt)]
+        if status in (JobStatus.PENDING, JobStatus.RUNNING):
+            raise ConfigError(f"job {submission_id(out, config_hash, attempt)} is already {status.value.lower()} "
+                              f"for {out}; follow it with `ray job logs --follow`, or stop it with `ray job stop`")
+        if status == JobStatus.SUCCEEDED:
+            raise ConfigError(f"job {submission_id(out, config_hash, attempt)} already completed this run at {out}; "
+                              "read it with `induction-sweep fetch`")
+        attempt += 1
+    return attempt
+
+
+def submit(address: str | None, run_args: list[str], out: str, config_hash: str, wait: bool = False,
+           python: str = "python") -> int:
     from ray.job_submission import JobStatus, JobSubmissionClient
 
+    address = cluster_address(address)
     try:
         client = JobSubmissionClient(address)
     except Exception as exc:
         raise ConfigError(f"cannot reach the Ray Jobs API at {address}: {str(exc).splitlines()[0][:200]}") from None
-    entrypoint = shlex.join([python, "-m", "jobs.cli", "run", "--quiet", *run_args])
-    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    job_id = submission_id(out, config_hash, next_attempt(client, out, config_hash))
+    # no terminal in a job: the run logs a progress line every few seconds (jobs/pool.py Progress)
+    entrypoint = shlex.join([python, "-m", "jobs.cli", "run", *run_args])
+    env = {"PYTHONUNBUFFERED": "1", **{k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}}
     runtime_env = {"working_dir": str(PROJECT_ROOT), "excludes": EXCLUDES, "env_vars": env}
     deadline = time.monotonic() + AGENT_WAIT_S
     while True:  # a head that has just started answers "No available agent" for a few seconds
         try:
-            job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
+            client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=job_id)
             break
         except RuntimeError as exc:
             if "No available agent" not in str(exc) or time.monotonic() > deadline:
                 raise
             time.sleep(1)
     print(job_id, flush=True)
+    print(f"dashboard: {address.rstrip('/')}/#/jobs/{job_id}", flush=True)
+    print(f"logs: ray job logs --address {address} --follow {job_id}", flush=True)
     if not wait:
         return 0
     import asyncio

@@ -2,6 +2,7 @@
 `ray stop`, which would stop every Ray on the machine), the run submitted through the Jobs API."""
 
 import os
+import re
 import subprocess
 import time
 
@@ -57,15 +58,31 @@ def stop_head(proc: subprocess.Popen, temp: str) -> None:
         p.kill()
 
 
-def test_submit_runs_as_a_ray_job_and_lands_in_the_bucket(ray_head, bucket, capsys):
-    code = main(["submit", "--address", ray_head, "--wait", "--", "--model", "toy-2l", "--experiment", "neighbors",
-                 "--pairs", "32", "--neighbors", "3", "--actors", "2", "--out", f"s3://{bucket}/job"])
+def test_submit_runs_as_a_ray_job_and_lands_in_the_bucket(ray_head, bucket, capsys, monkeypatch):
+    """As `ray job submit`: the cluster from RAY_ADDRESS; the job id and dashboard URL first; the job's
+    log shows progress lines (no terminal there); a second submit of the same run is refused."""
+    monkeypatch.setenv("RAY_ADDRESS", ray_head)
+    run = ["--model", "toy-2l", "--experiment", "neighbors", "--pairs", "32", "--neighbors", "3", "--actors", "2",
+           "--out", f"s3://{bucket}/job"]
+    code = main(["submit", "--wait", "--", *run])
     out = capsys.readouterr()
     assert code == 0, out.out[-3000:] + out.err[-2000:]
-    assert out.out.splitlines()[0].startswith("raysubmit_")  # the job id comes first
+    job_id, dashboard = out.out.splitlines()[:2]
+    assert job_id.startswith("induction-sweep-") and dashboard == f"dashboard: {ray_head}/#/jobs/{job_id}"
+    assert re.search(r"progress: shards \d+/\d+, .* seq/s, ETA", out.out), out.out[-3000:]
     keys = open_store(f"s3://{bucket}/job").list()
     assert {"report.html", "aggregates/neighbors.parquet", "manifest.json"} <= set(keys)
     assert any(k.startswith("shards/neighbors/") for k in keys)
+    # the same run again: recognised by its submission id (output URI + config hash)
+    assert main(["submit", "--", *run]) == 2
+    assert f"job {job_id} already completed this run" in capsys.readouterr().err
+
+
+def test_submit_needs_a_cluster_address(capsys, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+    assert main(["submit", "--", "--model", "toy-2l", "--out", "x"]) == 2
+    assert "give --address http://HEAD:8265 or set RAY_ADDRESS" in capsys.readouterr().err
 
 
 def test_submit_refuses_bad_run_options_before_submitting(capsys):

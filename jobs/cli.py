@@ -63,6 +63,12 @@ def build_parser() -> Parser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     add_run_options(sub.add_parser("run", help="run a sweep (local Ray cluster unless --address)"))
 
+    p = sub.add_parser("plan", help="shards, forwards, rows, bytes and estimated time of a run; writes nothing")
+    add_run_options(p)
+    p.add_argument("--rates", default=None, metavar="FILE",
+                   help="a `bench --json` output of the attn-only-2l shape to estimate from (default: the measured rates)")
+    p.add_argument("--json", action="store_true", help="one JSON object")
+
     p = sub.add_parser("submit", help="submit a run to a Ray cluster as a Ray Job")
     p.add_argument("--address", default=None, help="the cluster's dashboard, http://HEAD:8265 (default: "
                    "RAY_API_SERVER_ADDRESS or RAY_ADDRESS, as for `ray job submit`)")
@@ -144,6 +150,33 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from jobs import estimate
+    from jobs.pool import plan_actors
+    from workers.scoring import resolve_precision
+
+    cfg, info = run_config(args)
+    plan = plan_actors(cfg, cluster_resources(cfg.address))
+    rates = estimate.rates_from_bench(args.rates) if args.rates else None
+    result = estimate.estimate(cfg, info, plan, resolve_precision(cfg.precision, plan.device), rates)
+    print(json.dumps(result.as_dict()) if args.json else result.text())
+    return 0
+
+
+def cluster_resources(address: str | None) -> dict:
+    """The cluster's resources now: a running cluster's (--address), else this machine's, without starting Ray."""
+    if address:
+        from jobs import driver
+
+        driver.check_reachable(address)
+        return driver.connect(address).cluster_resources()
+    import os
+
+    import torch
+
+    return {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
+
+
 def cmd_submit(args) -> int:
     from jobs import submit
 
@@ -194,7 +227,7 @@ def cmd_export(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "submit": cmd_submit, "status": cmd_status, "fetch": cmd_fetch, "report": cmd_report,
+COMMANDS = {"run": cmd_run, "plan": cmd_plan, "submit": cmd_submit, "status": cmd_status, "fetch": cmd_fetch, "report": cmd_report,
             "bench": cmd_bench, "export-model": cmd_export}
 
 

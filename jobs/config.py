@@ -150,7 +150,8 @@ def resolve(cfg: RunConfig, info: models.ModelInfo, tokens: str | None = None, p
     if cfg.neighbors > available - 1:
         raise ConfigError(f"--neighbors {cfg.neighbors} exceeds the {available - 1} candidate neighbours of {cfg.model}")
     if cfg.heads and not info.compact:
-        raise ConfigError(f"--heads needs an attention-only model; {cfg.model} is not one")
+        raise ConfigError(f"--heads needs a model the compact forward scores (attention-only, LayerNorm, LNPre or none, "
+                          f"standard or shortformer positions); {cfg.model} is not one")
     for name in ("seqs", "pairs"):
         if getattr(cfg, name) > MAX_SEQUENCE_INDEX:
             raise ConfigError(f"--{name} {getattr(cfg, name)} is beyond the rows' int32 sequence index ({MAX_SEQUENCE_INDEX})")

@@ -374,10 +374,14 @@ def describe(spec: str) -> ModelInfo:
     if is_hub_name(spec):
         from transformer_lens.loading_from_pretrained import get_pretrained_model_config
 
-        cfg = get_pretrained_model_config(spec)
-        from transformers import AutoTokenizer
+        try:
+            cfg = get_pretrained_model_config(spec)
+            from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_name) if cfg.tokenizer_name else None
+            tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_name) if cfg.tokenizer_name else None
+        except OSError as exc:  # the hub unreachable, offline, or the repository gone: huggingface_hub's errors are OSErrors
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ModelInputError(f"model {spec}: its config cannot be read from the Hugging Face hub ({reason[:200]})") from None
         return ModelInfo(spec, cfg, tokenizer, default_bos(spec, tokenizer))
     raise ModelInputError(
         f"unknown model {spec!r}: not {TOY_MODEL}, not a checkpoint directory, not a TransformerLens model name"

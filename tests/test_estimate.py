@@ -1,0 +1,43 @@
+"""``plan`` (jobs/estimate.py): its counts are the run's, checked against a real run; nothing is written."""
+
+import json
+
+import pyarrow.dataset as pads
+
+from jobs import driver
+from jobs.cli import main
+from jobs.config import RunConfig, plan_shards
+from jobs.estimate import MEASURED_RATES, flops_per_forward
+from tests.test_driver import resolved
+
+RUN = ["--model", "toy-2l", "--experiment", "all", "--tokens", "40", "--seqs", "8", "--pairs", "64", "--neighbors", "3",
+       "--shard-size", "64", "--precision", "fp32"]
+
+
+def test_plan_counts_what_the_run_then_does(ray_cluster, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["plan", *RUN, "--out", str(out), "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert not out.exists()  # nothing written
+    cfg = resolved(RunConfig(model="toy-2l", out=str(out), experiments=("token-powers", "fixed-pair", "neighbors"), seqs=8,
+                             pairs=64, neighbors=3, shard_size=64, precision="fp32"), "40")
+    specs = plan_shards(cfg)
+    assert plan["shards"] == len(specs) and plan["sequences"] == sum(s.n_sequences for s in specs)
+    assert plan["forwards"] == 2 * plan["sequences"]
+    driver.run(cfg, progress=False)
+    rows = pads.dataset(str(out / "shards"), format="parquet").count_rows()
+    assert plan["rows"] == rows
+    assert plan["device"] == "cpu" and plan["seconds"] == plan["forwards"] / (plan["seq_per_s_per_actor"] * plan["actors"])
+
+
+def test_time_scales_with_the_arithmetic_of_the_model(capsys, tmp_path):
+    """The attn-only-2l shape takes the measured rate as it is; a bigger model proportionally less."""
+    assert flops_per_forward(2, 512, 48262, 0) < flops_per_forward(12, 768, 50257, 3072)
+    assert main(["plan", *RUN, "--out", str(tmp_path / "o"), "--json"]) == 0
+    toy = json.loads(capsys.readouterr().out)
+    assert toy["seq_per_s_per_actor"] > MEASURED_RATES[("cpu", "fp32")]  # toy-2l is far smaller than the reference
+
+
+def test_plan_refuses_bad_input_like_run(capsys, tmp_path):
+    assert main(["plan", "--model", "toy-2l", "--out", str(tmp_path / "o"), "--seqs", "3000000000"]) == 2
+    assert "int32" in capsys.readouterr().err

@@ -156,25 +156,28 @@ def cmd_plan(args) -> int:
     from workers.scoring import resolve_precision
 
     cfg, info = run_config(args)
-    plan = plan_actors(cfg, cluster_resources(cfg.address))
+    plan = plan_actors(cfg, *cluster_resources(cfg.address))
     rates = estimate.rates_from_bench(args.rates) if args.rates else None
     result = estimate.estimate(cfg, info, plan, resolve_precision(cfg.precision, plan.device), rates)
     print(json.dumps(result.as_dict()) if args.json else result.text())
     return 0
 
 
-def cluster_resources(address: str | None) -> dict:
-    """The cluster's resources now: a running cluster's (--address), else this machine's, without starting Ray."""
+def cluster_resources(address: str | None) -> tuple[dict, dict | None]:
+    """(resources now, what the autoscaler can reach): a running cluster's (--address), else this
+    machine's, without starting Ray."""
     if address:
         from jobs import driver
+        from jobs.pool import reachable_resources
 
         driver.check_reachable(address)
-        return driver.connect(address).cluster_resources()
+        ray = driver.connect(address)
+        return ray.cluster_resources(), reachable_resources(ray)
     import os
 
     import torch
 
-    return {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
+    return {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}, None
 
 
 def cmd_submit(args) -> int:

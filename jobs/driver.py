@@ -24,7 +24,7 @@ from jobs import aggregate, manifest
 from jobs.config import RunConfig, plan_shards
 from jobs.errors import ConfigError, RunFailed
 from jobs.phases import Phases
-from jobs.pool import ActorPool, plan_actors
+from jobs.pool import ActorPool, plan_actors, reachable_resources
 from storage import Store, open_store
 from workers import experiments, models
 from workers.accumulator import Accumulator, shard_partials
@@ -44,7 +44,7 @@ def run(cfg: RunConfig, info: models.ModelInfo | None = None, progress: bool = T
         check_reachable(cfg.address)
     with phases.phase("ray start"):
         ray = connect(cfg.address)
-        plan = plan_actors(cfg, ray.cluster_resources())  # ConfigError before anything is written
+        plan = plan_actors(cfg, ray.cluster_resources(), reachable_resources(ray))  # ConfigError before any write
     if plan.count > plan.fit_now:
         print(f"induction-sweep: {plan.count} actors asked for, room for {plan.fit_now} now; the rest are "
               "pending (the autoscaler's demand) and join as the cluster grows", file=sys.stderr, flush=True)

@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass
 
 from jobs.config import RunConfig, count_shards
+from jobs.errors import ConfigError
 from jobs.pool import ActorPlan
 from workers import models
 from workers.sequences import SEQ_LEN
@@ -69,7 +70,11 @@ def estimate(cfg: RunConfig, info: models.ModelInfo, plan: ActorPlan, precision:
         sequences += n
         rows += n * len(experiment.target_names(cfg.neighbors))
     per_row = BYTES_PER_ROW["base"] + (cfg.save_tokens and BYTES_PER_ROW["save_tokens"]) + (cfg.heads and BYTES_PER_ROW["heads"])
-    rate = (rates or MEASURED_RATES)[(plan.device, precision)]
+    rates = rates or MEASURED_RATES
+    if (plan.device, precision) not in rates:
+        raise ConfigError(f"no measured rate for {precision} on {plan.device} actors (rates for "
+                          f"{', '.join(f'{p} on {d}' for d, p in sorted(rates))})")
+    rate = rates[(plan.device, precision)]
     c = info.cfg
     d_mlp = 0 if getattr(c, "attn_only", False) else getattr(c, "d_mlp", None) or 4 * c.d_model
     shape = dict(n_layers=c.n_layers, d_model=c.d_model, d_vocab=c.d_vocab, d_mlp=d_mlp)

@@ -31,6 +31,7 @@ CPU_THREADS_PER_ACTOR = 2
 PLACEMENT_WAIT_S = float(os.environ.get("INDUCTION_SWEEP_PLACEMENT_WAIT_S", "60"))  # then say how many are ready
 PROGRESS_EVERY_S = 10.0  # a progress line (and progress.json) this often where there is no terminal
 TICK_S = 1.0
+MAX_REACHABLE = 10_000  # an autoscaler maximum this large means "unbounded": count what is there instead
 
 
 @dataclass
@@ -47,31 +48,51 @@ class ActorPlan:
         return "cuda" if self.num_gpus > 0 else "cpu"
 
 
-def plan_actors(cfg: RunConfig, resources: dict) -> ActorPlan:
+def reachable_resources(ray) -> dict | None:
+    """The most of each resource the cluster's autoscaler can bring up (its node types' max counts
+    times their resources); None without an autoscaler. Ray keeps this behind a private API (used
+    by Ray Data in the same way), so any failure to read it means "unknown"."""
+    try:
+        from ray._private.state import state
+
+        reachable = state.get_max_resources_from_cluster_config()
+    except Exception:  # noqa: BLE001 - an internal API: unknown rather than a failed run
+        return None
+    return reachable or None
+
+
+def plan_actors(cfg: RunConfig, resources: dict, reachable: dict | None = None) -> ActorPlan:
     """One actor per GPU (``--gpus-per-actor`` each), per ``--resources-per-actor`` slot, or per 2 CPUs.
-    ``--actors N`` beyond what fits now is asked for anyway (elastic); a single actor that fits
-    nowhere on the cluster is bad input."""
-    gpus, cpus = float(resources.get("GPU", 0)), float(resources.get("CPU", 1))
+    ``auto`` counts what the cluster can reach: the autoscaler's maximum (``reachable``) where there
+    is one, else what is there now. ``--actors N`` beyond what fits now is asked for anyway
+    (elastic). A single actor that fits nowhere the cluster can reach is bad input."""
+    possible = {**resources, **{k: max(float(resources.get(k, 0)), float(v)) for k, v in (reachable or {}).items()
+                                if v < MAX_REACHABLE}}
+    gpus, cpus = float(possible.get("GPU", 0)), float(resources.get("CPU", 1))
     custom = dict(cfg.resources_per_actor)
     for name, need in custom.items():
-        if float(resources.get(name, 0)) < need:
+        if float(possible.get(name, 0)) < need:
             raise ConfigError(f"--resources-per-actor asks for {need:g} {name!r} per actor; the cluster has "
-                              f"{float(resources.get(name, 0)):g} now")
+                              f"{float(possible.get(name, 0)):g}")
     if cfg.gpus_per_actor is not None and cfg.gpus_per_actor > gpus:
         raise ConfigError(f"--gpus-per-actor {cfg.gpus_per_actor:g} asks for more GPUs than the cluster has ({gpus:g})")
-    slots = [int(float(resources[name]) // need + 1e-9) for name, need in custom.items()]
     if gpus > 0:
         per = cfg.gpus_per_actor or 1.0
-        fit = min([int(gpus // per + 1e-9), *slots])
-        return ActorPlan(cfg.actors or fit, per, 1, None, custom, fit)
+        return ActorPlan(cfg.actors or _fit(custom, per, possible), per, 1, None, custom, _fit(custom, per, resources))
     if custom:
-        fit = min(slots)
-        count = cfg.actors or fit
-        threads = max(1, int(cpus) // max(1, fit))
-        return ActorPlan(count, 0, 1, threads, custom, fit)
+        fit = _fit(custom, 0, resources)
+        return ActorPlan(cfg.actors or _fit(custom, 0, possible), 0, 1, max(1, int(cpus) // max(1, fit)), custom, fit)
     count = cfg.actors or max(1, int(cpus) // CPU_THREADS_PER_ACTOR)
     threads = max(1, int(cpus) // count)
     return ActorPlan(count, 0, min(threads, cpus / count), threads, custom, count)
+
+
+def _fit(custom: dict[str, float], gpus_per_actor: float, resources: dict) -> int:
+    """How many actors needing ``gpus_per_actor`` GPUs and ``custom`` resources fit in ``resources``."""
+    slots = [int(float(resources.get(name, 0)) // need + 1e-9) for name, need in custom.items()]
+    if gpus_per_actor:
+        slots.append(int(float(resources.get("GPU", 0)) // gpus_per_actor + 1e-9))
+    return min(slots)
 
 
 class ActorPool:

@@ -47,6 +47,23 @@ def test_auto_is_what_the_cluster_holds_now():
     assert (plan.count, plan.num_gpus, plan.threads, plan.device) == (2, 0, 2, "cpu")
 
 
+def test_auto_counts_what_the_autoscaler_can_reach():
+    """cluster.yaml's shape: a CPU head now, GPU workers from 1 up to 8: auto asks for 8, 1 fits now."""
+    plan = plan_actors(config(), {"CPU": 4, "GPU": 1}, reachable={"CPU": 36, "GPU": 8})
+    assert (plan.count, plan.fit_now, plan.device) == (8, 1, "cuda")
+    # GPU workers at zero now: not refused, all pending until the autoscaler brings nodes up
+    plan = plan_actors(config(gpus_per_actor=1.0), {"CPU": 4}, reachable={"GPU": 8})
+    assert (plan.count, plan.fit_now) == (8, 0)
+    # an unbounded node type: what is there now
+    assert plan_actors(config(), {"CPU": 4, "GPU": 2}, reachable={"GPU": 2**63 - 1}).count == 2
+
+
+def test_the_local_cluster_has_no_autoscaler(ray_cluster):
+    from jobs.pool import reachable_resources
+
+    assert reachable_resources(ray_cluster) is None
+
+
 @pytest.mark.parametrize("fields, resources, match", [
     (dict(gpus_per_actor=1.0), {"CPU": 4}, "more GPUs than the cluster has"),
     (dict(resources_per_actor=(("slot", 1.0),)), {"CPU": 4}, "'slot' per actor; the cluster has 0"),

@@ -110,6 +110,7 @@ class ActorPool:
         self.replacements_left = max(4, 2 * plan.count)
         self.starting = {}  # ready() ref -> actor, for actors not ready yet
         self.live: list = []  # ready actors
+        self.lost: set = set()
         for _ in range(plan.count):
             self._start()
 
@@ -117,13 +118,20 @@ class ActorPool:
         actor = self._runner.remote(*self._args)
         self.starting[actor.ready.remote()] = actor
 
-    def lose(self, actor) -> None:
-        """An actor died (or its node did): drop it and ask for another."""
+    def lose(self, actor, exc: Exception) -> None:
+        """An actor died (or its node did): drop it and ask for another, once per actor (each of its
+        in-flight shards reports the death). An actor whose constructor raised fails the run: a
+        replacement would raise the same."""
+        if getattr(exc, "actor_init_failed", False):
+            raise RunFailed(failure(exc)) from None
+        if actor in self.lost:
+            return
+        self.lost.add(actor)
         if actor in self.live:
             self.live.remove(actor)
         self.ray.kill(actor, no_restart=True)
         if self.replacements_left <= 0:
-            raise RunFailed("actors keep dying; see the actors' logs")
+            raise RunFailed(f"actors keep dying, the last with {failure(exc)}")
         self.replacements_left -= 1
         self._start()
 
@@ -137,8 +145,8 @@ class ActorPool:
             try:
                 self.ray.get(ready[0])
                 self.live.append(actor)
-            except RayActorError:
-                self.lose(actor)
+            except RayActorError as exc:
+                self.lose(actor, exc)
         return self.live[0]
 
     def kill(self) -> None:
@@ -170,8 +178,8 @@ class ActorPool:
                     actor = self.starting.pop(ref)
                     try:
                         info = self.ray.get(ref)
-                    except RayActorError:
-                        self.lose(actor)
+                    except RayActorError as exc:
+                        self.lose(actor, exc)
                         continue
                     phases.actor_ready(info, requested)
                     if first_ready is None:
@@ -183,9 +191,9 @@ class ActorPool:
                 actor, spec = running.pop(ref)
                 try:
                     result = self.ray.get(ref)
-                except RayActorError:  # its process or node is gone: the shard goes to another actor
+                except RayActorError as exc:  # its process or node is gone: the shard goes to another actor
                     queue.appendleft(spec)
-                    self.lose(actor)
+                    self.lose(actor, exc)
                     for other in self.live:
                         feed(other)
                     continue
@@ -196,12 +204,17 @@ class ActorPool:
         except RunFailed:
             raise
         except Exception as exc:
-            cause = getattr(exc, "cause", None) or exc
-            raise RunFailed(f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1][:300]}") from None
+            raise RunFailed(failure(exc)) from None
         finally:
             report.close()
         if todo:
             phases.add("scoring", first_ready)
+
+
+def failure(exc: Exception) -> str:
+    """The error's last line, from the actor's side where Ray wraps one."""
+    cause = getattr(exc, "cause", None) or exc
+    return f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1][:300]}"
 
 
 class Progress:

@@ -99,7 +99,7 @@ def test_native_bf16_path_runs_on_meta_tensors(shape, attention):
     """The CUDA bf16 path (bf16 products, float32 sums through mm/bmm out_dtype) cannot run on a
     CPU; on meta tensors every call's shapes and dtypes are still checked."""
     model = models.random_model(d_vocab=1024, n_ctx=32, d_model=64, n_heads=4, d_head=16, seed=4, **shape)
-    forward = CompactForward(models.attn_only_weights(model), torch.bfloat16, torch.bfloat16, attention).to("meta")
+    forward = CompactForward(models.attn_only_weights(model), torch.bfloat16, torch.bfloat16, attention, align=64).to("meta")
     assert forward.float_sums
     h = forward(torch.zeros(8, 24, dtype=torch.long, device="meta"))
     assert h.shape == (8, 64) and h.dtype == torch.float32
@@ -120,3 +120,15 @@ def test_compiled_scorer_builds_one_graph_for_every_batch_size(toy_model):
     Scorer(toy_model, "fp32", compile=True).logodds(batch.tokens[:30], batch.b[:30, None])  # another actor's scorer
     # one graph for the forward, one for the unembedding + log-sum-exp
     assert scorer.options["compiled"] and counters["stats"]["unique_graphs"] == 2
+
+
+def test_padded_unembedding_gives_the_same_logits():
+    """CUDA's aligned W_U (zero rows and columns up to multiples of 64) against the unpadded one."""
+    model = models.random_model(d_vocab=1000, n_ctx=32, d_model=64, n_heads=4, d_head=16, seed=5)
+    batch = seed_style(32, 1000)
+    plain, padded = (CompactForward(models.attn_only_weights(model), align=a) for a in (1, 64))
+    assert padded.W_U.shape == (128, 1024) and plain.W_U.shape == (65, 1000)
+    h = plain(batch.tokens)
+    assert torch.equal(h, padded(batch.tokens))
+    assert padded.logits(h).shape == (32, 1000)
+    assert torch.allclose(plain.logits(h), padded.logits(h), rtol=0, atol=1e-5)

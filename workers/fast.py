@@ -38,14 +38,15 @@ ATTENTION = ("sdpa", "products")
 
 class CompactForward(torch.nn.Module):
     def __init__(self, w: AttnOnlyWeights, dtype: torch.dtype = torch.float32, compute: torch.dtype | None = None,
-                 attention: str = "sdpa"):
+                 attention: str = "sdpa", align: int = 1):
         """``dtype`` rounds the weights and inputs of the projections (Q/K/V, O, V and O of the last
         layer, unembedding); ``compute`` runs them (default ``dtype``); their sums are float32.
         Attention over the 24 positions (the last layer's query and ``W_K^T q`` included: one row
         per head), biases, the layer-0 table and the residual stream stay float32: they cost little
         and carry most of the bf16 error otherwise. bf16 rounding with float32 compute gives bf16
         tensor-core numerics on CPUs, where bf16 products are far slower than float32 (docs/PERFORMANCE.md).
-        ``attention``: how the layers before the last attend over every position (ATTENTION)."""
+        ``attention``: how the layers before the last attend over every position (ATTENTION).
+        ``align``: W_U's rows and columns padded to a multiple of it (64 on CUDA, see below)."""
         super().__init__()
         if attention not in ATTENTION:
             raise ValueError(f"unknown attention {attention!r}: choose {', '.join(ATTENTION)}")
@@ -83,12 +84,13 @@ class CompactForward(torch.nn.Module):
         self.register_buffer("W_E", w.W_E.float())
         self.register_buffer("W_pos", w.W_pos.float())
         # b_U as one more row of W_U: the bias rides in the product instead of a pass over [batch, vocab].
-        # Both sides padded to multiples of 64 (zero rows; zero columns, sliced off the logits): cuBLAS
-        # takes its Hopper kernels only for aligned leading dimensions, which 513 and 48262 are not
-        # (docs/PERFORMANCE.md: 145 TFLOP/s unaligned on an H200)
+        # On CUDA both sides are padded to multiples of 64 (zero rows; zero columns, sliced off the
+        # logits): cuBLAS takes its Hopper kernels only for aligned leading dimensions, which 513 and
+        # 48262 are not (docs/PERFORMANCE.md: 145 TFLOP/s unaligned on an H200, 540 aligned). On a CPU
+        # the padding would only add arithmetic.
         W_U = torch.cat([w.W_U, w.b_U[None]])
         self.d_vocab = W_U.shape[1]
-        self.register_buffer("W_U", self.cast(F.pad(W_U, (0, -W_U.shape[1] % 64, 0, -W_U.shape[0] % 64))))
+        self.register_buffer("W_U", self.cast(F.pad(W_U, (0, -W_U.shape[1] % align, 0, -W_U.shape[0] % align))))
         self.register_buffer("W_U_rows", w.W_U.T.float().contiguous())  # float32 target logits
         self.register_buffer("b_U", w.b_U.float())
 

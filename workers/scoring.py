@@ -133,7 +133,8 @@ class Scorer:
         compute = self.dtype if native_bf16(self.device) else torch.float32
         best = fastest_path(self.device, self.precision)
         self.attention = attention or best["attention"]
-        self.compact = (CompactForward(weights, self.dtype, compute, self.attention).to(self.device)
+        align = 64 if self.device.type == "cuda" else 1  # aligned unembedding for cuBLAS (workers/fast.py)
+        self.compact = (CompactForward(weights, self.dtype, compute, self.attention, align).to(self.device)
                         if weights is not None else None)
         self.path = "compact" if self.compact is not None else "transformer_lens"
         if self.compact is None:

@@ -190,7 +190,8 @@ def fastest(results: list[dict]) -> dict:
     """Per precision, the fastest variant within its accuracy bound, and what the scorer defaults to."""
     out = {}
     for precision in {r["precision"] for r in results}:
-        ok = [r for r in results if r["precision"] == precision and r["max_abs_err_strength"] <= BOUNDS[precision]]
+        ok = [r for r in results if r["precision"] == precision and r["max_abs_err_strength"] <= BOUNDS[precision]
+              and r["path"] == "compact"]  # the variants are the compact forward's
         if ok:
             best = max(ok, key=lambda r: r["seq_per_s"])
             out[precision] = {"attention": best["attention"], "fused": best["fused"], "seq_per_s": best["seq_per_s"]}

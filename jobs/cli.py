@@ -39,8 +39,9 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default=d["precision"], help="auto (bf16 on GPU, fp32 on CPU), fp32, tf32 or bf16")
     p.add_argument("--batch-size", type=int, default=d["batch_size"], help="sequences per forward (default: by device)")
     p.add_argument("--shard-size", type=int, default=d["shard_size"], help="sequences per shard file (default %(default)s)")
-    p.add_argument("--actors", default=None, help="N or auto (what the cluster holds now: one per GPU, or per "
-                   "--resources-per-actor slot, else one per 2 CPUs); N beyond that waits for the cluster to grow")
+    p.add_argument("--actors", default=None, help="N or auto (one per GPU, or per --resources-per-actor slot, that "
+                   "the cluster holds or its autoscaler reports it can reach; else one per 2 CPUs); actors that do not "
+                   "fit yet wait for the cluster to grow")
     p.add_argument("--gpus-per-actor", type=float, default=d["gpus_per_actor"], help="GPUs per actor, fractions allowed")
     p.add_argument("--resources-per-actor", default=None, metavar="JSON",
                    help='Ray custom resources each actor needs, e.g. \'{"gpu_node": 1}\' (places actors on chosen node types)')

@@ -4,8 +4,8 @@ aggregates, report.
 Only shard specs go to the actors and only small summaries (with each shard's partial aggregates)
 come back; rows go from the actors straight to storage. A shard whose file is stored whole is
 done, so rerunning the same command resumes, merging the kept shards' partials from their
-footers. Retries come from Ray: actors restart after a crash (``max_restarts``) and their
-in-flight shards are re-executed (``max_task_retries``).
+footers. The actors are an elastic pool (jobs/pool.py): a lost actor's shards go to the others
+and a replacement is asked for.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from jobs import aggregate, manifest
 from jobs.config import RunConfig, plan_shards
 from jobs.errors import ConfigError, RunFailed
 from jobs.phases import Phases
-from jobs.pool import ActorPool, plan_actors, reachable_resources
+from jobs.pool import ActorPool, failure, plan_actors, reachable_resources
 from storage import Store, open_store
 from workers import experiments, models
 from workers.accumulator import Accumulator, shard_partials
@@ -73,7 +73,10 @@ def run(cfg: RunConfig, info: models.ModelInfo | None = None, progress: bool = T
         scores = None
         if circuits:
             with phases.phase("circuits"):
-                scores = ray.get(pool.any_ready().circuit_scores.remote(circuit_tokens(cfg)))
+                try:
+                    scores = ray.get(pool.any_ready().circuit_scores.remote(circuit_tokens(cfg)))
+                except Exception as exc:  # an actor lost here, or its error: rerunning resumes
+                    raise RunFailed(failure(exc)) from None
     finally:
         pool.kill()
     return finish(store, cfg, [partials[s.key] for s in specs], scores, phases, token_strings,
@@ -171,9 +174,11 @@ def connect(address: str | None):
 
     if ray.is_initialized():
         return ray
-    if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address, log_to_driver=True)
+    inherited = os.environ.get("RAY_ADDRESS", "")
+    if address or (inherited and "://" not in inherited):  # an http:// RAY_ADDRESS is the Jobs API, for submit
+        ray.init(address=address or inherited, log_to_driver=True)
     else:
+        os.environ.pop("RAY_ADDRESS", None)  # ray.init would read it
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private in-process cluster needs no token
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True)
         _embedded.append(ray)

@@ -63,13 +63,18 @@ def reachable_resources(ray) -> dict | None:
 
 def plan_actors(cfg: RunConfig, resources: dict, reachable: dict | None = None) -> ActorPlan:
     """One actor per GPU (``--gpus-per-actor`` each), per ``--resources-per-actor`` slot, or per 2 CPUs.
-    ``auto`` counts what the cluster can reach: the autoscaler's maximum (``reachable``) where there
-    is one, else what is there now. ``--actors N`` beyond what fits now is asked for anyway
+    ``auto`` counts what the cluster can reach: the autoscaler's maximum (``reachable``) where it
+    reports one, else what is there now. ``--actors N`` beyond what fits now is asked for anyway
     (elastic). A single actor that fits nowhere the cluster can reach is bad input."""
-    possible = {**resources, **{k: max(float(resources.get(k, 0)), float(v)) for k, v in (reachable or {}).items()
-                                if v < MAX_REACHABLE}}
-    gpus, cpus = float(possible.get("GPU", 0)), float(resources.get("CPU", 1))
     custom = dict(cfg.resources_per_actor)
+    per = cfg.gpus_per_actor or 1.0
+    possible = dict(resources)
+    for name, most in (reachable or {}).items():
+        # an unbounded node type (a huge maximum) counts as room for one actor more than there is now
+        need = custom.get(name, per if name == "GPU" else 0)
+        grown = float(resources.get(name, 0)) + need if most >= MAX_REACHABLE else float(most)
+        possible[name] = max(float(resources.get(name, 0)), grown)
+    gpus, cpus = float(possible.get("GPU", 0)), float(resources.get("CPU", 1))
     for name, need in custom.items():
         if float(possible.get(name, 0)) < need:
             raise ConfigError(f"--resources-per-actor asks for {need:g} {name!r} per actor; the cluster has "
@@ -77,11 +82,13 @@ def plan_actors(cfg: RunConfig, resources: dict, reachable: dict | None = None) 
     if cfg.gpus_per_actor is not None and cfg.gpus_per_actor > gpus:
         raise ConfigError(f"--gpus-per-actor {cfg.gpus_per_actor:g} asks for more GPUs than the cluster has ({gpus:g})")
     if gpus > 0:
-        per = cfg.gpus_per_actor or 1.0
+        if gpus < per:
+            raise ConfigError(f"one actor needs {per:g} GPU; the cluster has {gpus:g} (set --gpus-per-actor)")
         return ActorPlan(cfg.actors or _fit(custom, per, possible), per, 1, None, custom, _fit(custom, per, resources))
     if custom:
         fit = _fit(custom, 0, resources)
-        return ActorPlan(cfg.actors or _fit(custom, 0, possible), 0, 1, max(1, int(cpus) // max(1, fit)), custom, fit)
+        threads = max(1, int(cpus) // max(1, fit, cfg.actors or 0))
+        return ActorPlan(cfg.actors or _fit(custom, 0, possible), 0, 1, threads, custom, fit)
     count = cfg.actors or max(1, int(cpus) // CPU_THREADS_PER_ACTOR)
     threads = max(1, int(cpus) // count)
     return ActorPlan(count, 0, min(threads, cpus / count), threads, custom, count)
@@ -89,9 +96,9 @@ def plan_actors(cfg: RunConfig, resources: dict, reachable: dict | None = None) 
 
 def _fit(custom: dict[str, float], gpus_per_actor: float, resources: dict) -> int:
     """How many actors needing ``gpus_per_actor`` GPUs and ``custom`` resources fit in ``resources``."""
-    slots = [int(float(resources.get(name, 0)) // need + 1e-9) for name, need in custom.items()]
+    slots = [int(float(resources.get(name, 0)) / need + 1e-9) for name, need in custom.items()]
     if gpus_per_actor:
-        slots.append(int(float(resources.get("GPU", 0)) // gpus_per_actor + 1e-9))
+        slots.append(int(float(resources.get("GPU", 0)) / gpus_per_actor + 1e-9))
     return min(slots)
 
 
@@ -163,7 +170,7 @@ class ActorPool:
         first_ready = None
 
         def feed(actor) -> None:
-            while queue and sum(a is actor for a, _ in running.values()) < IN_FLIGHT_PER_ACTOR:
+            while actor not in self.lost and queue and sum(a is actor for a, _ in running.values()) < IN_FLIGHT_PER_ACTOR:
                 spec = queue.popleft()
                 running[actor.run.remote(spec)] = (actor, spec)
 
@@ -209,6 +216,14 @@ class ActorPool:
             report.close()
         if todo:
             phases.add("scoring", first_ready)
+
+
+def format_eta(seconds: float | None) -> str:
+    """H:MM:SS, hours unbounded; ``unknown`` without a rate or an actor."""
+    if seconds is None:
+        return "unknown"
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
 
 
 def failure(exc: Exception) -> str:
@@ -259,19 +274,19 @@ class Progress:
         rate = self.scored / elapsed if elapsed > 0 else 0.0
         return {"shards_done": self.done, "shards_total": self.total, "sequences_done": self.scored,
                 "sequences_todo": self.sequences, "seq_per_s": round(rate, 1), "actors": self.placed,
-                "eta_s": round((self.sequences - self.scored) / rate, 1) if rate > 0 else None,
+                "eta_s": round((self.sequences - self.scored) / rate, 1) if rate > 0 and self.placed else None,
                 "updated_unix": round(time.time(), 3)}
 
     def publish(self, now: float) -> None:
         f = self.figures(now)
         try:
             self.store.put(PROGRESS, json.dumps(f).encode())
-        except StorageError:  # only the progress is lost; a shard's write failing is what fails the run
+        except (StorageError, OSError):  # only the progress is lost; a shard's write failing is what fails the run
             pass
         if self.lines:
-            eta = time.strftime("%H:%M:%S", time.gmtime(f["eta_s"])) if f["eta_s"] is not None else "unknown"
             print(f"progress: shards {f['shards_done']}/{f['shards_total']}, {f['sequences_done']:,}/{f['sequences_todo']:,} "
-                  f"sequences, {f['seq_per_s']:,.0f} seq/s, ETA {eta}, {f['actors']} actor(s)", file=sys.stderr, flush=True)
+                  f"sequences, {f['seq_per_s']:,.0f} seq/s, ETA {format_eta(f['eta_s'])}, {f['actors']} actor(s)",
+                  file=sys.stderr, flush=True)
 
     def close(self) -> None:
         self.bar.close()

@@ -19,6 +19,7 @@ import pyarrow.dataset as pads
 from jobs import manifest
 from jobs.aggregate import Aggregates
 from jobs.errors import ConfigError
+from jobs.pool import format_eta
 from storage import Store, open_store
 from storage.arrow import filesystem
 
@@ -58,9 +59,12 @@ def status(uri: str) -> dict:
            "shards_done": len(states.done), "shards_total": states.total,
            "corrupt": [s.key for s in states.corrupt], "missing": len(states.missing)}
     if found["status"] == "running" and store.exists(manifest.PROGRESS):
-        progress = json.loads(store.get(manifest.PROGRESS))
-        out.update(seq_per_s=progress["seq_per_s"], eta_s=progress["eta_s"], actors=progress["actors"],
-                   progress_age_s=round(time.time() - progress["updated_unix"], 1))
+        try:
+            progress = json.loads(store.get(manifest.PROGRESS))
+            out.update(seq_per_s=progress["seq_per_s"], eta_s=progress["eta_s"], actors=progress["actors"],
+                       progress_age_s=round(time.time() - progress["updated_unix"], 1))
+        except (ValueError, KeyError, TypeError, FileNotFoundError):  # torn or foreign: no rate shown
+            pass
     return out
 
 
@@ -69,8 +73,7 @@ def status_text(uri: str) -> str:
     lines = [f"{s['uri']}: {s['status']}, shards {s['shards_done']}/{s['shards_total']} done"
              f" (model {s['model']}, config {s['config_hash']})"]
     if "seq_per_s" in s:
-        eta = time.strftime("%H:%M:%S", time.gmtime(s["eta_s"])) if s["eta_s"] is not None else "unknown"
-        lines.append(f"{s['seq_per_s']:,.0f} seq/s on {s['actors']} actor(s), ETA {eta} "
+        lines.append(f"{s['seq_per_s']:,.0f} seq/s on {s['actors']} actor(s), ETA {format_eta(s['eta_s'])} "
                      f"(as of {s['progress_age_s']:.0f} s ago)")
     if s["corrupt"]:
         lines.append(f"corrupt (recomputed by a rerun): {', '.join(s['corrupt'])}")

@@ -15,6 +15,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from jobs.errors import ConfigError
 from storage.store import FORWARDED_ENV
@@ -34,28 +35,39 @@ def cluster_address(given: str | None) -> str:
 
 def submission_id(out: str, config_hash: str, attempt: int = 1) -> str:
     """Named by the output and the science: a second submit of the same run is recognised as such."""
-    base = f"induction-sweep-{hashlib.sha256(out.rstrip('/').encode()).hexdigest()[:10]}-{config_hash}"
+    base = f"{output_prefix(out)}{config_hash}"
     return base if attempt == 1 else f"{base}-{attempt}"
 
 
+def output_prefix(out: str) -> str:
+    return f"induction-sweep-{hashlib.sha256(out.rstrip('/').encode()).hexdigest()[:10]}-"
+
+
 def next_attempt(client, out: str, config_hash: str) -> int:
-    """1 for a new run; a failed or stopped job of this run is resubmitted (it resumes) under a new
-    attempt number; a pending, running or succeeded one is refused."""
+    """1 for a new run. Refused: any pending or running job writing to ``out`` (whatever its config:
+    ``--precision auto`` is resolved only on the cluster), and a succeeded job of this run. A failed
+    or stopped one is submitted again under the next attempt number (it resumes)."""
     from ray.job_submission import JobStatus
 
-    ours = {job.submission_id: job.status for job in client.list_jobs()
-            if (job.submission_id or "").startswith(submission_id(out, config_hash))}
-    attempt = 1
-    while submission_id(out, config_hash, attempt) in ours:
-        status = ours[submission_id(out, config_hash, attempt)]
+    jobs = {job.submission_id: job.status for job in client.list_jobs()
+            if (job.submission_id or "").startswith(output_prefix(out))}
+    for job_id, status in jobs.items():
         if status in (JobStatus.PENDING, JobStatus.RUNNING):
-            raise ConfigError(f"job {submission_id(out, config_hash, attempt)} is already {status.value.lower()} "
-                              f"for {out}; follow it with `ray job logs --follow`, or stop it with `ray job stop`")
-        if status == JobStatus.SUCCEEDED:
-            raise ConfigError(f"job {submission_id(out, config_hash, attempt)} already completed this run at {out}; "
-                              "read it with `induction-sweep fetch`")
-        attempt += 1
-    return attempt
+            raise ConfigError(f"job {job_id} is already {status.value.lower()} for {out}; follow it with "
+                              "`ray job logs --follow`, or stop it with `ray job stop`")
+    ours = [job_id for job_id in jobs if job_id == submission_id(out, config_hash)
+            or job_id.startswith(submission_id(out, config_hash) + "-")]
+    for job_id in ours:
+        if jobs[job_id] == JobStatus.SUCCEEDED:
+            raise ConfigError(f"job {job_id} already completed this run at {out}; read it with `induction-sweep fetch`")
+    attempts = [int(j.rsplit("-", 1)[1]) if j != submission_id(out, config_hash) else 1 for j in ours]
+    return max(attempts, default=0) + 1
+
+
+def shown(address: str) -> str:
+    """The address without any user:password part, for printing."""
+    parts = urlsplit(address)
+    return parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")).geturl() if parts.hostname else address
 
 
 def submit(address: str | None, run_args: list[str], out: str, config_hash: str, wait: bool = False,
@@ -66,7 +78,7 @@ def submit(address: str | None, run_args: list[str], out: str, config_hash: str,
     try:
         client = JobSubmissionClient(address)
     except Exception as exc:
-        raise ConfigError(f"cannot reach the Ray Jobs API at {address}: {str(exc).splitlines()[0][:200]}") from None
+        raise ConfigError(f"cannot reach the Ray Jobs API at {shown(address)}: {str(exc).splitlines()[0][:200]}") from None
     job_id = submission_id(out, config_hash, next_attempt(client, out, config_hash))
     # no terminal in a job: the run logs a progress line every few seconds (jobs/pool.py Progress)
     entrypoint = shlex.join([python, "-m", "jobs.cli", "run", *run_args])
@@ -78,12 +90,13 @@ def submit(address: str | None, run_args: list[str], out: str, config_hash: str,
             client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=job_id)
             break
         except RuntimeError as exc:
-            if "No available agent" not in str(exc) or time.monotonic() > deadline:
-                raise
-            time.sleep(1)
+            if "No available agent" in str(exc) and time.monotonic() < deadline:
+                time.sleep(1)
+                continue
+            raise ConfigError(f"the Ray Jobs API refused the job: {str(exc).strip().splitlines()[0][:300]}") from None
     print(job_id, flush=True)
-    print(f"dashboard: {address.rstrip('/')}/#/jobs/{job_id}", flush=True)
-    print(f"logs: ray job logs --address {address} --follow {job_id}", flush=True)
+    print(f"dashboard: {shown(address).rstrip('/')}/#/jobs/{job_id}", flush=True)
+    print(f"logs: ray job logs --address {shown(address)} --follow {job_id}", flush=True)
     if not wait:
         return 0
     import asyncio

@@ -149,9 +149,7 @@ def native_s3_options(store: S3Store) -> dict | None:
         if parts.scheme not in ("http", "https") or not parts.netloc or parts.path.strip("/"):
             return None
         options.update(endpoint_override=parts.netloc, scheme=parts.scheme, region=meta.region_name or "us-east-1")
-    elif core.get_config_variable("region"):
-        options["region"] = meta.region_name
-    else:  # boto3 follows a bucket's region through redirects; the C++ client needs it up front
+    else:  # the bucket's own region: boto3 follows redirects to it, the C++ client needs it up front
         try:
             options["region"] = pafs.resolve_s3_region(store.bucket)
         except (OSError, ValueError):

@@ -16,7 +16,7 @@ import uuid
 from pathlib import Path
 
 # Non-secret S3 settings that a run forwards to its actors and jobs (credentials never travel).
-FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE",
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE",
                  "INDUCTION_SWEEP_S3_ATTEMPTS")
 TMP_DIR = ".tmp"  # local in-flight writes; never under a listed prefix
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")

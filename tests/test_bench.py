@@ -4,10 +4,7 @@ import json
 import subprocess
 import sys
 
-import torch
-
 from workers.fast import ATTENTION
-from workers.scoring import fastest_path
 
 
 def test_bench_reports_every_precision_with_errors_against_float64():
@@ -27,8 +24,10 @@ def test_bench_reports_every_precision_with_errors_against_float64():
         assert r["max_abs_err_strength"] <= (1e-4 if precision == "fp32" else 0.1)
     # bf16 rounding shows in the error: a path that silently ran float32 would not
     assert rows[("bf16", False, "sdpa")]["max_abs_err_strength"] > 10 * rows[("fp32", False, "sdpa")]["max_abs_err_strength"]
-    # the fastest accurate variant per precision is named, and the scorer's default for the device
-    assert set(report["fastest"]) == {"fp32", "bf16"} and report["defaults"]["fp32"] == fastest_path(torch.device("cpu"), "fp32")
+    # the fastest accurate variant per precision is one of those measured, and the scorer's defaults are named
+    for precision, best in report["fastest"].items():
+        assert best["seq_per_s"] == max(r["seq_per_s"] for r in report["results"] if r["precision"] == precision)
+    assert set(report["fastest"]) == set(report["defaults"]) == {"fp32", "bf16"}
     assert set(report["targets"]) == {"fp32", "bf16"}
     assert report["gpu"].startswith("not measured")
 

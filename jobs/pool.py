@@ -31,6 +31,7 @@ CPU_THREADS_PER_ACTOR = 2
 PLACEMENT_WAIT_S = float(os.environ.get("INDUCTION_SWEEP_PLACEMENT_WAIT_S", "60"))  # then say how many are ready
 PROGRESS_EVERY_S = 10.0  # a progress line (and progress.json) this often where there is no terminal
 TICK_S = 1.0
+RATE_WINDOW_S = 60.0  # the progress rate is over this much recent time
 MAX_REACHABLE = 10_000  # an autoscaler maximum this large means "unbounded": count what is there instead
 
 
@@ -127,9 +128,10 @@ class ActorPool:
 
     def lose(self, actor, exc: Exception) -> None:
         """An actor died (or its node did): drop it and ask for another, once per actor (each of its
-        in-flight shards reports the death). An actor whose constructor raised fails the run: a
-        replacement would raise the same."""
-        if getattr(exc, "actor_init_failed", False):
+        in-flight shards reports the death). An actor whose constructor raised while no actor is ready
+        fails the run: the model cannot be loaded, and a replacement would raise the same; with ready
+        actors it was this one's trouble (a node's), and it is replaced."""
+        if getattr(exc, "actor_init_failed", False) and not self.live:
             raise RunFailed(failure(exc)) from None
         if actor in self.lost:
             return
@@ -248,7 +250,7 @@ class Progress:
         self.bar = tqdm(total=sequences, unit="seq", unit_scale=True, disable=not enabled or self.lines,
                         desc=f"shards {already}/{total}", mininterval=1.0)
         self.scored, self.start, self.last, self.placement_said = 0, None, time.monotonic(), False
-        self.placed = 0
+        self.placed, self.none_since, self.history = 0, None, deque()
 
     def shard_done(self, sequences: int) -> None:
         self.done += 1
@@ -258,20 +260,33 @@ class Progress:
 
     def tick(self, placed: int, asked: int) -> None:
         now = time.monotonic()
-        self.placed = placed
         if placed and self.start is None:
             self.start = now  # the rate counts from the first ready actor
+        if placed == 0 and self.placed > 0:
+            self.none_since = now
+        self.placed = placed
         if not self.placement_said and placed < asked and self.phases.now() - self.requested > PLACEMENT_WAIT_S:
             self.placement_said = True
             print(f"induction-sweep: {placed} of {asked} actors ready after {PLACEMENT_WAIT_S:.0f} s; going on with "
                   f"those that are (the rest join when the cluster has room)", file=sys.stderr, flush=True)
+        if placed == 0 and self.none_since is not None and now - self.none_since > PLACEMENT_WAIT_S:
+            self.none_since = now  # said again each PLACEMENT_WAIT_S while it lasts
+            print(f"induction-sweep: no actor has been ready for {PLACEMENT_WAIT_S:.0f} s (all lost, replacements "
+                  "pending); waiting for the cluster. Stopping now loses nothing: rerunning resumes",
+                  file=sys.stderr, flush=True)
         if now - self.last >= PROGRESS_EVERY_S:
             self.last = now
             self.publish(now)
 
     def figures(self, now: float) -> dict:
-        elapsed = now - self.start if self.start is not None else 0.0
-        rate = self.scored / elapsed if elapsed > 0 else 0.0
+        # the rate over the last RATE_WINDOW_S (the pool grows and shrinks), from the first ready actor
+        self.history.append((now, self.scored))
+        while len(self.history) > 1 and now - self.history[0][0] > RATE_WINDOW_S:
+            self.history.popleft()
+        start = self.start if self.start is not None else now
+        since, scored_then = self.history[0] if len(self.history) > 1 else (start, 0)
+        elapsed = now - max(since, start)
+        rate = (self.scored - scored_then) / elapsed if elapsed > 0 else 0.0
         return {"shards_done": self.done, "shards_total": self.total, "sequences_done": self.scored,
                 "sequences_todo": self.sequences, "seq_per_s": round(rate, 1), "actors": self.placed,
                 "eta_s": round((self.sequences - self.scored) / rate, 1) if rate > 0 and self.placed else None,

@@ -236,3 +236,22 @@ def test_actors_that_cannot_load_fail_the_run_with_their_error(ray_cluster, tmp_
     (checkpoint / "model.safetensors").unlink()  # gone after the driver read its header
     with pytest.raises(RunFailed, match="model.safetensors"):
         driver.run(cfg, info, progress=False)
+
+
+def test_progress_rate_follows_the_last_minute(tmp_path):
+    """After the pool grows the rate (and the ETA) are those of the last minute, not the run's average;
+    with no actor ready there is no ETA."""
+    from jobs.phases import Phases
+    from jobs.pool import Progress
+
+    progress = Progress(False, 1_000_000, 0, 100, 0.0, Phases(), open_store(str(tmp_path)))
+    progress.start, progress.placed = 0.0, 1
+    progress.scored = 1_000
+    assert progress.figures(10.0)["seq_per_s"] == 100.0
+    progress.scored += 60_000  # eight actors now
+    progress.figures(70.0)
+    progress.scored += 10_000
+    figures = progress.figures(80.0)
+    assert figures["seq_per_s"] == 1000.0 and figures["eta_s"] == (1_000_000 - 71_000) / 1000
+    progress.placed = 0
+    assert progress.figures(90.0)["eta_s"] is None

@@ -32,7 +32,7 @@ PLACEMENT_WAIT_S = float(os.environ.get("INDUCTION_SWEEP_PLACEMENT_WAIT_S", "60"
 PROGRESS_EVERY_S = 10.0  # a progress line (and progress.json) this often where there is no terminal
 TICK_S = 1.0
 RATE_WINDOW_S = 60.0  # the progress rate is over this much recent time
-MAX_REACHABLE = 10_000  # an autoscaler maximum this large means "unbounded": count what is there instead
+MAX_REACHABLE = 10_000  # an autoscaler maximum this large means "unbounded": room for one actor more
 
 
 @dataclass

@@ -106,8 +106,8 @@ def report(store: Store, from_rows: bool = False, phases: Phases | None = None) 
     """Aggregates and report of a finished run again: from the shards' footers (kilobytes each), or
     with ``from_rows`` recomputed from every row, as a check of the partials."""
     phases = phases or Phases()
-    cfg = manifest.config_of(store)
-    loading = manifest.read(store).get("model_loading")
+    found, cfg = manifest.read_run(store)
+    loading = found.get("model_loading")
     with phases.phase("read shards"):
         specs = plan_shards(cfg)
         states = manifest.shard_states(store, cfg, specs)

@@ -113,8 +113,13 @@ def shard_states(store: Store, cfg: RunConfig, specs: list[ShardSpec] | None = N
     )
 
 
-def config_of(store: Store) -> RunConfig:
+def read_run(store: Store) -> tuple[dict, RunConfig]:
+    """The run's manifest and its config, from one read; ConfigError where there is no run."""
     manifest = read(store)
     if manifest is None:
         raise ConfigError(f"no run at {store.uri} (no {MANIFEST})")
-    return RunConfig.from_science(manifest["config"], out=store.uri)
+    return manifest, RunConfig.from_science(manifest["config"], out=store.uri)
+
+
+def config_of(store: Store) -> RunConfig:
+    return read_run(store)[1]

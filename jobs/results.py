@@ -18,7 +18,6 @@ import pyarrow.dataset as pads
 
 from jobs import manifest
 from jobs.aggregate import Aggregates
-from jobs.errors import ConfigError
 from jobs.pool import format_eta
 from storage import Store, open_store
 from storage.arrow import filesystem
@@ -42,9 +41,7 @@ class Run:
 
 def open_run(uri: str) -> Run:
     store = open_store(uri)
-    found = manifest.read(store)
-    if found is None:
-        raise ConfigError(f"no run at {uri} (no manifest.json)")
+    found, _ = manifest.read_run(store)
     return Run(store, found, Aggregates.read(store) if store.exists("aggregates/summary.json") else None)
 
 
@@ -52,8 +49,7 @@ def status(uri: str) -> dict:
     """Where a run stands, from storage alone: shards done, corrupt and missing, and for a running run
     its latest rate and time left (``progress.json``, written every few seconds by the driver)."""
     store = open_store(uri)
-    cfg = manifest.config_of(store)
-    found = manifest.read(store)
+    found, cfg = manifest.read_run(store)
     states = manifest.shard_states(store, cfg)
     out = {"uri": store.uri, "status": found["status"], "model": cfg.model, "config_hash": cfg.config_hash,
            "shards_done": len(states.done), "shards_total": states.total,
@@ -87,8 +83,7 @@ def status_text(uri: str) -> str:
 def fetch(uri: str, to: str, shards: bool = False) -> list[Path]:
     """Copy aggregates, plots, report and manifest (and shards with ``shards``) into ``to``."""
     store = open_store(uri)
-    if manifest.read(store) is None:
-        raise ConfigError(f"no run at {uri} (no manifest.json)")
+    manifest.read_run(store)  # ConfigError where there is no run
     keys = sorted(k for prefix in FETCHED + (("shards/",) if shards else ()) for k in store.list(prefix))
 
     def copy(key: str) -> Path:

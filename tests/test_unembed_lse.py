@@ -47,6 +47,8 @@ def test_aligned_copy_keeps_values():
     t = torch.arange(70 * 97, dtype=torch.float32).view(70, 97)
     a = aligned(t, pad_rows=True)
     assert torch.equal(a[:70], t) and a.shape == (128, 97) and a.stride(0) == 128 and a[70:].abs().sum() == 0
+    # already laid out so (the scorer's padded W_U on CUDA, sliced to the vocabulary): no second copy
+    assert aligned(a, pad_rows=True) is a
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

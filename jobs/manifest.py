@@ -113,11 +113,17 @@ def shard_states(store: Store, cfg: RunConfig, specs: list[ShardSpec] | None = N
     )
 
 
-def read_run(store: Store) -> tuple[dict, RunConfig]:
-    """The run's manifest and its config, from one read; ConfigError where there is no run."""
+def require(store: Store) -> dict:
+    """The run's manifest; ConfigError where there is no run."""
     manifest = read(store)
     if manifest is None:
         raise ConfigError(f"no run at {store.uri} (no {MANIFEST})")
+    return manifest
+
+
+def read_run(store: Store) -> tuple[dict, RunConfig]:
+    """The run's manifest and its config, from one read; ConfigError where there is no run."""
+    manifest = require(store)
     return manifest, RunConfig.from_science(manifest["config"], out=store.uri)
 
 

@@ -41,7 +41,7 @@ class Run:
 
 def open_run(uri: str) -> Run:
     store = open_store(uri)
-    found, _ = manifest.read_run(store)
+    found = manifest.require(store)
     return Run(store, found, Aggregates.read(store) if store.exists("aggregates/summary.json") else None)
 
 
@@ -83,7 +83,7 @@ def status_text(uri: str) -> str:
 def fetch(uri: str, to: str, shards: bool = False) -> list[Path]:
     """Copy aggregates, plots, report and manifest (and shards with ``shards``) into ``to``."""
     store = open_store(uri)
-    manifest.read_run(store)  # ConfigError where there is no run
+    manifest.require(store)
     keys = sorted(k for prefix in FETCHED + (("shards/",) if shards else ()) for k in store.list(prefix))
 
     def copy(key: str) -> Path:

@@ -132,9 +132,8 @@ class Scorer:
             weights = models.attn_only_weights(model) if fast else None
         compute = self.dtype if native_bf16(self.device) else torch.float32
         best = fastest_path(self.device, self.precision)
-        self.attention = attention or best["attention"]
         align = 64 if self.device.type == "cuda" else 1  # aligned unembedding for cuBLAS (workers/fast.py)
-        self.compact = (CompactForward(weights, self.dtype, compute, self.attention, align).to(self.device)
+        self.compact = (CompactForward(weights, self.dtype, compute, attention or best["attention"], align).to(self.device)
                         if weights is not None else None)
         self.path = "compact" if self.compact is not None else "transformer_lens"
         if self.compact is None:

@@ -105,12 +105,13 @@ def unembed_lse(
 
 
 def aligned(t: Float[Tensor, "rows k"], pad_rows: bool = False) -> Float[Tensor, "rows_or_more k"]:
-    """``t`` with rows starting on 128-byte boundaries (row stride a multiple of 64 elements), and
-    with ``pad_rows`` zero rows up to a multiple of 64 too; same values. ``t`` itself where it is
-    laid out so already (the scorer's W_U on CUDA), else a copy. Triton specialises on strides
-    divisible by 16, which the vocabulary (48262) and d_model + 1 (513) are not."""
+    """``t`` with a row stride of a multiple of 64 elements (rows 128-byte aligned on CUDA, whose
+    allocations are), and with ``pad_rows`` zero rows up to a multiple of 64 too; same values.
+    ``t`` itself where it is laid out so already (the scorer's W_U on CUDA), else a copy. Triton
+    specialises on pointers and strides divisible by 16, which the vocabulary (48262) and
+    d_model + 1 (513) are not."""
     rows, cols = t.shape
-    if t.stride(1) == 1 and t.stride(0) % 64 == 0 and t.data_ptr() % 128 == 0 and not (pad_rows and rows % 64):
+    if t.stride(1) == 1 and t.stride(0) % 64 == 0 and t.data_ptr() % 16 == 0 and not (pad_rows and rows % 64):
         return t
     return F.pad(t, (0, -cols % 64, 0, -rows % 64 if pad_rows else 0))[:, :cols]
 

@@ -1,7 +1,7 @@
 """``induction-sweep bench``: the scorer against the post's plain loop, in the same run.
 
 Plain loop: ``model(tokens)[:, -1].log_softmax(-1)``, fp32, batch 256 (full logits at every
-position). Scorer: the project's path for the model (compact forward for attention-only models)
+position). Scorer: the project's path for the model (the compact forward where it computes the architecture)
 at its best batch, for each precision. Every figure is a ratio to the plain loop measured in
 this run; every error is the max |Δ strength| against a float64 TransformerLens forward on the
 same tokens. A "sequence" is one 24-token forward (a strength needs two). Needs no Ray.
@@ -103,17 +103,30 @@ def reference_strength(model, batch, device) -> torch.Tensor:
 
 
 TOKEN_POWERS_SEQS = 10_000 * 256 * 2 * 2  # the post's run: tokens × seqs × roles (A, B) × (induction, shuffled)
-TARGETS = {"cpu": {"fp32": 10.0, "bf16": 25.0}, "cuda": {"tf32": 1.5e6, "bf16": 3.0e6}}  # × plain / seq/s
+# Random-weight shapes (``--shape``): TransformerLens' configs of the hub models, biases and LayerNorm weights random too
+SHAPES = {
+    "attn-only-2l": {},
+    "gelu-2l": dict(attn_only=False, d_mlp=2048, act_fn="gelu", positional_embedding_type="standard", n_ctx=1024),
+    "gpt2-small": dict(n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, act_fn="gelu_new", attn_only=False,
+                       positional_embedding_type="standard", n_ctx=1024, d_vocab=50257),
+}
+# per shape and device: × plain on a CPU, seq/s on CUDA (issues 11 and 13)
+TARGETS = {"attn-only-2l": {"cpu": {"fp32": 10.0, "bf16": 25.0}, "cuda": {"tf32": 1.5e6, "bf16": 3.0e6}},
+           "gelu-2l": {"cuda": {"bf16": 8.0e5}}, "gpt2-small": {"cuda": {"bf16": 6.5e4}}}
 BOUNDS = {"fp32": 1e-3, "tf32": 0.1, "bf16": 0.1}
 
 
-def variants(device: torch.device, attention: list[str] | None = None) -> list[dict]:
+def variants(device: torch.device, attention: list[str] | None = None, transformer_lens: bool = False) -> list[dict]:
     """Scorer options to try: the attention of the layers before the last (SDPA or small products)
     and, on CUDA, the fused unembedding kernel against torch's logits (both compiled there); on a
-    CPU eager against torch.compile (Inductor's C++ backend). ``scoring.FASTEST`` holds the winners."""
+    CPU eager against torch.compile (Inductor's C++ backend). ``scoring.FASTEST`` holds the winners.
+    ``transformer_lens``: also TransformerLens' path (a model with MLPs: what scored it before the
+    compact forward took MLPs)."""
     if device.type == "cuda":
-        return [{"compile": True, "attention": a, "fused": f} for a in attention or ATTENTION for f in (True, False)]
-    return [{"compile": c, "attention": a} for c in (False, True) for a in attention or ATTENTION]
+        compact = [{"compile": True, "attention": a, "fused": f} for a in attention or ATTENTION for f in (True, False)]
+    else:
+        compact = [{"compile": c, "attention": a} for c in (False, True) for a in attention or ATTENTION]
+    return compact + ([{"fast": False}] if transformer_lens else [])
 
 
 def profile_step(step: Callable[[], None], device: torch.device, rows: int = 12) -> str:
@@ -198,10 +211,10 @@ def fastest(results: list[dict]) -> dict:
     return out
 
 
-def targets(device: torch.device, results: list[dict]) -> dict:
-    """Each target of the issue for this device: reached or not, with the figure."""
+def targets(shape: str | None, device: torch.device, results: list[dict]) -> dict:
+    """Each target of the issues for this shape (none for a --model) and device: reached or not, with the figure."""
     out = {}
-    for precision, goal in TARGETS[device.type].items():
+    for precision, goal in TARGETS.get(shape, {}).get(device.type, {}).items():
         rows = [r for r in results if r["precision"] == precision]
         if not rows:
             continue
@@ -212,15 +225,25 @@ def targets(device: torch.device, results: list[dict]) -> dict:
     return out
 
 
+def random_shape(shape: str, device: torch.device):
+    overrides = dict(SHAPES[shape])
+    model = models.random_model(d_vocab=overrides.pop("d_vocab", 48262), device=device, **overrides)
+    model.cfg.model_name = shape
+    return model
+
+
 def main(args) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     for given, known in ((args.precisions, precisions(device)), (args.attention, ATTENTION)):
         if unknown := set(given or ()) - set(known):
             raise ConfigError(f"unknown {', '.join(sorted(unknown))} for {device.type}: choose from {', '.join(known)}")
+    if args.shape not in SHAPES:
+        raise ConfigError(f"unknown --shape {args.shape!r}: choose from {', '.join(SHAPES)}")
     seconds = args.seconds or (2.0 if device.type == "cuda" else 3.0)
-    model = models.load_model(args.model, device) if args.model else models.random_model(device=device)
+    shape = None if args.model else args.shape
+    model = models.load_model(args.model, device) if args.model else random_shape(shape, device)
     d_vocab, bos = models.d_vocab(model), models.bos_id(model)
-    name = args.model or model.cfg.model_name
+    name = args.model or shape
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     print(f"bench: {name} (d_model {model.cfg.d_model}, d_vocab {d_vocab}) on {gpu or device}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}", flush=True)
@@ -246,7 +269,8 @@ def main(args) -> int:
     batches = args.batches or ([8192, 32768, 65536] if device.type == "cuda" else [256, 1024, 4096])
     results = []
     for precision in args.precisions or precisions(device):
-        for options in variants(device, args.attention):
+        with_mlps = models.compact_supported(model.cfg) and not model.cfg.attn_only
+        for options in variants(device, args.attention, transformer_lens=with_mlps):
             best = measure(model, precision, options, sample, reference, batches, device, seconds, plain_rate,
                            args.profile)
             results.append(best)
@@ -259,7 +283,7 @@ def main(args) -> int:
     report = {"model": name, "device": gpu or str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
               "plain_seq_per_s": plain_rate, "plain_max_abs_err_strength": plain_err, "plain_peak_mem_mb": plain_mem,
               "results": [{k: v for k, v in r.items() if k != "profile"} for r in results],
-              "targets": targets(device, results), "fastest": fastest(results),
+              "targets": targets(shape, device, results), "fastest": fastest(results),
               "defaults": {p: fastest_path(device, p) for p in precisions(device)}}
     if device.type != "cuda":
         report["gpu"] = ("not measured: no CUDA device here; run scripts/device/bench.sh on a GPU machine"

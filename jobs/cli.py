@@ -90,7 +90,10 @@ def build_parser() -> Parser:
                    "instead of their footers' partials (a check: both give the same)")
 
     p = sub.add_parser("bench", help="throughput of the scorer against the plain TransformerLens loop")
-    p.add_argument("--model", default=None, help="default: random weights of attn-only-2l's shape")
+    p.add_argument("--model", default=None, help="a model to bench (default: random weights of --shape)")
+    p.add_argument("--shape", default="attn-only-2l",
+                   help="random weights of this hub model's shape where no --model is given: attn-only-2l (default), "
+                        "gelu-2l or gpt2-small")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.add_argument("--seconds", type=float, default=None, help="time per measurement (default 3 on CPU, 2 on GPU)")

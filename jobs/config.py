@@ -149,8 +149,8 @@ def resolve(cfg: RunConfig, info: models.ModelInfo, tokens: str | None = None, p
                           f"so at most {available} tokens (ids {FIRST_TOKEN}..{info.d_vocab - 1}); use --tokens all")
     if cfg.neighbors > available - 1:
         raise ConfigError(f"--neighbors {cfg.neighbors} exceeds the {available - 1} candidate neighbours of {cfg.model}")
-    if cfg.heads and not info.compact:
-        raise ConfigError(f"--heads needs a model the compact forward scores (attention-only, LayerNorm, LNPre or none, "
+    if cfg.heads and not info.attn_only_compact:
+        raise ConfigError(f"--heads needs an attention-only model the compact forward scores (LayerNorm, LNPre or none, "
                           f"standard or shortformer positions); {cfg.model} is not one")
     for name in ("seqs", "pairs"):
         if getattr(cfg, name) > MAX_SEQUENCE_INDEX:

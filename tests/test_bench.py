@@ -28,8 +28,32 @@ def test_bench_reports_every_precision_with_errors_against_float64():
     for precision, best in report["fastest"].items():
         assert best["seq_per_s"] == max(r["seq_per_s"] for r in report["results"] if r["precision"] == precision)
     assert set(report["fastest"]) == set(report["defaults"]) == {"fp32", "bf16"}
-    assert set(report["targets"]) == {"fp32", "bf16"}
+    assert report["targets"] == {}  # the issues' targets are for the random shapes, not for a --model
     assert report["gpu"].startswith("not measured")
+
+
+def test_bench_of_a_shape_with_mlps_measures_transformer_lens_path_too():
+    """--shape gelu-2l: random weights of gelu-2l's shape; the compact forward (its MLPs included)
+    against the TransformerLens path that scored such models before, both against float64."""
+    out = subprocess.run(
+        [sys.executable, "-m", "jobs.cli", "bench", "--shape", "gelu-2l", "--device", "cpu", "--seconds", "0.05",
+         "--batches", "32", "--precisions", "fp32", "--attention", "sdpa", "--json"],
+        capture_output=True, text=True, timeout=600, check=True,
+    ).stdout
+    report = json.loads(out.strip().splitlines()[-1])
+    assert report["model"] == "gelu-2l"
+    paths = {r["path"]: r for r in report["results"]}
+    assert set(paths) == {"compact", "transformer_lens"} and len(report["results"]) == 3  # eager, compiled, TransformerLens
+    assert all(r["max_abs_err_strength"] <= 1e-4 for r in report["results"])
+    assert set(report["targets"]) == set()  # gelu-2l's target is a CUDA one
+    assert report["fastest"]["fp32"]["seq_per_s"] == max(r["seq_per_s"] for r in report["results"] if r["path"] == "compact")
+
+
+def test_unknown_shape_is_one_line():
+    done = subprocess.run([sys.executable, "-m", "jobs.cli", "bench", "--shape", "gelu-9l"], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].endswith(
+        "unknown --shape 'gelu-9l': choose from attn-only-2l, gelu-2l, gpt2-small")
 
 
 def test_precision_bias_of_the_powers_against_fp32():

@@ -1,7 +1,8 @@
-"""Every TransformerLens family scored exactly (issue 13): models with MLPs take TransformerLens'
-path, loaded as the actors load them (a checkpoint directory, ``exact`` processing), and their
-strengths match TransformerLens' own full forward of the weights as saved, for every registered
-experiment, in fp32 and bf16. ``--heads`` is refused where it does not apply.
+"""Every TransformerLens family scored exactly (issue 13): loaded as the actors load them (a
+checkpoint directory, ``exact`` processing), their strengths match TransformerLens' own full
+forward of the weights as saved, for every registered experiment, in fp32 and bf16. gelu, SoLU and
+GPT-2 blocks take the compact forward (read straight from the checkpoint); rotary and parallel
+blocks TransformerLens' path. ``--heads`` is refused where it does not apply.
 
 The checkpoints are random weights of each family's real architecture (TransformerLens'
 config flags; widths, vocabulary and context reduced), saved as a training script saves them:
@@ -37,6 +38,8 @@ FAMILIES = {
     "pythia-rotary": dict(n_layers=2, act_fn="gelu", positional_embedding_type="rotary", rotary_dim=4,
                           rotary_adjacent_pairs=False, parallel_attn_mlp=True, original_architecture="GPTNeoXForCausalLM"),
 }
+# The scorer's path for each: the compact forward computes every block but pythia's (rotary, parallel)
+COMPACT = {"gelu-2l": "compact", "solu-2l": "compact", "gpt2-small": "compact", "pythia-rotary": "transformer_lens"}
 # Not scored here, but refused --heads all the same: attention-only, yet not the compact forward's architecture.
 ATTN_ONLY_ROTARY = dict(n_layers=2, attn_only=True, positional_embedding_type="rotary", rotary_dim=16)
 N_SEQS = 16  # sequences per scenario (per-token experiments: 4 tokens x 4 sequences)
@@ -117,12 +120,15 @@ def test_every_experiment_scored_as_transformer_lens_does(checkpoints, tmp_path,
                         save_tokens=True, precision=precision, heads=False, processing="exact",
                         experiments=tuple(experiments.REGISTRY.values()))
     runner = ShardRunner(params, str(tmp_path / "out"), device="cpu")
-    assert runner.scorer.path == "transformer_lens" and runner.scorer.precision == precision
+    assert runner.scorer.path == COMPACT[family] and runner.scorer.precision == precision
     loading = runner.loading
-    assert loading["loader"] == "transformer_lens" and loading["processing"] == "exact"
-    assert {"fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases"} <= set(loading["steps"])
-    assert loading["max_abs_diff_log_prob"] <= models.CHECK_TOLERANCE
-    assert runner.model.cfg.normalization_type == "LNPre"  # the LayerNorm weights were folded, not kept
+    if COMPACT[family] == "compact":
+        assert loading == models.DIRECT_LOADING and runner.scorer.compact.n_mlps == FAMILIES[family]["n_layers"]
+    else:
+        assert loading["loader"] == "transformer_lens" and loading["processing"] == "exact"
+        assert {"fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases"} <= set(loading["steps"])
+        assert loading["max_abs_diff_log_prob"] <= models.CHECK_TOLERANCE
+        assert runner.model.cfg.normalization_type == "LNPre"  # the LayerNorm weights were folded, not kept
 
     errors = {}
     for spec in specs():
@@ -155,20 +161,21 @@ def test_the_saved_layer_norms_change_the_function(checkpoints, family):
 
 
 @pytest.mark.parametrize("family", [*FAMILIES, "attn-only-rotary"])
-def test_heads_is_refused_where_the_compact_forward_does_not_run(capsys, checkpoints, tmp_path, family):
-    """--heads measures the compact forward's attention layers: any other model is refused before any
-    work, in one line naming the option, what it needs and the model."""
+def test_heads_is_refused_where_it_does_not_apply(capsys, checkpoints, tmp_path, family):
+    """--heads measures an attention-only compact forward's last layer (its heads' direct effect and
+    circuits): any other model is refused before any work, in one line naming the option, what it
+    needs and the model."""
     path, _ = checkpoints(family)
     out = tmp_path / "out"
     argv = ["run", "--model", str(path), "--out", str(out), "--heads", "--quiet"]
-    refused(capsys, argv, f"--heads needs a model the compact forward scores (attention-only, LayerNorm, LNPre or "
+    refused(capsys, argv, f"--heads needs an attention-only model the compact forward scores (LayerNorm, LNPre or "
                           f"none, standard or shortformer positions); {path} is not one")
     assert not out.exists()
     from jobs.cli import build_parser, run_config
 
     # the same options without --heads pass every check: the refusal is --heads', not the model's
     cfg, info = run_config(build_parser().parse_args(argv[:-2] + ["--quiet"]))
-    assert not cfg.heads and not info.compact and not out.exists()
+    assert not cfg.heads and info.compact == (COMPACT.get(family) == "compact") and not out.exists()
 
 
 @pytest.mark.parametrize("name", ["gelu-2l", "solu-2l", "gpt2-small", "pythia-70m"])

@@ -18,7 +18,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from workers.fast import layer_norm_pre
-from workers.models import AttnOnlyWeights, attn_only_weights
+from workers.models import CompactWeights, compact_weights
 from workers.sequences import B_POS, FIRST_TOKEN, SEQ_LEN
 
 
@@ -32,13 +32,13 @@ def _rank(scores: Float[Tensor, "n vocab"], own: Int[Tensor, " n"]) -> Int[Tenso
 def model_scores(model, tokens: list[int]) -> dict[str, np.ndarray]:
     """``circuit_scores`` of an attention-only model (a HookedTransformer or its weights), on its
     device, as numpy arrays."""
-    weights = model if isinstance(model, AttnOnlyWeights) else attn_only_weights(model)
+    weights = model if isinstance(model, CompactWeights) else compact_weights(model)
     scores = circuit_scores(weights, torch.tensor(tokens, device=weights.W_E.device))
     return {name: values.cpu().numpy() for name, values in scores.items()}
 
 
 @torch.inference_mode()
-def circuit_scores(w: AttnOnlyWeights, tokens: Int[Tensor, " n"], chunk: int = 1024) -> dict[str, Tensor]:
+def circuit_scores(w: CompactWeights, tokens: Int[Tensor, " n"], chunk: int = 1024) -> dict[str, Tensor]:
     ln = (lambda x: layer_norm_pre(x, w.eps)) if w.layer_norm else (lambda x: x.float())
     last = len(w.W_Q) - 1
     n_heads = w.W_Q[last].shape[0]

@@ -1,4 +1,5 @@
-"""A compact forward for attention-only transformers that computes only what the last position needs.
+"""A compact forward for transformers (attention, then an optional MLP, per block) that computes only
+what the last position needs.
 
 Against TransformerLens' full forward (all positions, all logits) it
   * fuses Q, K and V into one matrix product per layer;
@@ -8,18 +9,21 @@ Against TransformerLens' full forward (all positions, all logits) it
   * in the last layer, computes no keys or values at all: with one query per head,
     ``q · (W_K h_j)`` is ``(W_K^T q) · h_j`` and ``Σ_j p_j W_V h_j`` is ``W_V (Σ_j p_j h_j)``, so
     each position costs two dot products per head instead of a row of the K/V projection;
+  * runs the last block's MLP at the last position only;
   * unembeds one position, and recomputes the target logits in float32 for the log-odds.
 It is checked against TransformerLens' own forward in tests/test_fast.py.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from workers.models import AttnOnlyWeights
+from workers.models import CompactWeights
 
 
 def layer_norm_pre(x: Float[Tensor, "... d_model"], eps: float) -> Float[Tensor, "... d_model"]:
@@ -36,8 +40,19 @@ def _heads(w: Float[Tensor, "heads d_model d_head"]) -> Float[Tensor, "d_model h
 ATTENTION = ("sdpa", "products")
 
 
+def _solu(x: Float[Tensor, "rows d_mlp"]) -> Float[Tensor, "rows d_mlp"]:
+    return x * x.softmax(-1)
+
+
+_TANH_GELU = functools.partial(F.gelu, approximate="tanh")  # TransformerLens' gelu_new and gelu_fast are this formula
+# MLP activations by TransformerLens' act_fn name (models.compact_supported admits these); SoLU's
+# LayerNorm (solu_ln) is applied after it by CompactForward.mlp
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "gelu_new": _TANH_GELU, "gelu_fast": _TANH_GELU,
+               "gelu_pytorch_tanh": _TANH_GELU, "solu": _solu, "solu_ln": _solu}
+
+
 class CompactForward(torch.nn.Module):
-    def __init__(self, w: AttnOnlyWeights, dtype: torch.dtype = torch.float32, compute: torch.dtype | None = None,
+    def __init__(self, w: CompactWeights, dtype: torch.dtype = torch.float32, compute: torch.dtype | None = None,
                  attention: str = "sdpa", align: int = 1):
         """``dtype`` rounds the weights and inputs of the projections (Q/K/V, O, V and O of the last
         layer, unembedding); ``compute`` runs them (default ``dtype``); their sums are float32.
@@ -93,6 +108,12 @@ class CompactForward(torch.nn.Module):
         self.register_buffer("W_U", self.cast(F.pad(W_U, (0, -W_U.shape[1] % align, 0, -W_U.shape[0] % align))))
         self.register_buffer("W_U_rows", w.W_U.T.float().contiguous())  # float32 target logits
         self.register_buffer("b_U", w.b_U.float())
+        self.act_fn, self.mlp_layer_norm, self.n_mlps = w.act_fn, w.mlp_layer_norm, len(w.W_in)
+        for i in range(self.n_mlps):
+            self.register_buffer(f"W_in{i}", self.cast(w.W_in[i]))
+            self.register_buffer(f"b_in{i}", w.b_in[i].float())
+            self.register_buffer(f"W_out{i}", self.cast(w.W_out[i]))
+            self.register_buffer(f"b_out{i}", w.b_out[i].float())
 
     def cast(self, t: Float[Tensor, ...]) -> Float[Tensor, ...]:
         return t.to(self.dtype).to(self.compute)
@@ -124,7 +145,11 @@ class CompactForward(torch.nn.Module):
         x = self.W_E[tokens] if self.shortformer else self.W_E[tokens] + self.W_pos[: tokens.shape[1]]
         for i in range(self.n_layers - 1):
             x = x + self.attend_all(i, x, tokens)
+            if self.n_mlps:
+                x = x + self.mlp(i, x)
         x = x[:, -1] + self.attend_last(x, trace)
+        if self.n_mlps:
+            x = x + self.mlp(self.n_layers - 1, x)  # the last block's MLP at the last position only
         if trace is not None:
             trace["resid"] = x
         return self.ln(x)
@@ -173,6 +198,15 @@ class CompactForward(torch.nn.Module):
             trace["pattern"] = pattern
             trace["head_out"] = torch.einsum("bhe,hed->bhd", z, W_O)
         return self.project(z.flatten(1), self.W_O_last) + self.b_O_last
+
+    def mlp(self, i: int, x: Float[Tensor, "*rows d_model"]) -> Float[Tensor, "*rows d_model"]:
+        """Layer ``i``'s MLP: both products in the projection precision, the hidden layer float32 between them."""
+        rows = x.shape[:-1]
+        pre = self.project(self.ln(x).flatten(0, -2), getattr(self, f"W_in{i}")) + getattr(self, f"b_in{i}")
+        post = ACTIVATIONS[self.act_fn](pre)
+        if self.mlp_layer_norm:
+            post = layer_norm_pre(post, self.eps)
+        return (self.project(post, getattr(self, f"W_out{i}")) + getattr(self, f"b_out{i}")).view(*rows, -1)
 
     def unembed_input(self, h: Float[Tensor, "batch d_model"]) -> Float[Tensor, "batch k_padded"]:
         """``h`` with a 1 appended (b_U is W_U's row d_model) and zeros up to W_U's rows, in the projection precision."""

@@ -113,9 +113,9 @@ def centre_residual_writes(state: dict[str, Tensor], include_pos: bool) -> dict[
     return {**state, **{k: state[k] - state[k].mean(-1, keepdim=True) for k in keys}}
 
 
-def load_weights(spec: str, device: str | torch.device = "cpu") -> AttnOnlyWeights | None:
+def load_weights(spec: str, device: str | torch.device = "cpu") -> CompactWeights | None:
     """The compact forward's weights read straight from a checkpoint, without TransformerLens, for
-    attention-only checkpoints (LN, LNPre or no normalisation). Exact steps only: under a
+    the architectures it computes (``compact_supported``). Exact steps only: under a
     LayerNorm the residual stream's writes are centred (``centre_residual_writes``), then
     ``weights_from_state`` folds LayerNorm weights (positions unscaled) and value biases. None where
     the model needs TransformerLens' loading (hub names, RMS, other architectures)."""
@@ -123,7 +123,7 @@ def load_weights(spec: str, device: str | torch.device = "cpu") -> AttnOnlyWeigh
         if directory is None:
             return None
         cfg, _ = checkpoint_config(directory, spec)  # config.json only: no tokenizer, no transformers import
-        if not compact_supported(cfg):  # not attention-only, RMS, or another variant
+        if not compact_supported(cfg):  # RMS, rotary, gated or parallel MLPs, or another variant
             return None
         from safetensors.torch import load_file
 
@@ -315,6 +315,11 @@ class ModelInfo:
         """Whether the actors will score this model with the compact forward (workers/fast.py)."""
         return compact_supported(self.cfg)
 
+    @property
+    def attn_only_compact(self) -> bool:
+        """The compact forward of an attention-only model: what --heads and the circuit scores read."""
+        return self.compact and bool(getattr(self.cfg, "attn_only", False))
+
     def token_strings(self) -> list[str]:
         """Printable string of every id: the tokenizer's, or ``#<id>`` where there is none."""
         if self.tokenizer is None:
@@ -461,10 +466,10 @@ def last_logits(model, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch
 
 
 @dataclass
-class AttnOnlyWeights:
-    """An attention-only model's weights with its LayerNorms' weights folded in, as plain tensors
-    (see workers/fast.py); ``layer_norm``: a LayerNorm without weights (LNPre) before each layer
-    and the unembedding."""
+class CompactWeights:
+    """A model's weights with its LayerNorms' weights folded in, as plain tensors (see
+    workers/fast.py); ``layer_norm``: a LayerNorm without weights (LNPre) before each attention,
+    MLP and the unembedding. Attention-only models have no MLP weights (empty lists)."""
 
     W_E: Float[Tensor, "vocab d_model"]
     W_pos: Float[Tensor, "n_ctx d_model"]
@@ -484,21 +489,31 @@ class AttnOnlyWeights:
     layer_norm: bool  # LNPre (centre + scale) before each layer and the unembedding
     eps: float
     attn_scale: float
+    W_in: list[Float[Tensor, "d_model d_mlp"]] = dataclasses.field(default_factory=list)
+    b_in: list[Float[Tensor, " d_mlp"]] = dataclasses.field(default_factory=list)
+    W_out: list[Float[Tensor, "d_mlp d_model"]] = dataclasses.field(default_factory=list)
+    b_out: list[Float[Tensor, " d_model"]] = dataclasses.field(default_factory=list)
+    act_fn: str | None = None  # a key of fast.ACTIVATIONS
+    mlp_layer_norm: bool = False  # SoLU's LayerNorm after the activation (its weights folded into W_out)
+
+    @property
+    def attn_only(self) -> bool:
+        return not self.W_in
 
 
-def attn_only_weights(model) -> AttnOnlyWeights | None:
+def compact_weights(model) -> CompactWeights | None:
     """Weights for the compact forward, or None where the architecture needs TransformerLens' path."""
     if not compact_supported(model.cfg):
         return None
     return weights_from_state({k: v.detach() for k, v in model.state_dict().items()}, model.cfg)
 
 
-def weights_from_state(state: dict[str, Tensor], cfg) -> AttnOnlyWeights:
-    """An attention-only model's weights from its state dict (HookedTransformer's names), with two
-    exact folds: LayerNorm weights and biases into the projections that read the LayerNorm's output
-    — positions, which a shortformer adds after the LayerNorm, keep meeting the unscaled W_Q and
-    W_K (TransformerLens' own fold scales them too, so it refuses shortformers) — and value biases
-    into b_O (attention rows sum to 1)."""
+def weights_from_state(state: dict[str, Tensor], cfg) -> CompactWeights:
+    """A model's weights from its state dict (HookedTransformer's names), with exact folds: LayerNorm
+    weights and biases into the projections that read the LayerNorm's output — positions, which a
+    shortformer adds after the LayerNorm, keep meeting the unscaled W_Q and W_K (TransformerLens'
+    own fold scales them too, so it refuses shortformers) — SoLU's LayerNorm into W_out, and value
+    biases into b_O (attention rows sum to 1)."""
     W_Q, W_K, W_V, b_Q, b_K, b_V, W_Q_pos, W_K_pos = ([] for _ in range(8))
     for i in range(cfg.n_layers):
         w = {name: state[f"blocks.{i}.attn.{name}"] for name in ("W_Q", "W_K", "W_V", "b_Q", "b_K", "b_V")}
@@ -516,28 +531,53 @@ def weights_from_state(state: dict[str, Tensor], cfg) -> AttnOnlyWeights:
     W_U, b_U = state["unembed.W_U"], state["unembed.b_U"]
     if "ln_final.w" in state:
         W_U, b_U = state["ln_final.w"][:, None] * W_U, b_U + state["ln_final.b"] @ W_U
+    mlp = {} if getattr(cfg, "attn_only", False) else mlp_weights(state, cfg)
     use_scale = getattr(cfg, "use_attn_scale", True)
-    return AttnOnlyWeights(
+    return CompactWeights(
         W_E=state["embed.W_E"], W_pos=state["pos_embed.W_pos"], W_Q=W_Q, W_K=W_K, W_V=W_V, W_O=W_O, b_Q=b_Q, b_K=b_K,
         b_V=[torch.zeros_like(b) for b in b_V], b_O=b_O, W_U=W_U, b_U=b_U, W_Q_pos=W_Q_pos, W_K_pos=W_K_pos,
         shortformer=getattr(cfg, "positional_embedding_type", "standard") == "shortformer",
         layer_norm=getattr(cfg, "normalization_type", "LN") in ("LN", "LNPre"), eps=float(getattr(cfg, "eps", 1e-5)),
-        attn_scale=float(getattr(cfg, "attn_scale", None) or cfg.d_head ** 0.5) if use_scale else 1.0,
+        attn_scale=float(getattr(cfg, "attn_scale", None) or cfg.d_head ** 0.5) if use_scale else 1.0, **mlp,
     )
 
 
+def mlp_weights(state: dict[str, Tensor], cfg) -> dict:
+    """Each MLP's weights with ln2 folded into W_in and b_in, and SoLU's LayerNorm (over d_mlp)
+    into W_out and b_out: LN(x) @ W + b = norm(x) @ (g W) + (c @ W + b)."""
+    out: dict = {"W_in": [], "b_in": [], "W_out": [], "b_out": [], "act_fn": cfg.act_fn,
+                 "mlp_layer_norm": cfg.act_fn.endswith("_ln")}
+
+    def fold(prefix: str, W: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+        if f"{prefix}.w" not in state:  # LNPre or no normalisation: nothing to fold
+            return W, b
+        return state[f"{prefix}.w"][:, None] * W, b + state[f"{prefix}.b"] @ W
+
+    for i in range(cfg.n_layers):
+        W_in, b_in = fold(f"blocks.{i}.ln2", state[f"blocks.{i}.mlp.W_in"], state[f"blocks.{i}.mlp.b_in"])
+        W_out, b_out = fold(f"blocks.{i}.mlp.ln", state[f"blocks.{i}.mlp.W_out"], state[f"blocks.{i}.mlp.b_out"])
+        for name, value in (("W_in", W_in), ("b_in", b_in), ("W_out", W_out), ("b_out", b_out)):
+            out[name].append(value)
+    return out
+
+
 def compact_supported(cfg) -> bool:
-    """Whether workers/fast.py computes this architecture exactly: attention only, LN (its weights
-    folded by ``weights_from_state``), LNPre or no normalisation, standard or shortformer positions,
-    none of the variants below. ``cfg`` is a HookedTransformerConfig or config.json's fields (absent
-    ones take TransformerLens' defaults)."""
+    """Whether workers/fast.py computes this architecture exactly: attention-only or attention then
+    MLP (ungated, an activation in fast.ACTIVATIONS) in each block, LN (its weights folded by
+    ``weights_from_state``), LNPre or no normalisation, standard or shortformer positions, none of
+    the variants below. ``cfg`` is a HookedTransformerConfig or config.json's fields (absent ones
+    take TransformerLens' defaults)."""
 
     def get(name, default=None):
         return getattr(cfg, name, default)
 
+    from workers.fast import ACTIVATIONS  # fast.py imports this module
+
     normalization = get("normalization_type", "LN")
+    mlp_ok = (get("act_fn") in ACTIVATIONS and not get("gated_mlp", False) and not get("parallel_attn_mlp", False)
+              and not get("num_experts"))
     return bool(
-        get("attn_only", False)
+        (get("attn_only", False) or mlp_ok)
         and normalization in ("LN", "LNPre", None)
         and get("positional_embedding_type", "standard") in ("standard", "shortformer")
         and not get("final_rms", False)

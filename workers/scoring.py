@@ -113,23 +113,24 @@ def cosine_neighbors(W_U: Float[Tensor, "d_model vocab"], k: int, first_token: i
 class Scorer:
     """Log-odds at the last position for a batch of token sequences, on the model's device.
 
-    Attention-only models take the compact forward (workers/fast.py); others TransformerLens'
-    path, which still unembeds the last position only.
+    Models whose architecture it computes take the compact forward (workers/fast.py: attention-only,
+    or attention and an ungated MLP per block); others TransformerLens' path, which still unembeds
+    the last position only.
     """
 
     def __init__(self, model, precision: str = "auto", fast: bool = True, compile: bool | None = None,
                  fused: bool | None = None, attention: str | None = None):
-        """``model``: a HookedTransformer, or an attention-only model's weights (models.load_weights).
+        """``model``: a HookedTransformer, or the compact forward's weights (models.load_weights).
         ``fused``: the Triton unembedding + log-sum-exp; ``attention``: CompactForward's. Both default
         to what measured fastest for the device and precision (``fastest_path``)."""
         self.model = model
         self.device = model.W_E.device
         self.precision = resolve_precision(precision, self.device)
         self.dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
-        if isinstance(model, models.AttnOnlyWeights):
+        if isinstance(model, models.CompactWeights):
             weights = model
         else:
-            weights = models.attn_only_weights(model) if fast else None
+            weights = models.compact_weights(model) if fast else None
         compute = self.dtype if native_bf16(self.device) else torch.float32
         best = fastest_path(self.device, self.precision)
         align = 64 if self.device.type == "cuda" else 1  # aligned unembedding for cuBLAS (workers/fast.py)
@@ -181,7 +182,8 @@ class Scorer:
         c = self.compact
         return {"path": self.path, "layers": c.n_layers, "heads": c.n_heads, "d_head": c.d_head,
                 "d_model": c.W_E.shape[1], "d_vocab": c.W_E.shape[0], "shortformer": c.shortformer,
-                "layer_norm": c.layer_norm, "fused": self.options["fused"], "attention": c.attention}
+                "layer_norm": c.layer_norm, "fused": self.options["fused"], "attention": c.attention,
+                "act_fn": c.act_fn, "mlp_layer_norm": c.mlp_layer_norm, "d_mlp": c.W_in0.shape[1] if c.n_mlps else 0}
 
     @property
     def options(self) -> dict:

@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -29,6 +30,9 @@ from workers.accumulator import FOOTER_KEY, shard_partials
 from workers.experiments import Experiment, Scenario
 from workers.rows import ScoredBatch
 from workers.sequences import FIRST_TOKEN, make_batch, sequence_keys
+
+if TYPE_CHECKING:
+    from workers.scoring import Scorer
 
 SCORER_KEY = b"induction_sweep.scorer"
 ORIGIN_KEY = b"induction_sweep.origin"  # host, pid and (in Ray) node and actor ids of the computing actor
@@ -105,7 +109,7 @@ class ShardRunner:
         from workers.scoring import Scorer, cosine_neighbors
 
         self.scorer = Scorer(self.model, params.precision, compile=compile)
-        self.batch_size = batch_size or default_batch_size(self.device, self.scorer.path)
+        self.batch_size = batch_size or default_batch_size(self.device, self.scorer)
         self.d_vocab = self.model.W_E.shape[0]
         self.neighbors = None
         if params.n_neighbors > 0:  # on the device, once per actor
@@ -218,8 +222,12 @@ class ShardRunner:
         return model_scores(self.model, tokens)
 
 
-def default_batch_size(device: torch.device, path: str) -> int:
-    """Sequences per forward (each is scored twice: induction and shuffled)."""
+def default_batch_size(device: torch.device, scorer: Scorer) -> int:
+    """Sequences per forward (each is scored twice: induction and shuffled). On CUDA: the compact
+    forward of an attention-only model at 32768, of one with MLPs at 8192 (an MLP's float32 hidden
+    layer at every position is 2 × 8192 × 24 × d_mlp floats: 4.8 GB for gpt2-small)."""
     if device.type == "cuda":
-        return 32768 if path == "compact" else 2048
+        if scorer.path != "compact":
+            return 2048
+        return 8192 if scorer.compact.n_mlps else 32768
     return 1024

@@ -116,17 +116,23 @@ TARGETS = {"attn-only-2l": {"cpu": {"fp32": 10.0, "bf16": 25.0}, "cuda": {"tf32"
 BOUNDS = {"fp32": 1e-3, "tf32": 0.1, "bf16": 0.1}
 
 
-def variants(device: torch.device, attention: list[str] | None = None, transformer_lens: bool = False) -> list[dict]:
+def variants(device: torch.device, precision: str, attention: list[str] | None = None,
+             transformer_lens: bool = False) -> list[dict]:
     """Scorer options to try: the attention of the layers before the last (SDPA or small products)
-    and, on CUDA, the fused unembedding kernel against torch's logits (both compiled there); on a
-    CPU eager against torch.compile (Inductor's C++ backend). ``scoring.FASTEST`` holds the winners.
-    ``transformer_lens``: also TransformerLens' path (a model with MLPs: what scored it before the
-    compact forward took MLPs)."""
+    and, on CUDA, the fused unembedding kernel against torch's logits (float32, and bf16 for bf16;
+    all compiled there); on a CPU eager against torch.compile (Inductor's C++ backend).
+    ``scoring.FASTEST`` holds the winners. ``transformer_lens``: also TransformerLens' path (a model
+    with MLPs: what scored it before the compact forward took MLPs)."""
     if device.type == "cuda":
-        compact = [{"compile": True, "attention": a, "fused": f} for a in attention or ATTENTION for f in (True, False)]
+        compact = [{"compile": True, "attention": a, **u} for a in attention or ATTENTION for u in unembeddings(precision)]
     else:
         compact = [{"compile": c, "attention": a} for c in (False, True) for a in attention or ATTENTION]
     return compact + ([{"fast": False}] if transformer_lens else [])
+
+
+def unembeddings(precision: str) -> list[dict]:
+    """CUDA's ways to the log-sum-exp: the fused kernel, torch's float32 logits, bf16 logits (bf16 only)."""
+    return [{"fused": True}, {"fused": False}] + ([{"fused": False, "logits": "bf16"}] if precision == "bf16" else [])
 
 
 def profile_step(step: Callable[[], None], device: torch.device, rows: int = 12) -> str:
@@ -184,13 +190,14 @@ def check(spec: str, device: torch.device) -> list[dict]:
     out = []
     for precision in precisions(device):
         for attention in ATTENTION:
-            for fused in (True, False) if device.type == "cuda" else (False,):
-                scorer = Scorer(model, precision, compile=False, attention=attention, fused=fused)
+            for unembedding in unembeddings(precision) if device.type == "cuda" else ({"fused": False},):
+                scorer = Scorer(model, precision, compile=False, attention=attention, **unembedding)
                 ind, shuf = scorer.strength(sample.tokens, sample.shuffled, sample.b[:, None])
                 err = float(((ind - shuf)[:, 0].double() - reference).abs().max())
                 out.append({"model": spec, "precision": precision, **scorer.options, "max_abs_err_strength": err,
                             "within": err <= BOUNDS[precision]})
-                print(f"  check {spec} {precision:5} attention {attention:8} fused {fused!s:5}: err {err:.1e} "
+                print(f"  check {spec} {precision:5} attention {attention:8} fused {unembedding['fused']!s:5} logits "
+                      f"{scorer.options['logits']!s:7}: err {err:.1e} "
                       f"{'within' if out[-1]['within'] else 'OUTSIDE'} {BOUNDS[precision]}", flush=True)
     return out
 
@@ -207,7 +214,8 @@ def fastest(results: list[dict]) -> dict:
               and r["path"] == "compact"]  # the variants are the compact forward's
         if ok:
             best = max(ok, key=lambda r: r["seq_per_s"])
-            out[precision] = {"attention": best["attention"], "fused": best["fused"], "seq_per_s": best["seq_per_s"]}
+            out[precision] = {"attention": best["attention"], "fused": best["fused"], "logits": best["logits"] or "float32",
+                              "seq_per_s": best["seq_per_s"]}
     return out
 
 
@@ -270,7 +278,7 @@ def main(args) -> int:
     results = []
     for precision in args.precisions or precisions(device):
         with_mlps = models.compact_supported(model.cfg) and not model.cfg.attn_only
-        for options in variants(device, args.attention, transformer_lens=with_mlps):
+        for options in variants(device, precision, args.attention, transformer_lens=with_mlps):
             best = measure(model, precision, options, sample, reference, batches, device, seconds, plain_rate,
                            args.profile)
             results.append(best)
@@ -295,7 +303,7 @@ def main(args) -> int:
     for precision, best in report["fastest"].items():
         default = report["defaults"][precision]
         same = all(best[k] == default[k] for k in default)
-        print(f"  fastest {precision}: attention {best['attention']}, fused {best['fused']} "
+        print(f"  fastest {precision}: attention {best['attention']}, fused {best['fused']}, logits {best['logits']} "
               f"({'the default' if same else f'default is {default}'})", flush=True)
     if args.check:
         report["checks"] = [r for spec in args.check for r in check(spec, device)]

@@ -40,6 +40,7 @@ def check_parity(model, precision: str, n: int = 128, scored=None, **scorer_opti
     default = fastest_path(scorer.device, precision)
     assert scorer.options["fused"] == scorer_options.get("fused", default["fused"] and on_cuda)
     assert scorer.options["attention"] == scorer_options.get("attention", default["attention"])
+    assert scorer.options["logits"] == (None if scorer.options["fused"] else scorer_options.get("logits", default["logits"]))
     return err
 
 
@@ -122,6 +123,20 @@ def test_compiled_forward(precision, attention, mlp):
         assert (eager - compiled).abs().mean() < 0.2 * (eager - fp32).abs().mean()
 
 
+@pytest.mark.parametrize("compile", [False, True])
+def test_bf16_logits(compile):
+    """torch's logits written in bf16 (CUDA's option for bf16: half the memory traffic), here emulated:
+    the same bound, and they really are rounded (the strengths move, a little)."""
+    model = models.random_model(d_vocab=4096, n_ctx=64, seed=3, perturb=True)
+    check_parity(model, "bf16", compile=compile, logits="bf16")
+    batch = seed_style(64, model.cfg.d_vocab)
+    rounded, unrounded = (Scorer(model, "bf16", compile=compile, logits=x).logodds(batch.tokens, batch.b[:, None])
+                          for x in ("bf16", "float32"))
+    assert 0 < (rounded - unrounded).abs().max() < 0.05
+    with pytest.raises(ValueError, match="logits 'bf16': choose float32, or bf16 with bf16 precision"):
+        Scorer(model, "fp32", logits="bf16")
+
+
 @pytest.mark.parametrize("attention", ATTENTION)
 @pytest.mark.parametrize("shape", [dict(n_layers=1), dict(n_layers=2), dict(n_layers=3, positional_embedding_type="standard"),
                                    dict(n_layers=2, attn_only=False, d_mlp=256, act_fn="solu_ln")])
@@ -135,6 +150,7 @@ def test_native_bf16_path_runs_on_meta_tensors(shape, attention):
     assert h.shape == (8, 64) and h.dtype == torch.float32
     logits = forward.logits(h)
     assert logits.shape == (8, 1024) and logits.dtype == torch.float32
+    assert forward.logits(h, torch.bfloat16).dtype == torch.bfloat16
 
 
 def test_compiled_scorer_builds_one_graph_for_every_batch_size(toy_model):

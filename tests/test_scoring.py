@@ -110,3 +110,14 @@ def test_masked_softmax_parts_equal_the_in_place_ones(compiled):
     in_place = softmax_parts(logits.clone())
     assert torch.equal(masked[1], in_place[1]) and torch.equal(masked[0], in_place[0])
     assert torch.allclose(masked[2], in_place[2], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("in_place", [True, False])
+def test_softmax_parts_of_bf16_logits_are_float32_sums_of_their_values(in_place):
+    """bf16 logits (CUDA's bf16 option) are summed in float32: the same parts as their values in float32."""
+    torch.manual_seed(2)
+    logits = (torch.randn(16, 3001) * 4).bfloat16()
+    got = softmax_parts(logits.clone(), in_place=in_place)
+    want = softmax_parts(logits.float())
+    assert got[0].dtype == got[2].dtype == torch.float32 and torch.equal(got[1], want[1])
+    assert torch.equal(got[0], want[0]) and torch.allclose(got[2], want[2], rtol=0, atol=1e-5)

@@ -213,9 +213,12 @@ class CompactForward(torch.nn.Module):
         one = h.new_ones(len(h), 1)
         return self.cast(F.pad(torch.cat([h, one], dim=1), (0, self.W_U.shape[0] - h.shape[1] - 1)))
 
-    def logits(self, h: Float[Tensor, "batch d_model"]) -> Float[Tensor, "batch vocab"]:
-        """Every logit of the last position, in float32 (for the log-sum-exp)."""
-        return self.project(self.unembed_input(h), self.W_U)[:, : self.d_vocab]
+    def logits(self, h: Float[Tensor, "batch d_model"], dtype: torch.dtype = torch.float32) -> Float[Tensor, "batch vocab"]:
+        """Every logit of the last position (for the log-sum-exp): float32, or bf16 (the float32 sums
+        rounded once, as a bf16 tensor-core product without out_dtype returns them)."""
+        if dtype == torch.float32:
+            return self.project(self.unembed_input(h), self.W_U)[:, : self.d_vocab]
+        return (self.unembed_input(h) @ self.W_U).to(dtype)[:, : self.d_vocab]
 
     def target_logits(self, h: Float[Tensor, "batch d_model"], targets: Int[Tensor, "batch n_targets"]) -> Float[Tensor, "batch n_targets"]:
         """The targets' logits recomputed in float32: accurate even when the rest is bf16."""

@@ -35,11 +35,18 @@ def resolve_precision(precision: str, device: torch.device | str) -> str:
 
 # What measured fastest, per device type and precision, at accuracy within the bench's bounds
 # (docs/PERFORMANCE.md, "GPU scorer"; ``bench`` measures every combination on the machine at hand).
+# ``logits``: the dtype torch's unembedding writes where the kernel is not fused (LOGITS).
 FASTEST = {
-    "cuda": {"fp32": {"attention": "products", "fused": False}, "tf32": {"attention": "products", "fused": False},
-             "bf16": {"attention": "products", "fused": True}},
-    "cpu": {p: {"attention": "sdpa", "fused": False} for p in PRECISIONS},
+    "cuda": {"fp32": {"attention": "products", "fused": False, "logits": "float32"},
+             "tf32": {"attention": "products", "fused": False, "logits": "float32"},
+             "bf16": {"attention": "products", "fused": True, "logits": "float32"}},
+    "cpu": {p: {"attention": "sdpa", "fused": False, "logits": "float32"} for p in PRECISIONS},
 }
+# bf16 logits (bf16 precision only): the product's float32 sums rounded once, as bf16 tensor cores
+# return them, so half the memory traffic of float32 logits. The top token and the targets are
+# recomputed in float32; the rest's mass sums roundings of both signs (toy-2l on the CPU: max
+# |Δ strength| 0.0815 against 0.0830 with float32 logits, mean 0.0016 against 0.0015).
+LOGITS = ("float32", "bf16")
 
 
 def fastest_path(device: torch.device, precision: str) -> dict:
@@ -57,13 +64,16 @@ def native_bf16(device: torch.device) -> bool:
 def softmax_parts(
     logits: Float[Tensor, "batch vocab"], in_place: bool = True,
 ) -> tuple[Float[Tensor, "batch 1"], Int[Tensor, "batch 1"], Float[Tensor, "batch 1"]]:
-    """(top logit, its token, log of the softmax mass of every *other* token, unnormalised).
+    """(top logit, its token, log of the softmax mass of every *other* token, unnormalised), in float32
+    whatever the logits' dtype (bf16 logits are copied in eager, read as they are under torch.compile).
 
     The mass is summed without the top token, so it is exact even when it is 1e-30 of the top.
     ``in_place`` (eager): no new [batch, vocab] tensor, ``logits`` is consumed. Otherwise (under
     torch.compile) the top is masked out instead of scattered, so that the exp-sum fuses into one
     read of the logits. The fused kernel (workers/unembed_lse.py) returns the same from ``h`` and ``W_U``.
     """
+    if logits.dtype == torch.bfloat16:  # bf16 logits, summed in float32 (under torch.compile the cast fuses into the reads)
+        logits = logits.float()
     top_value, top = logits.max(-1, keepdim=True)
     if in_place:
         mass = logits.sub_(top_value).exp_().scatter_(1, top, 0.0).sum(-1, keepdim=True)
@@ -119,10 +129,11 @@ class Scorer:
     """
 
     def __init__(self, model, precision: str = "auto", fast: bool = True, compile: bool | None = None,
-                 fused: bool | None = None, attention: str | None = None):
+                 fused: bool | None = None, attention: str | None = None, logits: str | None = None):
         """``model``: a HookedTransformer, or the compact forward's weights (models.load_weights).
-        ``fused``: the Triton unembedding + log-sum-exp; ``attention``: CompactForward's. Both default
-        to what measured fastest for the device and precision (``fastest_path``)."""
+        ``fused``: the Triton unembedding + log-sum-exp; ``attention``: CompactForward's; ``logits``:
+        the dtype of torch's logits where not fused (LOGITS; bf16 only for bf16). All default to what
+        measured fastest for the device and precision (``fastest_path``)."""
         self.model = model
         self.device = model.W_E.device
         self.precision = resolve_precision(precision, self.device)
@@ -148,6 +159,10 @@ class Scorer:
         if fused is None:
             fused = best["fused"] and importlib.util.find_spec("triton") is not None
         self.fused = fused
+        logits = logits or best["logits"]
+        if logits not in LOGITS or (logits == "bf16" and self.precision != "bf16"):
+            raise ValueError(f"logits {logits!r}: choose float32, or bf16 with bf16 precision")
+        self.logits_dtype = torch.bfloat16 if logits == "bf16" and not fused else torch.float32
         self._softmax_parts = self._torch_softmax_parts
         if use_compile and not fused:
             # one compiled pass over each chunk's logits: max, then the rest's exp-sum (eager: five passes)
@@ -161,10 +176,10 @@ class Scorer:
             self._softmax_parts = FirstCallFallback(self._fused_softmax_parts, self._torch_softmax_parts, "the Triton kernel")
 
     def _torch_softmax_parts(self, h: Float[Tensor, "batch d_model"]):
-        return softmax_parts(self.compact.logits(h))
+        return softmax_parts(self.compact.logits(h, self.logits_dtype))
 
     def _compiled_softmax_parts(self, h: Float[Tensor, "batch d_model"]):
-        return softmax_parts(self.compact.logits(h), in_place=False)
+        return softmax_parts(self.compact.logits(h, self.logits_dtype), in_place=False)
 
     @staticmethod
     def _chunked(parts: Callable, h: Float[Tensor, "batch d_model"], rows: int = 16384):
@@ -183,16 +198,18 @@ class Scorer:
         return {"path": self.path, "layers": c.n_layers, "heads": c.n_heads, "d_head": c.d_head,
                 "d_model": c.W_E.shape[1], "d_vocab": c.W_E.shape[0], "shortformer": c.shortformer,
                 "layer_norm": c.layer_norm, "fused": self.options["fused"], "attention": c.attention,
+                "logits": self.options["logits"],
                 "act_fn": c.act_fn, "mlp_layer_norm": c.mlp_layer_norm, "d_mlp": c.W_in0.shape[1] if c.n_mlps else 0}
 
     @property
     def options(self) -> dict:
         """What this scorer runs (after any fallback)."""
         if self.compact is None:
-            return {"compiled": False, "fused": False, "attention": None}
+            return {"compiled": False, "fused": False, "attention": None, "logits": None}
         compiled = isinstance(self._forward, FirstCallFallback) and self._forward.primary_ok is not False
         fused = self.fused and self._softmax_parts.primary_ok is not False
-        return {"compiled": compiled, "fused": fused, "attention": self.compact.attention}
+        logits = None if fused else "bf16" if self.logits_dtype == torch.bfloat16 else "float32"
+        return {"compiled": compiled, "fused": fused, "attention": self.compact.attention, "logits": logits}
 
     def _matmul_precision(self):
         """TF32 only where asked for; fp32 means full float32 products on every device."""

@@ -39,7 +39,7 @@ def resolve_precision(precision: str, device: torch.device | str) -> str:
 FASTEST = {
     "cuda": {"fp32": {"attention": "products", "fused": False, "logits": "float32"},
              "tf32": {"attention": "products", "fused": False, "logits": "float32"},
-             "bf16": {"attention": "products", "fused": True, "logits": "float32"}},
+             "bf16": {"attention": "products", "fused": False, "logits": "bf16"}},
     "cpu": {p: {"attention": "sdpa", "fused": False, "logits": "float32"} for p in PRECISIONS},
 }
 # bf16 logits (bf16 precision only): the product's float32 sums rounded once, as bf16 tensor cores

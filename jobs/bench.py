@@ -132,7 +132,7 @@ def variants(device: torch.device, precision: str, attention: list[str] | None =
 
 def unembeddings(precision: str) -> list[dict]:
     """CUDA's ways to the log-sum-exp: the fused kernel, torch's float32 logits, bf16 logits (bf16 only)."""
-    return [{"fused": True}, {"fused": False}] + ([{"fused": False, "logits": "bf16"}] if precision == "bf16" else [])
+    return [{"fused": True}, {"fused": False, "logits": "float32"}] + ([{"fused": False, "logits": "bf16"}] if precision == "bf16" else [])
 
 
 def profile_step(step: Callable[[], None], device: torch.device, rows: int = 12) -> str:

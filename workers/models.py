@@ -97,8 +97,8 @@ def checkpoint_dir(spec: str) -> Iterator[Path | None]:
 CENTRE_WRITES = "center_residual_writes"  # our step: TransformerLens' centring without a shortformer's W_pos
 # how load_weights loads: recorded in the manifest like load_processed's check
 DIRECT_LOADING = {"loader": "safetensors", "processing": "exact",
-                  "steps": [f"{CENTRE_WRITES} (under a LayerNorm)", "fold_ln (LayerNorm weights, where present; positions "
-                            "unscaled)", "fold_value_biases"],
+                  "steps": [f"{CENTRE_WRITES} (under a LayerNorm)", "fold_ln (LayerNorm weights, where present, SoLU's "
+                            "included; positions unscaled)", "fold_value_biases"],
                   "check": "none needed: each step is exact (the LayerNorm removes the residual stream's mean; its "
                            "weights fold into what reads its output; attention rows sum to 1)"}
 

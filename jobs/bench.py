@@ -21,7 +21,7 @@ import torch
 from jobs.errors import ConfigError
 from workers import experiments, models
 from workers.fast import ATTENTION
-from workers.scoring import PRECISIONS, Scorer, fastest_path, logodds
+from workers.scoring import LSE, PRECISIONS, Scorer, fastest_path, logodds
 from workers.sequences import make_batch, sequence_keys
 
 PLAIN_BATCH = 256
@@ -131,8 +131,10 @@ def variants(device: torch.device, precision: str, attention: list[str] | None =
 
 
 def unembeddings(precision: str) -> list[dict]:
-    """CUDA's ways to the log-sum-exp: the fused kernel, torch's float32 logits, bf16 logits (bf16 only)."""
-    return [{"fused": True}, {"fused": False, "logits": "float32"}] + ([{"fused": False, "logits": "bf16"}] if precision == "bf16" else [])
+    """CUDA's ways to the log-sum-exp: the fused kernel, or torch's logits (float32, and bf16 for bf16)
+    reduced by torch (compiled) or by the Triton kernel."""
+    logits = ["float32"] + (["bf16"] if precision == "bf16" else [])
+    return [{"fused": True}] + [{"fused": False, "logits": x, "lse": r} for x in logits for r in LSE]
 
 
 def profile_step(step: Callable[[], None], device: torch.device, rows: int = 12) -> str:
@@ -197,7 +199,7 @@ def check(spec: str, device: torch.device) -> list[dict]:
                 out.append({"model": spec, "precision": precision, **scorer.options, "max_abs_err_strength": err,
                             "within": err <= BOUNDS[precision]})
                 print(f"  check {spec} {precision:5} attention {attention:8} fused {unembedding['fused']!s:5} logits "
-                      f"{scorer.options['logits']!s:7}: err {err:.1e} "
+                      f"{scorer.options['logits']!s:7} lse {scorer.options['lse']!s:6}: err {err:.1e} "
                       f"{'within' if out[-1]['within'] else 'OUTSIDE'} {BOUNDS[precision]}", flush=True)
     return out
 
@@ -215,7 +217,7 @@ def fastest(results: list[dict]) -> dict:
         if ok:
             best = max(ok, key=lambda r: r["seq_per_s"])
             out[precision] = {"attention": best["attention"], "fused": best["fused"], "logits": best["logits"] or "float32",
-                              "seq_per_s": best["seq_per_s"]}
+                              "lse": best["lse"] or "torch", "seq_per_s": best["seq_per_s"]}
     return out
 
 
@@ -303,7 +305,8 @@ def main(args) -> int:
     for precision, best in report["fastest"].items():
         default = report["defaults"][precision]
         same = all(best[k] == default[k] for k in default)
-        print(f"  fastest {precision}: attention {best['attention']}, fused {best['fused']}, logits {best['logits']} "
+        print(f"  fastest {precision}: attention {best['attention']}, fused {best['fused']}, logits {best['logits']}, "
+              f"lse {best['lse']} "
               f"({'the default' if same else f'default is {default}'})", flush=True)
     if args.check:
         report["checks"] = [r for spec in args.check for r in check(spec, device)]

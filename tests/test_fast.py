@@ -41,6 +41,7 @@ def check_parity(model, precision: str, n: int = 128, scored=None, **scorer_opti
     assert scorer.options["fused"] == scorer_options.get("fused", default["fused"] and on_cuda)
     assert scorer.options["attention"] == scorer_options.get("attention", default["attention"])
     assert scorer.options["logits"] == (None if scorer.options["fused"] else scorer_options.get("logits", default["logits"]))
+    assert scorer.options["lse"] == (None if scorer.options["fused"] else scorer_options.get("lse", default["lse"]))
     return err
 
 

@@ -1,5 +1,5 @@
-"""The fused unembedding + log-sum-exp kernel against materialised logits, and inside the scorer
-against TransformerLens' own forward. Without a GPU it runs under Triton's interpreter
+"""The fused unembedding + log-sum-exp kernel and the log-sum-exp kernel of materialised logits
+against softmax_parts in float64, and inside the scorer against TransformerLens' own forward. Without a GPU it runs under Triton's interpreter
 (TRITON_INTERPRET=1, set in conftest.py)."""
 
 import pytest
@@ -10,7 +10,7 @@ pytest.importorskip("triton")
 from test_fast import check_parity  # noqa: E402
 
 from workers.scoring import Scorer, softmax_parts  # noqa: E402
-from workers.unembed_lse import FusedUnembedLSE, aligned, unembed_lse  # noqa: E402
+from workers.unembed_lse import FusedUnembedLSE, aligned, logits_lse, unembed_lse  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -56,3 +56,29 @@ def test_scorer_with_fused_kernel_matches_transformer_lens(toy_model, precision)
     scorer = Scorer(toy_model, precision, fused=True)
     assert isinstance(scorer._unembed_lse, FusedUnembedLSE)
     check_parity(toy_model, precision, n=64, fused=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logits_lse_matches_softmax_parts(dtype):
+    """One read of each row of logits (the scorer's lse="triton"): the top, its token and the rest's
+    mass as softmax_parts gives them in float64, with a 50-nat top, a tie and a vocabulary that no
+    tile divides."""
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(37, 1001, generator=g) * 3
+    logits[0, 700] = 60.0  # every other token ~1e-22 of the top
+    logits[1, 3] = logits[1, 5] = 25.0  # a tie: one is the top, the other stays in the mass
+    logits[2, 1000] = 40.0  # the top in the last, partial tile
+    logits = logits.to(dtype).to(DEVICE)
+    top_value, top, rest = logits_lse(logits)
+    ref_value, ref_top, ref_rest = softmax_parts(logits.cpu().double())
+    assert top[0, 0] == 700 and top[1, 0] in (3, 5) and top[2, 0] == 1000
+    assert torch.equal(top.cpu(), ref_top) and top_value.dtype == rest.dtype == torch.float32
+    assert (top_value.cpu().double() - ref_value).abs().max() < 1e-5
+    assert (rest.cpu().double() - ref_rest).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("logits", ["float32", "bf16"])
+def test_scorer_with_triton_log_sum_exp_matches_transformer_lens(toy_model, logits):
+    assert Scorer(toy_model, "bf16", lse="triton", logits=logits).options["lse"] == "triton"
+    check_parity(toy_model, "bf16", n=64, lse="triton", logits=logits)
+    check_parity(toy_model, "fp32", n=64, lse="triton")

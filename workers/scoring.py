@@ -35,18 +35,21 @@ def resolve_precision(precision: str, device: torch.device | str) -> str:
 
 # What measured fastest, per device type and precision, at accuracy within the bench's bounds
 # (docs/PERFORMANCE.md, "GPU scorer"; ``bench`` measures every combination on the machine at hand).
-# ``logits``: the dtype torch's unembedding writes where the kernel is not fused (LOGITS).
+# ``logits``: the dtype torch's unembedding writes where the kernel is not fused (LOGITS); ``lse``:
+# what reduces them (LSE).
 FASTEST = {
-    "cuda": {"fp32": {"attention": "products", "fused": False, "logits": "float32"},
-             "tf32": {"attention": "products", "fused": False, "logits": "float32"},
-             "bf16": {"attention": "products", "fused": False, "logits": "bf16"}},
-    "cpu": {p: {"attention": "sdpa", "fused": False, "logits": "float32"} for p in PRECISIONS},
+    "cuda": {"fp32": {"attention": "products", "fused": False, "logits": "float32", "lse": "torch"},
+             "tf32": {"attention": "products", "fused": False, "logits": "float32", "lse": "torch"},
+             "bf16": {"attention": "products", "fused": False, "logits": "bf16", "lse": "torch"}},
+    "cpu": {p: {"attention": "sdpa", "fused": False, "logits": "float32", "lse": "torch"} for p in PRECISIONS},
 }
 # bf16 logits (bf16 precision only): the product's float32 sums rounded once, as bf16 tensor cores
 # return them, so half the memory traffic of float32 logits. The top token and the targets are
 # recomputed in float32; the rest's mass sums roundings of both signs (toy-2l on the CPU: max
 # |Δ strength| 0.0815 against 0.0830 with float32 logits, mean 0.0016 against 0.0015).
 LOGITS = ("float32", "bf16")
+# torch: softmax_parts (compiled where the scorer compiles); triton: unembed_lse.logits_lse, one read of each row
+LSE = ("torch", "triton")
 
 
 def fastest_path(device: torch.device, precision: str) -> dict:
@@ -129,11 +132,12 @@ class Scorer:
     """
 
     def __init__(self, model, precision: str = "auto", fast: bool = True, compile: bool | None = None,
-                 fused: bool | None = None, attention: str | None = None, logits: str | None = None):
+                 fused: bool | None = None, attention: str | None = None, logits: str | None = None,
+                 lse: str | None = None):
         """``model``: a HookedTransformer, or the compact forward's weights (models.load_weights).
         ``fused``: the Triton unembedding + log-sum-exp; ``attention``: CompactForward's; ``logits``:
-        the dtype of torch's logits where not fused (LOGITS; bf16 only for bf16). All default to what
-        measured fastest for the device and precision (``fastest_path``)."""
+        the dtype of torch's logits where not fused (LOGITS; bf16 only for bf16); ``lse``: what reduces
+        them (LSE). All default to what measured fastest for the device and precision (``fastest_path``)."""
         self.model = model
         self.device = model.W_E.device
         self.precision = resolve_precision(precision, self.device)
@@ -163,8 +167,14 @@ class Scorer:
         if logits not in LOGITS or (logits == "bf16" and self.precision != "bf16"):
             raise ValueError(f"logits {logits!r}: choose float32, or bf16 with bf16 precision")
         self.logits_dtype = torch.bfloat16 if logits == "bf16" and not fused else torch.float32
+        self.lse = lse or best["lse"]
+        if self.lse not in LSE:
+            raise ValueError(f"unknown lse {self.lse!r}: choose {', '.join(LSE)}")
         self._softmax_parts = self._torch_softmax_parts
-        if use_compile and not fused:
+        if self.lse == "triton" and not fused:
+            self._softmax_parts = FirstCallFallback(functools.partial(self._chunked, self._triton_softmax_parts),
+                                                    self._torch_softmax_parts, "the Triton kernel")
+        elif use_compile and not fused:
             # one compiled pass over each chunk's logits: max, then the rest's exp-sum (eager: five passes)
             compiled = _batch_dynamic(torch.compile(self._compiled_softmax_parts), emulate_casts=self.dtype != compute)
             self._softmax_parts = FirstCallFallback(functools.partial(self._chunked, compiled),
@@ -177,6 +187,11 @@ class Scorer:
 
     def _torch_softmax_parts(self, h: Float[Tensor, "batch d_model"]):
         return softmax_parts(self.compact.logits(h, self.logits_dtype))
+
+    def _triton_softmax_parts(self, h: Float[Tensor, "batch d_model"]):
+        from workers.unembed_lse import logits_lse  # Triton: imported only where it runs
+
+        return logits_lse(self.compact.logits(h, self.logits_dtype))
 
     def _compiled_softmax_parts(self, h: Float[Tensor, "batch d_model"]):
         return softmax_parts(self.compact.logits(h, self.logits_dtype), in_place=False)
@@ -198,18 +213,20 @@ class Scorer:
         return {"path": self.path, "layers": c.n_layers, "heads": c.n_heads, "d_head": c.d_head,
                 "d_model": c.W_E.shape[1], "d_vocab": c.W_E.shape[0], "shortformer": c.shortformer,
                 "layer_norm": c.layer_norm, "fused": self.options["fused"], "attention": c.attention,
-                "logits": self.options["logits"],
+                "logits": self.options["logits"], "lse": self.options["lse"],
                 "act_fn": c.act_fn, "mlp_layer_norm": c.mlp_layer_norm, "d_mlp": c.W_in0.shape[1] if c.n_mlps else 0}
 
     @property
     def options(self) -> dict:
         """What this scorer runs (after any fallback)."""
         if self.compact is None:
-            return {"compiled": False, "fused": False, "attention": None, "logits": None}
+            return {"compiled": False, "fused": False, "attention": None, "logits": None, "lse": None}
         compiled = isinstance(self._forward, FirstCallFallback) and self._forward.primary_ok is not False
         fused = self.fused and self._softmax_parts.primary_ok is not False
         logits = None if fused else "bf16" if self.logits_dtype == torch.bfloat16 else "float32"
-        return {"compiled": compiled, "fused": fused, "attention": self.compact.attention, "logits": logits}
+        triton_lse = not fused and self.lse == "triton" and self._softmax_parts.primary_ok is not False
+        lse = None if fused else "triton" if triton_lse else "torch"
+        return {"compiled": compiled, "fused": fused, "attention": self.compact.attention, "logits": logits, "lse": lse}
 
     def _matmul_precision(self):
         """TF32 only where asked for; fp32 means full float32 products on every device."""

@@ -1,4 +1,5 @@
-"""Fused unembedding + log-sum-exp (Triton): the [batch, vocab] logits are never written.
+"""Fused unembedding + log-sum-exp (Triton): the [batch, vocab] logits are never written; and the
+same log-sum-exp over logits that were (``logits_lse``: one read of each row).
 
 Each program takes a block of rows and walks the vocabulary in tiles: one tile of logits is made
 by ``tl.dot`` in float32 and folded at once into a running (top value, top index, mass of every
@@ -38,6 +39,20 @@ else:
     ]
 
 
+@triton.jit
+def _fold_tile(m, idx, s, tile, cols, v0):
+    """Fold a [rows, BLOCK_V] tile of logits (-inf outside the vocabulary) into the running top
+    value ``m``, its token ``idx`` and ``s`` = Σ exp(logit - m) over every other token."""
+    tile_m = tl.max(tile, axis=1)
+    tile_idx = tl.argmax(tile, axis=1).to(tl.int32)
+    others = tl.where(cols[None, :] == (v0 + tile_idx)[:, None], float("-inf"), tile - tile_m[:, None])
+    tile_s = tl.sum(tl.exp(others), axis=1)
+    # whichever top loses joins the mass of the others
+    new = tile_m > m
+    s = tl.where(new, (s + 1.0) * tl.exp(m - tile_m) + tile_s, s + (tile_s + 1.0) * tl.exp(tile_m - m))
+    return tl.where(new, tile_m, m), tl.where(new, v0 + tile_idx, idx), s
+
+
 # BIG_BATCH in the key: tiles tuned on an actor's warm-up or a bench's accuracy sample (a few
 # hundred rows) would otherwise serve batches of 65536
 # the tuning's result kept in Triton's on-disk cache where this Triton can (a later actor on the
@@ -66,16 +81,7 @@ def _unembed_lse_kernel(
             w = tl.load(w_ptr + ks[:, None] * stride_w + cols[None, :],
                         mask=(ks[:, None] < K) & (cols[None, :] < V), other=0.0)
             acc = tl.dot(h, w, acc, input_precision=PRECISION)
-        acc = tl.where(cols[None, :] < V, acc, float("-inf"))
-        tile_m = tl.max(acc, axis=1)
-        tile_idx = tl.argmax(acc, axis=1).to(tl.int32)
-        others = tl.where(cols[None, :] == (v0 + tile_idx)[:, None], float("-inf"), acc - tile_m[:, None])
-        tile_s = tl.sum(tl.exp(others), axis=1)
-        # merge: whichever top loses joins the mass of the others
-        new = tile_m > m
-        s = tl.where(new, (s + 1.0) * tl.exp(m - tile_m) + tile_s, s + (tile_s + 1.0) * tl.exp(tile_m - m))
-        idx = tl.where(new, v0 + tile_idx, idx)
-        m = tl.where(new, tile_m, m)
+        m, idx, s = _fold_tile(m, idx, s, tl.where(cols[None, :] < V, acc, float("-inf")), cols, v0)
     ok = rows < B
     tl.store(top_value_ptr + rows, m, mask=ok)
     tl.store(top_ptr + rows, idx, mask=ok)
@@ -101,6 +107,47 @@ def unembed_lse(
     _unembed_lse_kernel[lambda meta: (triton.cdiv(B, meta["BLOCK_B"]),)](
         h, W_U, top_value, top, rest, B, K, V, h.stride(0), W_U.stride(0), PRECISION=precision,
         BIG_BATCH=B >= 8192)
+    return top_value, top.long(), rest
+
+
+LSE_CONFIGS = ([triton.Config({"BLOCK_B": 4, "BLOCK_V": 64})] if INTERPRET else
+               [triton.Config({"BLOCK_B": b, "BLOCK_V": v}, num_warps=w) for b, v, w in
+                [(1, 2048, 4), (1, 4096, 8), (2, 2048, 8), (4, 1024, 8), (4, 2048, 8), (8, 1024, 8)]])
+
+
+@triton.autotune(configs=LSE_CONFIGS, key=["V", "BIG_BATCH"], **_CACHE)
+@triton.jit
+def _lse_kernel(x_ptr, top_value_ptr, top_ptr, rest_ptr, B, V, stride_x,
+                BIG_BATCH: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr):
+    rows = (tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
+    m = tl.full((BLOCK_B,), float("-inf"), tl.float32)
+    idx = tl.zeros((BLOCK_B,), tl.int32)
+    s = tl.zeros((BLOCK_B,), tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=(rows[:, None] < B) & (cols[None, :] < V),
+                    other=float("-inf"))
+        m, idx, s = _fold_tile(m, idx, s, x.to(tl.float32), cols, v0)
+    ok = rows < B
+    tl.store(top_value_ptr + rows, m, mask=ok)
+    tl.store(top_ptr + rows, idx, mask=ok)
+    tl.store(rest_ptr + rows, m + tl.log(s), mask=ok)
+
+
+def logits_lse(
+    logits: Float[Tensor, "batch vocab"],
+) -> tuple[Float[Tensor, "batch 1"], Int[Tensor, "batch 1"], Float[Tensor, "batch 1"]]:
+    """``workers.scoring.softmax_parts`` of materialised logits (bf16 or float32, summed in float32)
+    in one read: each row's tiles folded as the fused kernel folds its own."""
+    if INTERPRET and logits.dtype == torch.bfloat16:
+        logits = logits.float()  # the interpreter reads bf16 bit patterns (see unembed_lse); the values are the same
+    assert logits.stride(1) == 1, "rows must be contiguous"
+    B, V = logits.shape
+    top_value = torch.empty(B, 1, device=logits.device, dtype=torch.float32)
+    top = torch.empty(B, 1, device=logits.device, dtype=torch.int32)
+    rest = torch.empty_like(top_value)
+    _lse_kernel[lambda meta: (triton.cdiv(B, meta["BLOCK_B"]),)](
+        logits, top_value, top, rest, B, V, logits.stride(0), BIG_BATCH=B >= 8192)
     return top_value, top.long(), rest
 
 

@@ -1,6 +1,6 @@
 """The fused unembedding + log-sum-exp kernel and the log-sum-exp kernel of materialised logits
-against softmax_parts in float64, and inside the scorer against TransformerLens' own forward. Without a GPU it runs under Triton's interpreter
-(TRITON_INTERPRET=1, set in conftest.py)."""
+against softmax_parts in float64, and inside the scorer against TransformerLens' own forward. Without a GPU they run under Triton's
+interpreter (TRITON_INTERPRET=1, set in conftest.py)."""
 
 import pytest
 import torch

@@ -38,9 +38,9 @@ def resolve_precision(precision: str, device: torch.device | str) -> str:
 # ``logits``: the dtype torch's unembedding writes where the kernel is not fused (LOGITS); ``lse``:
 # what reduces them (LSE).
 FASTEST = {
-    "cuda": {"fp32": {"attention": "products", "fused": False, "logits": "float32", "lse": "torch"},
-             "tf32": {"attention": "products", "fused": False, "logits": "float32", "lse": "torch"},
-             "bf16": {"attention": "products", "fused": False, "logits": "bf16", "lse": "torch"}},
+    "cuda": {"fp32": {"attention": "products", "fused": False, "logits": "float32", "lse": "torch"},  # Triton LSE unmeasured
+             "tf32": {"attention": "products", "fused": False, "logits": "float32", "lse": "triton"},
+             "bf16": {"attention": "products", "fused": False, "logits": "bf16", "lse": "triton"}},
     "cpu": {p: {"attention": "sdpa", "fused": False, "logits": "float32", "lse": "torch"} for p in PRECISIONS},
 }
 # bf16 logits (bf16 precision only): the product's float32 sums rounded once, as bf16 tensor cores
@@ -160,14 +160,15 @@ class Scorer:
             # emulated bf16 (rounded inputs, float32 products): Inductor would fuse the roundings away
             compiled = _batch_dynamic(torch.compile(self.compact), emulate_casts=self.dtype != compute)
             self._forward = FirstCallFallback(compiled, self.compact, "torch.compile")
+        has_triton = importlib.util.find_spec("triton") is not None
         if fused is None:
-            fused = best["fused"] and importlib.util.find_spec("triton") is not None
+            fused = best["fused"] and has_triton
         self.fused = fused
         logits = logits or best["logits"]
         if logits not in LOGITS or (logits == "bf16" and self.precision != "bf16"):
             raise ValueError(f"logits {logits!r}: choose float32, or bf16 with bf16 precision")
         self.logits_dtype = torch.bfloat16 if logits == "bf16" and not fused else torch.float32
-        self.lse = lse or best["lse"]
+        self.lse = lse or (best["lse"] if has_triton else "torch")
         if self.lse not in LSE:
             raise ValueError(f"unknown lse {self.lse!r}: choose {', '.join(LSE)}")
         self._softmax_parts = self._torch_softmax_parts

@@ -21,7 +21,7 @@ import torch
 from jobs.errors import ConfigError
 from workers import experiments, models
 from workers.fast import ATTENTION
-from workers.scoring import LSE, PRECISIONS, Scorer, fastest_path, logodds
+from workers.scoring import LSE, PRECISIONS, Scorer, fastest_path, logodds, runs_default
 from workers.sequences import make_batch, sequence_keys
 
 PLAIN_BATCH = 256
@@ -119,8 +119,8 @@ BOUNDS = {"fp32": 1e-3, "tf32": 0.1, "bf16": 0.1}
 def variants(device: torch.device, precision: str, attention: list[str] | None = None,
              transformer_lens: bool = False) -> list[dict]:
     """Scorer options to try: the attention of the layers before the last (SDPA or small products)
-    and, on CUDA, the fused unembedding kernel against torch's logits (float32, and bf16 for bf16;
-    all compiled there); on a CPU eager against torch.compile (Inductor's C++ backend).
+    and, on CUDA (compiled), the unembeddings of ``unembeddings``; on a CPU eager against
+    torch.compile (Inductor's C++ backend).
     ``scoring.FASTEST`` holds the winners. ``transformer_lens``: also TransformerLens' path (a model
     with MLPs: what scored it before the compact forward took MLPs)."""
     if device.type == "cuda":
@@ -172,7 +172,9 @@ def measure(model, precision: str, options: dict, sample, reference, batches, de
             best, best_step = {"precision": precision, **options, "path": scorer.path, "batch": batch, "seq_per_s": rate,
                                "ratio": rate / plain_rate, "max_abs_err_strength": err, "peak_mem_mb": mem,
                                "token_powers_s": TOKEN_POWERS_SEQS / rate}, step
-    if profile and best_step is not None:
+    if best is None:
+        raise ConfigError(f"--batches {batches[0]}: out of memory on {device} for {precision} {options}; give smaller batches")
+    if profile:
         best["profile"] = profile_step(best_step, device)
     best.update(scorer.options)  # what ran, after any fallback from torch.compile or the Triton kernel
     if best["fused"]:
@@ -208,16 +210,17 @@ def precisions(device: torch.device) -> list[str]:
     return [p for p in PRECISIONS if p != "tf32" or device.type == "cuda"]  # TF32 is a CUDA matmul mode
 
 
-def fastest(results: list[dict]) -> dict:
-    """Per precision, the fastest variant within its accuracy bound, and what the scorer defaults to."""
+def fastest(results: list[dict], device: torch.device) -> dict:
+    """Per precision, the fastest variant within its accuracy bound, and whether the scorer defaults to it
+    (``logits`` and ``lse`` None for the fused kernel, which writes no logits)."""
     out = {}
     for precision in {r["precision"] for r in results}:
         ok = [r for r in results if r["precision"] == precision and r["max_abs_err_strength"] <= BOUNDS[precision]
               and r["path"] == "compact"]  # the variants are the compact forward's
         if ok:
             best = max(ok, key=lambda r: r["seq_per_s"])
-            out[precision] = {"attention": best["attention"], "fused": best["fused"], "logits": best["logits"] or "float32",
-                              "lse": best["lse"] or "torch", "seq_per_s": best["seq_per_s"]}
+            out[precision] = {"attention": best["attention"], "fused": best["fused"], "logits": best["logits"],
+                              "lse": best["lse"], "seq_per_s": best["seq_per_s"], "default": runs_default(best, device)}
     return out
 
 
@@ -293,7 +296,7 @@ def main(args) -> int:
     report = {"model": name, "device": gpu or str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
               "plain_seq_per_s": plain_rate, "plain_max_abs_err_strength": plain_err, "plain_peak_mem_mb": plain_mem,
               "results": [{k: v for k, v in r.items() if k != "profile"} for r in results],
-              "targets": targets(shape, device, results), "fastest": fastest(results),
+              "targets": targets(shape, device, results), "fastest": fastest(results, device),
               "defaults": {p: fastest_path(device, p) for p in precisions(device)}}
     if device.type != "cuda":
         report["gpu"] = ("not measured: no CUDA device here; run scripts/device/bench.sh on a GPU machine"
@@ -304,10 +307,8 @@ def main(args) -> int:
               f"{BOUNDS[precision]}", flush=True)
     for precision, best in report["fastest"].items():
         default = report["defaults"][precision]
-        same = all(best[k] == default[k] for k in default)
         print(f"  fastest {precision}: attention {best['attention']}, fused {best['fused']}, logits {best['logits']}, "
-              f"lse {best['lse']} "
-              f"({'the default' if same else f'default is {default}'})", flush=True)
+              f"lse {best['lse']} ({'the default' if best['default'] else f'default is {default}'})", flush=True)
     if args.check:
         report["checks"] = [r for spec in args.check for r in check(spec, device)]
     if args.bias:

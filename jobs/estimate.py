@@ -20,15 +20,15 @@ from jobs.config import RunConfig, count_shards
 from jobs.errors import ConfigError
 from jobs.pool import ActorPlan
 from workers import models
-from workers.scoring import fastest_path
+from workers.scoring import runs_default
 from workers.sequences import SEQ_LEN
 
 # forwards per second of one actor, attn-only-2l shape (d_model 512, d_vocab 48262), default path:
 # an H200 (2026-11-27) and this project's 2-core CPU machines (2026-11-26), docs/PERFORMANCE.md
-MEASURED_RATES = {("cuda", "bf16"): 1.26e6, ("cuda", "tf32"): 1.06e6, ("cuda", "fp32"): 5.37e5,
+MEASURED_RATES = {("cuda", "bf16"): 1.87e6, ("cuda", "tf32"): 1.50e6, ("cuda", "fp32"): 5.37e5,
                   ("cpu", "fp32"): 843.0, ("cpu", "bf16"): 1005.0}
 REFERENCE_SHAPE = dict(n_layers=2, d_model=512, d_vocab=48262, d_mlp=0)
-REFERENCE_MODEL = "random-2l-v48262"  # the name `bench` reports for that shape
+REFERENCE_MODELS = ("attn-only-2l", "random-2l-v48262")  # what `bench` reports for that shape (the second: before --shape)
 # compressed Parquet bytes per row, and what --save-tokens and --heads add (toy-2l, 4 heads,
 # --experiment all --tokens 200 --seqs 32 --pairs 512: 27, 57 and 105 bytes; 2026-11-27)
 BYTES_PER_ROW = {"base": 27.0, "save_tokens": 30.0, "heads": 78.0}
@@ -100,12 +100,11 @@ def rates_from_bench(path: str) -> dict:
         results, model = report["results"], report["model"]
     except (OSError, ValueError, IndexError, KeyError, TypeError) as exc:
         raise ConfigError(f"--rates {path}: not a `bench --json` output ({type(exc).__name__})") from None
-    if model != REFERENCE_MODEL:
+    if model not in REFERENCE_MODELS:
         raise ConfigError(f"--rates {path}: a bench of {model}; the estimate scales from the attn-only-2l shape "
                           "(`bench` without --model)")
     out = {}
     for r in results:  # the variant the scorer runs by default, where it is within its accuracy bound
-        default = fastest_path(torch.device(device), r["precision"])
-        if r["max_abs_err_strength"] <= BOUNDS[r["precision"]] and all(r.get(k) == v for k, v in default.items()):
+        if r["max_abs_err_strength"] <= BOUNDS[r["precision"]] and runs_default(r, torch.device(device)):
             out[(device, r["precision"])] = max(out.get((device, r["precision"]), 0.0), r["seq_per_s"])
     return out

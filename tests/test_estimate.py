@@ -1,6 +1,8 @@
 """``plan`` (jobs/estimate.py): its counts are the run's, checked against a real run; nothing is written."""
 
 import json
+import subprocess
+import sys
 
 import pyarrow.dataset as pads
 
@@ -48,3 +50,29 @@ def test_rates_from_a_bench_that_is_not_one_are_refused(capsys, tmp_path):
     for path, match in ((tmp_path / "log.txt", "not a `bench --json` output"), (tmp_path / "none.json", "not a `bench")):
         assert main(["plan", *RUN, "--out", str(tmp_path / "o"), "--rates", str(path)]) == 2
         assert match in capsys.readouterr().err
+
+
+def test_rates_from_a_bench_of_the_reference_shape(capsys, tmp_path):
+    """`bench --json` of the default shape feeds `plan --rates`: the plan runs at the default variant's
+    measured rate; a report from before --shape (another model name, no logits/lse fields) still reads."""
+    done = subprocess.run([sys.executable, "-m", "jobs.cli", "bench", "--device", "cpu", "--seconds", "0.05", "--batches", "64",
+                           "--precisions", "fp32", "--attention", "sdpa", "--json"],
+                          capture_output=True, text=True, timeout=600, check=True)
+    (tmp_path / "bench.json").write_text(done.stdout)
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["model"] == "attn-only-2l" and set(report["targets"]) == {"fp32"}  # the CPU target of this shape
+    eager = [r for r in report["results"] if not r["compiled"]]  # the CPU default: SDPA, eager
+    assert len(eager) == 1 and report["fastest"]["fp32"]["seq_per_s"] >= eager[0]["seq_per_s"]
+    base = ["plan", "--model", "toy-2l", "--tokens", "40", "--precision", "fp32", "--out", str(tmp_path / "o"), "--json"]
+    assert main([*base, "--rates", str(tmp_path / "bench.json")]) == 0
+    measured = json.loads(capsys.readouterr().out)["seq_per_s_per_actor"]
+    assert main(base) == 0
+    built_in = json.loads(capsys.readouterr().out)["seq_per_s_per_actor"]
+    assert abs(measured / built_in - eager[0]["seq_per_s"] / MEASURED_RATES[("cpu", "fp32")]) < 1e-9
+
+    old = {"model": "random-2l-v48262", "device": "cpu", "results": [
+        {"precision": "fp32", "attention": "sdpa", "fused": False, "compiled": False, "path": "compact", "seq_per_s": 500.0,
+         "max_abs_err_strength": 3e-6}]}
+    (tmp_path / "old.json").write_text(json.dumps(old) + "\n")
+    assert main([*base, "--rates", str(tmp_path / "old.json")]) == 0
+    assert abs(json.loads(capsys.readouterr().out)["seq_per_s_per_actor"] / built_in - 500.0 / MEASURED_RATES[("cpu", "fp32")]) < 1e-9

@@ -130,10 +130,12 @@ def test_describe_refuses_bad_checkpoints_without_loading(tmp_path):
 @pytest.mark.parametrize("shape", [
     dict(normalization_type="LNPre", positional_embedding_type="shortformer"),
     dict(normalization_type=None, positional_embedding_type="standard", n_layers=3),
+    dict(normalization_type="LNPre", positional_embedding_type="standard", attn_only=False, d_mlp=128, act_fn="gelu_new"),
 ])
 def test_weights_read_without_transformer_lens_score_as_transformer_lens_does(tmp_path, shape):
-    """An actor reads attention-only LNPre checkpoints straight from safetensors, unprocessed (value
-    biases folded): its scores match TransformerLens' own full forward of the same weights. (TransformerLens'
+    """An actor reads the checkpoints the compact forward computes (attention-only, or with MLPs)
+    straight from safetensors, unprocessed (value biases folded): its scores match TransformerLens'
+    own full forward of the same weights. (TransformerLens'
     loading would centre a shortformer's W_pos, which changes the function: docs/DESIGN.md §2.)"""
     from workers.scoring import logodds
 
@@ -141,6 +143,7 @@ def test_weights_read_without_transformer_lens_score_as_transformer_lens_does(tm
     gen = torch.Generator().manual_seed(1)
     state = {k: v + 0.2 * torch.randn(v.shape, generator=gen) if k.endswith(("b_V", "W_pos", "b_O", "W_E")) else v
              for k, v in model.state_dict().items()}  # uncentred, unfolded: as a training script saves them
+    assert models.compact_supported(model.cfg)
     model.load_state_dict(state)
     models.export_model(model, str(tmp_path / "ckpt"))
     weights = models.load_weights(str(tmp_path / "ckpt"))

@@ -59,7 +59,7 @@ def test_toy_neighbors_use_the_processed_unembedding(toy_model):
 
 
 def test_transformer_lens_path_matches_full_forward(toy_model):
-    """The fallback path (non attention-only models) against TransformerLens' own full forward."""
+    """The fallback path (architectures the compact forward does not compute) against TransformerLens' own full forward."""
     torch.manual_seed(2)
     tokens = torch.randint(FIRST_TOKEN, 2048, (16, 24))
     targets = torch.randint(FIRST_TOKEN, 2048, (16, 3))

@@ -65,3 +65,23 @@ def test_shard_content_does_not_depend_on_batch_size(runner, tmp_path):
         assert (first[column] == second[column]).all()
     np.testing.assert_allclose(first.strength, second.strength, atol=1e-4)
     assert list(first.target.unique()) == ["B", "N1", "N2", "N3", "N4", "R"]
+
+
+def test_default_batch_sizes():
+    """CUDA batches: 32768 for an attention-only compact forward, less for MLPs by their hidden width
+    (the float32 hidden layer at every position within MLP_HIDDEN_BYTES), 2048 on TransformerLens'
+    path; 1024 on a CPU."""
+    from workers.scoring import Scorer
+    from workers.shard import default_batch_size
+
+    def scorer(**shape):
+        return Scorer(models.random_model(d_vocab=512, n_ctx=32, d_model=64, n_heads=4, d_head=16, seed=1, **shape), "fp32")
+
+    cuda = torch.device("cuda")  # only the scorer's path and shapes are read: no GPU needed
+    attn_only = scorer()
+    assert default_batch_size(cuda, attn_only) == 32768 and default_batch_size(torch.device("cpu"), attn_only) == 1024
+    mlp = dict(attn_only=False, act_fn="gelu", positional_embedding_type="standard")
+    assert default_batch_size(cuda, scorer(d_mlp=2048, **mlp)) == 16384  # gelu-2l's width
+    assert default_batch_size(cuda, scorer(d_mlp=3072, **mlp)) == 8192  # gpt2-small's
+    rotary = scorer(d_mlp=256, attn_only=False, act_fn="gelu", positional_embedding_type="rotary", rotary_dim=8)
+    assert rotary.path == "transformer_lens" and default_batch_size(cuda, rotary) == 2048

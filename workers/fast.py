@@ -55,7 +55,8 @@ class CompactForward(torch.nn.Module):
     def __init__(self, w: CompactWeights, dtype: torch.dtype = torch.float32, compute: torch.dtype | None = None,
                  attention: str = "sdpa", align: int = 1):
         """``dtype`` rounds the weights and inputs of the projections (Q/K/V, O, V and O of the last
-        layer, unembedding); ``compute`` runs them (default ``dtype``); their sums are float32.
+        layer, the MLPs' W_in and W_out, unembedding); ``compute`` runs them (default ``dtype``);
+        their sums, and the MLPs' hidden layer between its two products, are float32.
         Attention over the 24 positions (the last layer's query and ``W_K^T q`` included: one row
         per head), biases, the layer-0 table and the residual stream stay float32: they cost little
         and carry most of the bf16 error otherwise. bf16 rounding with float32 compute gives bf16

@@ -179,8 +179,8 @@ def load_processed(build, cfg, name: str, processing: str, device: str | torch.d
 
 
 def load_for_scoring(spec: str, device: str | torch.device, processing: str = "exact") -> tuple[Any, dict]:
-    """What a scorer needs, and how it was loaded: an attention-only checkpoint's weights read
-    directly where ``exact`` processing allows it (no TransformerLens import), else the
+    """What a scorer needs, and how it was loaded: the compact forward's weights read from the
+    checkpoint directly where ``exact`` processing allows it (no TransformerLens import), else the
     TransformerLens model."""
     weights = load_weights(spec, device) if processing == "exact" else None
     if weights is not None:
@@ -496,10 +496,6 @@ class CompactWeights:
     act_fn: str | None = None  # a key of fast.ACTIVATIONS
     mlp_layer_norm: bool = False  # SoLU's LayerNorm after the activation (its weights folded into W_out)
 
-    @property
-    def attn_only(self) -> bool:
-        return not self.W_in
-
 
 def compact_weights(model) -> CompactWeights | None:
     """Weights for the compact forward, or None where the architecture needs TransformerLens' path."""
@@ -528,9 +524,7 @@ def weights_from_state(state: dict[str, Tensor], cfg) -> CompactWeights:
             out.append(w[name])
     W_O = [state[f"blocks.{i}.attn.W_O"] for i in range(cfg.n_layers)]
     b_O = [state[f"blocks.{i}.attn.b_O"] + torch.einsum("he,hed->d", v, o) for i, (v, o) in enumerate(zip(b_V, W_O))]
-    W_U, b_U = state["unembed.W_U"], state["unembed.b_U"]
-    if "ln_final.w" in state:
-        W_U, b_U = state["ln_final.w"][:, None] * W_U, b_U + state["ln_final.b"] @ W_U
+    W_U, b_U = fold_layer_norm(state, "ln_final", state["unembed.W_U"], state["unembed.b_U"])
     mlp = {} if getattr(cfg, "attn_only", False) else mlp_weights(state, cfg)
     use_scale = getattr(cfg, "use_attn_scale", True)
     return CompactWeights(
@@ -542,20 +536,24 @@ def weights_from_state(state: dict[str, Tensor], cfg) -> CompactWeights:
     )
 
 
+def fold_layer_norm(state: dict[str, Tensor], prefix: str, W: Float[Tensor, "d n"], b: Float[Tensor, " n"]
+                    ) -> tuple[Float[Tensor, "d n"], Float[Tensor, " n"]]:
+    """The LayerNorm ``prefix``'s weights folded into the product that reads it:
+    LN(x) @ W + b = norm(x) @ (g W) + (c @ W + b). Unchanged for LNPre or no normalisation."""
+    if f"{prefix}.w" not in state:
+        return W, b
+    return state[f"{prefix}.w"][:, None] * W, b + state[f"{prefix}.b"] @ W
+
+
 def mlp_weights(state: dict[str, Tensor], cfg) -> dict:
     """Each MLP's weights with ln2 folded into W_in and b_in, and SoLU's LayerNorm (over d_mlp)
-    into W_out and b_out: LN(x) @ W + b = norm(x) @ (g W) + (c @ W + b)."""
+    into W_out and b_out."""
     out: dict = {"W_in": [], "b_in": [], "W_out": [], "b_out": [], "act_fn": cfg.act_fn,
                  "mlp_layer_norm": cfg.act_fn.endswith("_ln")}
-
-    def fold(prefix: str, W: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-        if f"{prefix}.w" not in state:  # LNPre or no normalisation: nothing to fold
-            return W, b
-        return state[f"{prefix}.w"][:, None] * W, b + state[f"{prefix}.b"] @ W
-
     for i in range(cfg.n_layers):
-        W_in, b_in = fold(f"blocks.{i}.ln2", state[f"blocks.{i}.mlp.W_in"], state[f"blocks.{i}.mlp.b_in"])
-        W_out, b_out = fold(f"blocks.{i}.mlp.ln", state[f"blocks.{i}.mlp.W_out"], state[f"blocks.{i}.mlp.b_out"])
+        W_in, b_in = fold_layer_norm(state, f"blocks.{i}.ln2", state[f"blocks.{i}.mlp.W_in"], state[f"blocks.{i}.mlp.b_in"])
+        W_out, b_out = fold_layer_norm(state, f"blocks.{i}.mlp.ln", state[f"blocks.{i}.mlp.W_out"],
+                                       state[f"blocks.{i}.mlp.b_out"])
         for name, value in (("W_in", W_in), ("b_in", b_in), ("W_out", W_out), ("b_out", b_out)):
             out[name].append(value)
     return out

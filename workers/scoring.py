@@ -56,6 +56,17 @@ def fastest_path(device: torch.device, precision: str) -> dict:
     return FASTEST.get(device.type, FASTEST["cpu"])[precision]
 
 
+def runs_default(options: dict, device: torch.device) -> bool:
+    """Whether a scorer's options (``Scorer.options`` with its precision, as ``bench`` reports them)
+    are the path the scorer takes by default on ``device``. Reports from before the logits and lse
+    options ran float32 logits reduced by torch."""
+    default = fastest_path(device, options["precision"])
+    if options.get("attention") != default["attention"] or bool(options.get("fused")) != default["fused"]:
+        return False
+    return default["fused"] or (options.get("logits") or "float32", options.get("lse") or "torch") == (
+        default["logits"], default["lse"])
+
+
 def native_bf16(device: torch.device) -> bool:
     """bf16 products on the hardware: CUDA. CPUs round inputs to bf16 and multiply in float32: on
     AVX2 bf16 products are far slower than float32, and where they are fast (AMX) torch's CPU
@@ -171,20 +182,20 @@ class Scorer:
         self.lse = lse or (best["lse"] if has_triton else "torch")
         if self.lse not in LSE:
             raise ValueError(f"unknown lse {self.lse!r}: choose {', '.join(LSE)}")
-        self._softmax_parts = self._torch_softmax_parts
+        # what every faster way below falls back to if it fails on its first call: the same numbers, chunked
+        eager = self._softmax_parts = functools.partial(self._chunked, self._torch_softmax_parts)
         if self.lse == "triton" and not fused:
-            self._softmax_parts = FirstCallFallback(functools.partial(self._chunked, self._triton_softmax_parts),
-                                                    self._torch_softmax_parts, "the Triton kernel")
+            self._softmax_parts = FirstCallFallback(functools.partial(self._chunked, self._triton_softmax_parts), eager,
+                                                    "the Triton kernel")
         elif use_compile and not fused:
             # one compiled pass over each chunk's logits: max, then the rest's exp-sum (eager: five passes)
             compiled = _batch_dynamic(torch.compile(self._compiled_softmax_parts), emulate_casts=self.dtype != compute)
-            self._softmax_parts = FirstCallFallback(functools.partial(self._chunked, compiled),
-                                                    self._torch_softmax_parts, "torch.compile")
+            self._softmax_parts = FirstCallFallback(functools.partial(self._chunked, compiled), eager, "torch.compile")
         if fused:
             from workers.unembed_lse import FusedUnembedLSE  # Triton: imported only where it runs
 
             self._unembed_lse = FusedUnembedLSE(self.compact.W_U[:, : self.compact.d_vocab])
-            self._softmax_parts = FirstCallFallback(self._fused_softmax_parts, self._torch_softmax_parts, "the Triton kernel")
+            self._softmax_parts = FirstCallFallback(self._fused_softmax_parts, eager, "the Triton kernel")
 
     def _torch_softmax_parts(self, h: Float[Tensor, "batch d_model"]):
         return softmax_parts(self.compact.logits(h, self.logits_dtype))

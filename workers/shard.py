@@ -29,7 +29,7 @@ from workers import compile_cache, experiments, models
 from workers.accumulator import FOOTER_KEY, shard_partials
 from workers.experiments import Experiment, Scenario
 from workers.rows import ScoredBatch
-from workers.sequences import FIRST_TOKEN, make_batch, sequence_keys
+from workers.sequences import FIRST_TOKEN, SEQ_LEN, make_batch, sequence_keys
 
 if TYPE_CHECKING:
     from workers.scoring import Scorer
@@ -101,7 +101,7 @@ class ShardRunner:
         self.params = params
         self.experiments = {e.name: e for e in params.experiments}
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        # attention-only checkpoints load without TransformerLens (seconds of imports saved per actor)
+        # checkpoints the compact forward computes load without TransformerLens (seconds of imports saved per actor)
         self.model, self.loading = self._timed("load", models.load_for_scoring, params.model, self.device, params.processing)
         if models.transformer_lens_import_seconds():  # the TransformerLens import, apart from the load itself
             self.timings["import"] = models.transformer_lens_import_seconds()
@@ -222,12 +222,18 @@ class ShardRunner:
         return model_scores(self.model, tokens)
 
 
+MLP_HIDDEN_BYTES = 8 << 30  # the float32 hidden layer of one MLP at every position, on CUDA
+
+
 def default_batch_size(device: torch.device, scorer: Scorer) -> int:
     """Sequences per forward (each is scored twice: induction and shuffled). On CUDA: the compact
-    forward of an attention-only model at 32768, of one with MLPs at 8192 (an MLP's float32 hidden
-    layer at every position is 2 × 8192 × 24 × d_mlp floats: 4.8 GB for gpt2-small)."""
+    forward at 32768, or for a model with MLPs the largest power of two whose hidden layer (2 × batch
+    × 24 × d_mlp float32) fits MLP_HIDDEN_BYTES: 16384 for gelu-2l, 8192 for gpt2-small."""
     if device.type == "cuda":
         if scorer.path != "compact":
             return 2048
-        return 8192 if scorer.compact.n_mlps else 32768
+        if not scorer.compact.n_mlps:
+            return 32768
+        fits = MLP_HIDDEN_BYTES // (2 * SEQ_LEN * scorer.compact.W_in0.shape[1] * 4)
+        return min(32768, 1 << max(fits.bit_length() - 1, 8))
     return 1024

@@ -8,9 +8,10 @@ other token relative to the top). The mass excludes the top token by index, not 
 ``workers.scoring.softmax_parts`` computes from materialised logits. ``FusedUnembedLSE`` keeps
 W_U padded so that every row starts 128-byte aligned, which Triton's loads specialise on.
 
-On CUDA it is the scorer's default; elsewhere it runs under Triton's interpreter
-(``TRITON_INTERPRET=1``, set before this module is imported), which is how the tests check it
-without a GPU.
+On CUDA the scorer's default for bf16 and tf32 is ``logits_lse`` over cuBLAS's logits (measured
+faster than the fused kernel, docs/PERFORMANCE.md); the fused kernel stays an option. Elsewhere
+both run under Triton's interpreter (``TRITON_INTERPRET=1``, set before this module is imported),
+which is how the tests check them without a GPU; the interpreter reads bf16 as float32 values.
 """
 
 from __future__ import annotations
@@ -47,9 +48,11 @@ def _fold_tile(m, idx, s, tile, cols, v0):
     tile_idx = tl.argmax(tile, axis=1).to(tl.int32)
     others = tl.where(cols[None, :] == (v0 + tile_idx)[:, None], float("-inf"), tile - tile_m[:, None])
     tile_s = tl.sum(tl.exp(others), axis=1)
-    # whichever top loses joins the mass of the others
+    # whichever top loses joins the mass of the others; a tile of -inf logits (a banned token's
+    # bias, rows past the batch) adds nothing, instead of the NaN of -inf - -inf
     new = tile_m > m
-    s = tl.where(new, (s + 1.0) * tl.exp(m - tile_m) + tile_s, s + (tile_s + 1.0) * tl.exp(tile_m - m))
+    merged = tl.where(new, (s + 1.0) * tl.exp(m - tile_m) + tile_s, s + (tile_s + 1.0) * tl.exp(tile_m - m))
+    s = tl.where(tile_m == float("-inf"), s, merged)
     return tl.where(new, tile_m, m), tl.where(new, v0 + tile_idx, idx), s
 
 
@@ -88,20 +91,27 @@ def _unembed_lse_kernel(
     tl.store(rest_ptr + rows, m + tl.log(s), mask=ok)
 
 
+def _interpretable(t: Tensor) -> Tensor:
+    """Under the interpreter, bf16 as float32: it multiplies bf16 bit patterns (triton-lang/triton#11584).
+    bf16 -> float32 is exact and tensor cores multiply bf16 exactly with float32 sums: the same arithmetic."""
+    return t.float() if INTERPRET and t.dtype == torch.bfloat16 else t
+
+
+def _parts(B: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """The kernels' outputs: top value (float32), its token (int32), log mass of the rest (float32)."""
+    top_value = torch.empty(B, 1, device=device, dtype=torch.float32)
+    return top_value, torch.empty(B, 1, device=device, dtype=torch.int32), torch.empty_like(top_value)
+
+
 def unembed_lse(
     h: Float[Tensor, "batch k"], W_U: Float[Tensor, "k vocab"], tf32: bool = False
 ) -> tuple[Float[Tensor, "batch 1"], Int[Tensor, "batch 1"], Float[Tensor, "batch 1"]]:
     """(top logit, its token, log Σ exp over every other token) of ``h @ W_U``, accumulated in
     float32. float32 inputs multiply in full float32 unless ``tf32``."""
-    if INTERPRET and h.dtype == torch.bfloat16:
-        # The interpreter multiplies bf16 bit patterns (triton-lang/triton#11584). bf16 -> float32 is
-        # exact and tensor cores multiply bf16 exactly with float32 sums, so this is the same arithmetic.
-        h, W_U = h.float(), W_U.float()
+    h, W_U = _interpretable(h), _interpretable(W_U)
     assert h.stride(1) == 1 and W_U.stride(1) == 1, "rows must be contiguous"
     (B, K), V = h.shape, W_U.shape[1]
-    top_value = torch.empty(B, 1, device=h.device, dtype=torch.float32)
-    top = torch.empty(B, 1, device=h.device, dtype=torch.int32)
-    rest = torch.empty_like(top_value)
+    top_value, top, rest = _parts(B, h.device)
     # "tf32" is Triton's default; only float32 inputs read it
     precision = "ieee" if h.dtype == torch.float32 and not tf32 else "tf32"
     _unembed_lse_kernel[lambda meta: (triton.cdiv(B, meta["BLOCK_B"]),)](
@@ -139,13 +149,10 @@ def logits_lse(
 ) -> tuple[Float[Tensor, "batch 1"], Int[Tensor, "batch 1"], Float[Tensor, "batch 1"]]:
     """``workers.scoring.softmax_parts`` of materialised logits (bf16 or float32, summed in float32)
     in one read: each row's tiles folded as the fused kernel folds its own."""
-    if INTERPRET and logits.dtype == torch.bfloat16:
-        logits = logits.float()  # the interpreter reads bf16 bit patterns (see unembed_lse); the values are the same
+    logits = _interpretable(logits)
     assert logits.stride(1) == 1, "rows must be contiguous"
     B, V = logits.shape
-    top_value = torch.empty(B, 1, device=logits.device, dtype=torch.float32)
-    top = torch.empty(B, 1, device=logits.device, dtype=torch.int32)
-    rest = torch.empty_like(top_value)
+    top_value, top, rest = _parts(B, logits.device)
     _lse_kernel[lambda meta: (triton.cdiv(B, meta["BLOCK_B"]),)](
         logits, top_value, top, rest, B, V, logits.stride(0), BIG_BATCH=B >= 8192)
     return top_value, top.long(), rest

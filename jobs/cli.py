@@ -91,7 +91,7 @@ def build_parser() -> Parser:
 
     p = sub.add_parser("bench", help="throughput of the scorer against the plain TransformerLens loop")
     p.add_argument("--model", default=None, help="a model to bench (default: random weights of --shape)")
-    p.add_argument("--shape", default="attn-only-2l",
+    p.add_argument("--shape", default=None,
                    help="random weights of this hub model's shape where no --model is given: attn-only-2l (default), "
                         "gelu-2l or gpt2-small")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")

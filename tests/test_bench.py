@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from workers.fast import ATTENTION
 
 
@@ -49,11 +51,13 @@ def test_bench_of_a_shape_with_mlps_measures_transformer_lens_path_too():
     assert report["fastest"]["fp32"]["seq_per_s"] == max(r["seq_per_s"] for r in report["results"] if r["path"] == "compact")
 
 
-def test_unknown_shape_is_one_line():
-    done = subprocess.run([sys.executable, "-m", "jobs.cli", "bench", "--shape", "gelu-9l"], capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].endswith(
-        "unknown --shape 'gelu-9l': choose from attn-only-2l, gelu-2l, gpt2-small")
+@pytest.mark.parametrize("argv, error", [
+    (["--shape", "gelu-9l"], "unknown --shape 'gelu-9l': choose from attn-only-2l, gelu-2l, gpt2-small"),
+    (["--shape", "gelu-2l", "--model", "toy-2l"], "--shape benches random weights and --model a given model: give one of them"),
+])
+def test_bad_shape_is_one_line(argv, error):
+    done = subprocess.run([sys.executable, "-m", "jobs.cli", "bench", *argv], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].endswith(error)
 
 
 def test_precision_bias_of_the_powers_against_fp32():

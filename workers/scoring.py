@@ -58,10 +58,12 @@ def fastest_path(device: torch.device, precision: str) -> dict:
 
 def runs_default(options: dict, device: torch.device) -> bool:
     """Whether a scorer's options (``Scorer.options`` with its precision, as ``bench`` reports them)
-    are the path the scorer takes by default on ``device``. Reports from before the logits and lse
-    options ran float32 logits reduced by torch."""
+    are the path the scorer takes by default on ``device``: compiled on CUDA only, and FASTEST's
+    variant. Reports from before the logits and lse options ran float32 logits reduced by torch."""
     default = fastest_path(device, options["precision"])
     if options.get("attention") != default["attention"] or bool(options.get("fused")) != default["fused"]:
+        return False
+    if "compiled" in options and options["compiled"] != (device.type == "cuda"):
         return False
     return default["fused"] or (options.get("logits") or "float32", options.get("lse") or "torch") == (
         default["logits"], default["lse"])

@@ -300,7 +300,7 @@ def main(args) -> int:
               "plain_seq_per_s": plain_rate, "plain_max_abs_err_strength": plain_err, "plain_peak_mem_mb": plain_mem,
               "results": [{k: v for k, v in r.items() if k != "profile"} for r in results],
               "targets": targets(shape, device, results), "fastest": fastest(results, device),
-              "defaults": {p: fastest_path(device, p) for p in precisions(device)}}
+              "defaults": {p: {"compiled": device.type == "cuda", **fastest_path(device, p)} for p in precisions(device)}}
     if device.type != "cuda":
         report["gpu"] = ("not measured: no CUDA device here; run scripts/device/bench.sh on a GPU machine"
                          if not torch.cuda.is_available() else "not measured: --device cpu")

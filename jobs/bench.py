@@ -21,7 +21,7 @@ import torch
 from jobs.errors import ConfigError
 from workers import experiments, models
 from workers.fast import ATTENTION
-from workers.scoring import LSE, PRECISIONS, Scorer, fastest_path, logodds, runs_default
+from workers.scoring import LSE, PRECISIONS, Scorer, compiles_by_default, fastest_path, logodds, runs_default
 from workers.sequences import make_batch, sequence_keys
 
 PLAIN_BATCH = 256
@@ -300,7 +300,7 @@ def main(args) -> int:
               "plain_seq_per_s": plain_rate, "plain_max_abs_err_strength": plain_err, "plain_peak_mem_mb": plain_mem,
               "results": [{k: v for k, v in r.items() if k != "profile"} for r in results],
               "targets": targets(shape, device, results), "fastest": fastest(results, device),
-              "defaults": {p: {"compiled": device.type == "cuda", **fastest_path(device, p)} for p in precisions(device)}}
+              "defaults": {p: {"compiled": compiles_by_default(device), **fastest_path(device, p)} for p in precisions(device)}}
     if device.type != "cuda":
         report["gpu"] = ("not measured: no CUDA device here; run scripts/device/bench.sh on a GPU machine"
                          if not torch.cuda.is_available() else "not measured: --device cpu")

@@ -110,6 +110,7 @@ class CompactForward(torch.nn.Module):
         self.register_buffer("W_U_rows", w.W_U.T.float().contiguous())  # float32 target logits
         self.register_buffer("b_U", w.b_U.float())
         self.act_fn, self.mlp_layer_norm, self.n_mlps = w.act_fn, w.mlp_layer_norm, len(w.W_in)
+        self.d_mlp = w.W_in[0].shape[1] if w.W_in else 0
         for i in range(self.n_mlps):
             self.register_buffer(f"W_in{i}", self.cast(w.W_in[i]))
             self.register_buffer(f"b_in{i}", w.b_in[i].float())

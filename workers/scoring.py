@@ -56,6 +56,12 @@ def fastest_path(device: torch.device, precision: str) -> dict:
     return FASTEST.get(device.type, FASTEST["cpu"])[precision]
 
 
+def compiles_by_default(device: torch.device) -> bool:
+    """torch.compile by default on CUDA only: on a CPU it gains 10–25 % but costs each actor ~15 s
+    of compilation (docs/PERFORMANCE.md)."""
+    return device.type == "cuda"
+
+
 def runs_default(options: dict, device: torch.device) -> bool:
     """Whether a scorer's options (``Scorer.options`` with its precision, as ``bench`` reports them)
     are the path the scorer takes by default on ``device``: compiled on CUDA only, and FASTEST's
@@ -63,7 +69,7 @@ def runs_default(options: dict, device: torch.device) -> bool:
     default = fastest_path(device, options["precision"])
     if options.get("attention") != default["attention"] or bool(options.get("fused")) != default["fused"]:
         return False
-    if "compiled" in options and options["compiled"] != (device.type == "cuda"):
+    if "compiled" in options and options["compiled"] != compiles_by_default(device):
         return False
     return default["fused"] or (options.get("logits") or "float32", options.get("lse") or "torch") == (
         default["logits"], default["lse"])
@@ -167,7 +173,7 @@ class Scorer:
         self.path = "compact" if self.compact is not None else "transformer_lens"
         if self.compact is None:
             return
-        use_compile = self.device.type == "cuda" if compile is None else compile
+        use_compile = compiles_by_default(self.device) if compile is None else compile
         self._forward = self.compact
         if use_compile:
             # emulated bf16 (rounded inputs, float32 products): Inductor would fuse the roundings away
@@ -228,7 +234,7 @@ class Scorer:
                 "d_model": c.W_E.shape[1], "d_vocab": c.W_E.shape[0], "shortformer": c.shortformer,
                 "layer_norm": c.layer_norm, "fused": self.options["fused"], "attention": c.attention,
                 "logits": self.options["logits"], "lse": self.options["lse"],
-                "act_fn": c.act_fn, "mlp_layer_norm": c.mlp_layer_norm, "d_mlp": c.W_in0.shape[1] if c.n_mlps else 0}
+                "act_fn": c.act_fn, "mlp_layer_norm": c.mlp_layer_norm, "d_mlp": c.d_mlp}
 
     @property
     def options(self) -> dict:

@@ -234,6 +234,6 @@ def default_batch_size(device: torch.device, scorer: Scorer) -> int:
             return 2048
         if not scorer.compact.n_mlps:
             return 32768
-        fits = MLP_HIDDEN_BYTES // (2 * SEQ_LEN * scorer.compact.W_in0.shape[1] * 4)
+        fits = MLP_HIDDEN_BYTES // (2 * SEQ_LEN * scorer.compact.d_mlp * 4)
         return min(32768, 1 << max(fits.bit_length() - 1, 8))
     return 1024

@@ -20,7 +20,7 @@ import torch
 
 from jobs.errors import ConfigError
 from workers import experiments, models
-from workers.fast import ATTENTION
+from workers.fast import attentions
 from workers.scoring import LSE, PRECISIONS, Scorer, compiles_by_default, fastest_path, logodds, runs_default
 from workers.sequences import make_batch, sequence_keys
 
@@ -125,10 +125,26 @@ def variants(device: torch.device, precision: str, attention: list[str] | None =
     ``scoring.FASTEST`` holds the winners. ``transformer_lens``: also TransformerLens' path (a model
     with MLPs: what scored it before the compact forward took MLPs)."""
     if device.type == "cuda":
-        compact = [{"compile": True, "attention": a, **u} for a in attention or ATTENTION for u in unembeddings(precision)]
+        compact = [{"compile": True, "attention": a, **u} for a in attention or attentions(device) for u in unembeddings(precision)]
     else:
-        compact = [{"compile": c, "attention": a} for c in (False, True) for a in attention or ATTENTION]
+        compact = [{"compile": c, "attention": a} for c in (False, True) for a in attention or attentions(device)]
     return compact + ([{"fast": False}] if transformer_lens else [])
+
+
+def only(options: list[dict], wanted: dict | None) -> list[dict]:
+    """The variants whose options include every ``key: value`` of ``wanted`` (``--only``)."""
+    return [o for o in options if all(k in o and o[k] == v for k, v in (wanted or {}).items())]
+
+
+def parse_only(text: str) -> dict:
+    """``--only logits=bf16,lse=triton,fused=false`` as options (true/false as booleans)."""
+    out = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        if not sep or key not in ("compile", "attention", "fused", "logits", "lse", "fast"):
+            raise ConfigError(f"--only {text!r}: give KEY=VALUE pairs of compile, attention, fused, logits, lse, fast")
+        out[key] = {"true": True, "false": False}.get(value.lower(), value)
+    return out
 
 
 def unembeddings(precision: str) -> list[dict]:
@@ -194,7 +210,7 @@ def check(spec: str, device: torch.device) -> list[dict]:
     reference = reference_strength(model, sample, device)
     out = []
     for precision in precisions(device):
-        for attention in ATTENTION:
+        for attention in attentions(device):
             for unembedding in unembeddings(precision) if device.type == "cuda" else ({"fused": False},):
                 scorer = Scorer(model, precision, compile=False, attention=attention, **unembedding)
                 ind, shuf = scorer.strength(sample.tokens, sample.shuffled, sample.b[:, None])
@@ -248,19 +264,25 @@ def random_shape(shape: str, device: torch.device):
 
 def main(args) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    for given, known in ((args.precisions, precisions(device)), (args.attention, ATTENTION)):
+    for given, known in ((args.precisions, precisions(device)), (args.attention, attentions(device))):
         if unknown := set(given or ()) - set(known):
             raise ConfigError(f"unknown {', '.join(sorted(unknown))} for {device.type}: choose from {', '.join(known)}")
     if args.shape and args.model:
         raise ConfigError("--shape benches random weights and --model a given model: give one of them")
     if (args.shape or DEFAULT_SHAPE) not in SHAPES:
         raise ConfigError(f"unknown --shape {args.shape!r}: choose from {', '.join(SHAPES)}")
+    wanted = parse_only(args.only) if args.only else None
     seconds = args.seconds or (2.0 if device.type == "cuda" else 3.0)
     shape = None if args.model else args.shape or DEFAULT_SHAPE
     model = models.load_model(args.model, device) if args.model else random_shape(shape, device)
     d_vocab, bos = models.d_vocab(model), models.bos_id(model)
     name = args.model or shape
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    with_mlps = models.compact_supported(model.cfg) and not model.cfg.attn_only
+    plan = {p: only(variants(device, p, args.attention, transformer_lens=with_mlps), wanted)
+            for p in args.precisions or precisions(device)}
+    if missing := [p for p, chosen in plan.items() if not chosen]:
+        raise ConfigError(f"--only {args.only}: no {', '.join(missing)} variant on {device.type} has these options")
     print(f"bench: {name} (d_model {model.cfg.d_model}, d_vocab {d_vocab}) on {gpu or device}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}", flush=True)
 
@@ -284,9 +306,8 @@ def main(args) -> int:
 
     batches = args.batches or ([8192, 32768, 65536] if device.type == "cuda" else [256, 1024, 4096])
     results = []
-    for precision in args.precisions or precisions(device):
-        with_mlps = models.compact_supported(model.cfg) and not model.cfg.attn_only
-        for options in variants(device, precision, args.attention, transformer_lens=with_mlps):
+    for precision, chosen in plan.items():
+        for options in chosen:
             best = measure(model, precision, options, sample, reference, batches, device, seconds, plain_rate,
                            args.profile)
             results.append(best)

@@ -103,7 +103,10 @@ def build_parser() -> Parser:
     p.add_argument("--profile", action="store_true", help="print the busiest kernels of each scorer's best step")
     p.add_argument("--precisions", type=lambda v: v.split(","), default=None, help="comma-separated (default: all)")
     p.add_argument("--attention", type=lambda v: v.split(","), default=None,
-                   help="comma-separated attention variants to try (default: sdpa,products)")
+                   help="comma-separated attention variants to try (default: sdpa,products, and triton on CUDA)")
+    p.add_argument("--only", default=None, metavar="KEY=VALUE,...",
+                   help="only the scorer variants with these options, e.g. logits=bf16,lse=triton (keys: compile, "
+                        "attention, fused, logits, lse, fast)")
     p.add_argument("--check", action="append", default=[], metavar="MODEL",
                    help="also check every scorer variant's error on MODEL (e.g. toy-2l) against TransformerLens")
     p.add_argument("--bias", type=int, default=0, metavar="TOKENS",

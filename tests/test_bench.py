@@ -5,8 +5,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
-from workers.fast import ATTENTION
+from workers.fast import attentions
 
 
 def test_bench_reports_every_precision_with_errors_against_float64():
@@ -18,7 +19,8 @@ def test_bench_reports_every_precision_with_errors_against_float64():
     report = json.loads(out.strip().splitlines()[-1])  # the JSON object is the last line (README.md, "Running")
     assert report["model"] == "toy-2l" and report["device"] == "cpu" and report["plain_seq_per_s"] > 0
     rows = {(r["precision"], r["compile"], r["attention"]): r for r in report["results"]}
-    assert set(rows) == {(p, c, a) for p in ("fp32", "bf16") for c in (False, True) for a in ATTENTION}  # no tf32 on a CPU
+    assert set(rows) == {(p, c, a) for p in ("fp32", "bf16") for c in (False, True)
+                         for a in attentions(torch.device("cpu"))}  # no tf32 on a CPU; Triton's attention only on CUDA
     for (precision, compiled, attention), r in rows.items():
         assert r["attention"] == attention
         assert r["path"] == "compact" and r["batch"] == 64 and r["compiled"] == compiled and not r["fused"]
@@ -54,10 +56,25 @@ def test_bench_of_a_shape_with_mlps_measures_transformer_lens_path_too():
 @pytest.mark.parametrize("argv, error", [
     (["--shape", "gelu-9l"], "unknown --shape 'gelu-9l': choose from attn-only-2l, gelu-2l, gpt2-small"),
     (["--shape", "gelu-2l", "--model", "toy-2l"], "--shape benches random weights and --model a given model: give one of them"),
+    (["--device", "cpu", "--only", "colour=red"],
+     "--only 'colour=red': give KEY=VALUE pairs of compile, attention, fused, logits, lse, fast"),
+    (["--device", "cpu", "--only", "lse=triton"], "--only lse=triton: no fp32, bf16 variant on cpu has these options"),
+    (["--device", "cpu", "--attention", "triton"], "unknown triton for cpu: choose from sdpa, products"),
 ])
-def test_bad_shape_is_one_line(argv, error):
+def test_bad_options_are_one_line(argv, error):
     done = subprocess.run([sys.executable, "-m", "jobs.cli", "bench", *argv], capture_output=True, text=True, timeout=600)
     assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].endswith(error)
+
+
+def test_only_the_variants_asked_for():
+    out = subprocess.run(
+        [sys.executable, "-m", "jobs.cli", "bench", "--model", "toy-2l", "--device", "cpu", "--seconds", "0.05",
+         "--batches", "32", "--only", "compile=false,attention=products", "--json"],
+        capture_output=True, text=True, timeout=600, check=True,
+    ).stdout
+    report = json.loads(out.strip().splitlines()[-1])
+    assert [(r["precision"], r["compile"], r["attention"]) for r in report["results"]] == [
+        ("fp32", False, "products"), ("bf16", False, "products")]
 
 
 def test_precision_bias_of_the_powers_against_fp32():

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from workers import experiments, models
-from workers.fast import ATTENTION, CompactForward
+from workers.fast import ATTENTION, CompactForward, attentions
 from workers.scoring import Scorer, fastest_path, logodds
 from workers.sequences import make_batch, sequence_keys
 
@@ -45,7 +45,11 @@ def check_parity(model, precision: str, n: int = 128, scored=None, **scorer_opti
     return err
 
 
-@pytest.mark.parametrize("attention", ATTENTION)
+# triton (an interpreter on a CPU) is checked on smaller batches in tests/test_attention_kernels.py
+ON_THIS_DEVICE = attentions(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+@pytest.mark.parametrize("attention", ON_THIS_DEVICE)
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_toy_2l(toy_model, precision, attention):
     check_parity(toy_model, precision, n=256, attention=attention)
@@ -104,7 +108,7 @@ def test_other_blocks_take_transformer_lens_path(flags):
 
 
 @pytest.mark.parametrize("mlp", [False, True])
-@pytest.mark.parametrize("attention", ATTENTION)
+@pytest.mark.parametrize("attention", ON_THIS_DEVICE)
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_compiled_forward(precision, attention, mlp):
     """torch.compile of the compact forward and of torch's unembedding + log-sum-exp (the default on

@@ -37,7 +37,16 @@ def _heads(w: Float[Tensor, "heads d_model d_head"]) -> Float[Tensor, "d_model h
     return w.permute(1, 0, 2).reshape(w.shape[1], -1)
 
 
-ATTENTION = ("sdpa", "products")
+# sdpa: torch's scaled_dot_product_attention; products: batched float32 products of each sequence's
+# [pos, pos] scores; triton: Triton programs per sequence (workers/attention_kernels.py), the last
+# layer's folded attention included
+ATTENTION = ("sdpa", "products", "triton")
+
+
+def attentions(device: torch.device) -> tuple[str, ...]:
+    """The attentions that run for real on ``device``: on a CPU Triton runs only under its
+    interpreter (for tests), thousands of times slower."""
+    return ATTENTION if device.type == "cuda" else ("sdpa", "products")
 
 
 def _solu(x: Float[Tensor, "rows d_mlp"]) -> Float[Tensor, "rows d_mlp"]:
@@ -61,7 +70,8 @@ class CompactForward(torch.nn.Module):
         per head), biases, the layer-0 table and the residual stream stay float32: they cost little
         and carry most of the bf16 error otherwise. bf16 rounding with float32 compute gives bf16
         tensor-core numerics on CPUs, where bf16 products are far slower than float32 (docs/PERFORMANCE.md).
-        ``attention``: how the layers before the last attend over every position (ATTENTION).
+        ``attention``: how the layers before the last attend over every position (ATTENTION; with
+        triton, the last layer's folded attention too).
         ``align``: W_U's rows and columns padded to a multiple of it (64 on CUDA, see below)."""
         super().__init__()
         if attention not in ATTENTION:
@@ -162,13 +172,16 @@ class CompactForward(torch.nn.Module):
         """A causal attention layer's output at every position."""
         batch, n_pos = tokens.shape
         bias = getattr(self, f"pos_QKV{i}")[:n_pos]  # b_QKV + positions
-        if i == 0 and self.shortformer:  # a table lookup instead of a matrix product
-            qkv = self.tok_QKV0[tokens].add_(bias)
+        table = i == 0 and self.shortformer  # layer 0 reads the token embedding alone: a table lookup
+        qkv = self.tok_QKV0 if table else self.project(self.ln(x).flatten(0, 1), getattr(self, f"W_QKV{i}"))
+        if self.attention == "triton":  # the lookup, the bias and the attention in one kernel
+            z = self.attention_kernels().causal_attention(qkv, tokens, bias, table, self.n_heads, self.d_head,
+                                                          self.scale, self.compute)
         else:
-            qkv = self.project(self.ln(x).flatten(0, 1), getattr(self, f"W_QKV{i}")).view(batch, n_pos, -1) + bias
-        q, k, v = (self.heads(t) for t in qkv.chunk(3, dim=-1))
-        z = self.causal_attention(q, k, v)
-        out = self.project(z.transpose(1, 2).reshape(batch * n_pos, -1), getattr(self, f"W_O{i}"))
+            qkv = qkv[tokens].add_(bias) if table else qkv.view(batch, n_pos, -1) + bias
+            q, k, v = (self.heads(t) for t in qkv.chunk(3, dim=-1))
+            z = self.causal_attention(q, k, v).transpose(1, 2).reshape(batch * n_pos, -1)
+        out = self.project(z, getattr(self, f"W_O{i}"))
         return out.view(batch, n_pos, -1).add_(getattr(self, f"b_O{i}"))
 
     def causal_attention(
@@ -183,17 +196,26 @@ class CompactForward(torch.nn.Module):
         future = torch.ones(q.shape[2], q.shape[2], dtype=torch.bool, device=q.device).triu(1)
         return scores.masked_fill_(future, float("-inf")).softmax(-1) @ v
 
+    @staticmethod
+    def attention_kernels():
+        import workers.attention_kernels  # Triton: imported only where it runs
+
+        return workers.attention_kernels
+
     def attend_last(self, x: Float[Tensor, "batch pos d_model"], trace: dict | None) -> Float[Tensor, "batch d_model"]:
         """The last layer's output at the last position, keys and values folded into the query side."""
         batch, n_pos, _ = x.shape
-        h = self.ln(x)
-        q = h[:, -1] @ self.W_Q_last + self.q_bias[n_pos - 1]
+        q = self.ln(x[:, -1]) @ self.W_Q_last + self.q_bias[n_pos - 1]
         q = q.view(batch, self.n_heads, self.d_head)
         u = torch.einsum("bhe,hde->bhd", q, self.W_K_last)  # W_K^T q: what each position's h is scored by
-        scores = torch.einsum("bpd,bhd->bhp", h, u) + torch.einsum("bhe,phe->bhp", q, self.k_bias[:n_pos])
-        # one row of attention per head (the last position sees every position): a plain softmax
-        pattern = (scores / self.scale).softmax(-1)
-        mixed = torch.einsum("bhp,bpd->bhd", pattern, h)  # Σ_j p_j h_j, so W_V is applied once per head
+        c = torch.einsum("bhe,phe->bhp", q, self.k_bias[:n_pos])  # what each position's key bias adds
+        if self.attention == "triton":
+            mixed, pattern = self.attention_kernels().last_attention(x, u, c, self.layer_norm, self.eps, self.scale)
+        else:
+            h = self.ln(x)
+            # one row of attention per head (the last position sees every position): a plain softmax
+            pattern = ((torch.einsum("bpd,bhd->bhp", h, u) + c) / self.scale).softmax(-1)
+            mixed = torch.einsum("bhp,bpd->bhd", pattern, h)  # Σ_j p_j h_j, so W_V is applied once per head
         z = self.project(mixed.transpose(0, 1), self.W_V_last).transpose(0, 1) + self.b_V_last  # batch heads d_head
         if trace is not None:
             W_O = self.W_O_last.float().view(self.n_heads, self.d_head, -1)

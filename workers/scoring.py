@@ -174,12 +174,16 @@ class Scorer:
         if self.compact is None:
             return
         use_compile = compiles_by_default(self.device) if compile is None else compile
-        self._forward = self.compact
+        has_triton = importlib.util.find_spec("triton") is not None
+        if self.compact.attention == "triton" and not has_triton:
+            raise ValueError("attention 'triton' needs Triton, which is not installed")
+        self._forward = self._compiled = self.compact
         if use_compile:
             # emulated bf16 (rounded inputs, float32 products): Inductor would fuse the roundings away
             compiled = _batch_dynamic(torch.compile(self.compact), emulate_casts=self.dtype != compute)
-            self._forward = FirstCallFallback(compiled, self.compact, "torch.compile")
-        has_triton = importlib.util.find_spec("triton") is not None
+            self._forward = self._compiled = FirstCallFallback(compiled, self.compact, "torch.compile")
+        if self.compact.attention == "triton":
+            self._forward = FirstCallFallback(self._forward, self._products_forward, "the Triton attention")
         if fused is None:
             fused = best["fused"] and has_triton
         self.fused = fused
@@ -204,6 +208,11 @@ class Scorer:
 
             self._unembed_lse = FusedUnembedLSE(self.compact.W_U[:, : self.compact.d_vocab])
             self._softmax_parts = FirstCallFallback(self._fused_softmax_parts, eager, "the Triton kernel")
+
+    def _products_forward(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch d_model"]:
+        """The Triton attention's fallback: the same numbers from torch's products, eager."""
+        self.compact.attention = "products"
+        return self.compact(tokens)
 
     def _torch_softmax_parts(self, h: Float[Tensor, "batch d_model"]):
         return softmax_parts(self.compact.logits(h, self.logits_dtype))
@@ -241,7 +250,8 @@ class Scorer:
         """What this scorer runs (after any fallback)."""
         if self.compact is None:
             return {"compiled": False, "fused": False, "attention": None, "logits": None, "lse": None}
-        compiled = isinstance(self._forward, FirstCallFallback) and self._forward.primary_ok is not False
+        products_fallback = self._forward is not self._compiled and self._forward.primary_ok is False  # eager, after Triton failed
+        compiled = isinstance(self._compiled, FirstCallFallback) and self._compiled.primary_ok is not False and not products_fallback
         fused = self.fused and self._softmax_parts.primary_ok is not False
         logits = None if fused else "bf16" if self.logits_dtype == torch.bfloat16 else "float32"
         triton_lse = not fused and self.lse == "triton" and self._softmax_parts.primary_ok is not False

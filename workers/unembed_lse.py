@@ -44,8 +44,8 @@ else:
 def _fold_tile(m, idx, s, tile, cols, v0):
     """Fold a [rows, BLOCK_V] tile of logits (-inf outside the vocabulary) into the running top
     value ``m``, its token ``idx`` and ``s`` = Σ exp(logit - m) over every other token."""
-    tile_m = tl.max(tile, axis=1)
-    tile_idx = tl.argmax(tile, axis=1).to(tl.int32)
+    tile_m, tile_idx = tl.max(tile, axis=1, return_indices=True)  # one reduction for both (argmax is a second)
+    tile_idx = tile_idx.to(tl.int32)
     others = tl.where(cols[None, :] == (v0 + tile_idx)[:, None], float("-inf"), tile - tile_m[:, None])
     tile_s = tl.sum(tl.exp(others), axis=1)
     # whichever top loses joins the mass of the others; a tile of -inf logits (a banned token's

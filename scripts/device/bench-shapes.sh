@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
-# One device call for the scorer's figures on every shape the issues name (about 9 minutes on an
-# H200): gelu-2l and gpt2-small (compact forward with MLPs against TransformerLens' path, bf16) and
-# attn-only-2l (every precision and unembedding), with toy-2l checked on the device against
-# TransformerLens. Each part has its own time limit (580 s in all, within a device call's 600), so one
-# slow part does not lose the others.
-# Logs and JSON go to $OUT/<shape>/ (scripts/device/bench.sh; carry .whl, made by `bench.sh fetch`).
+# One device call for the scorer's figures on every shape the issues name (each set about 9 minutes
+# on an H200). Each part has its own time limit (under 600 s in all, a device call's limit), so one
+# slow part does not lose the others. Logs and JSON go to $OUT/<part>/ (scripts/device/bench.sh;
+# carry .whl, made by `bench.sh fetch`).
+#
+#   bench-shapes.sh          gelu-2l and gpt2-small (compact forward with MLPs against TransformerLens'
+#                            path, bf16) and attn-only-2l (every precision and unembedding), toy-2l
+#                            checked on the device against TransformerLens (call 3 of docs/PERFORMANCE.md)
+#   bench-shapes.sh triton   the Triton attention (workers/attention_kernels.py) against torch's
+#                            products, with each precision's fastest unembedding so far, on the three
+#                            shapes; toy-2l checked on the device in every variant, the kernels included
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 root="${OUT:-bench-out}"
@@ -15,6 +20,13 @@ part() {  # name, seconds, bench options...
     OUT="$root/$name" timeout "$limit" scripts/device/bench.sh "$@" | grep -v '^{'
     echo "== $name: exit ${PIPESTATUS[0]}"
 }
+if [ "${1:-}" = triton ]; then
+    both=(--attention products,triton --seconds 1 --profile)
+    part attn-only-2l 300 --precisions bf16,tf32,fp32 --batches 65536 --only fused=false,lse=triton "${both[@]}" --check toy-2l
+    part gelu-2l 120 --shape gelu-2l --precisions bf16 --batches 32768,65536 --only logits=bf16,lse=triton "${both[@]}"
+    part gpt2-small 150 --shape gpt2-small --precisions bf16 --batches 8192,16384 --only logits=bf16,lse=triton "${both[@]}"
+    exit 0
+fi
 part gelu-2l 150 --shape gelu-2l --precisions bf16 --attention products --batches 16384,65536 --seconds 1 --profile
 part gpt2-small 190 --shape gpt2-small --precisions bf16 --attention products --batches 8192,16384 --seconds 1 --profile
 part attn-only-2l 240 --precisions bf16,tf32,fp32 --attention products --batches 65536 --seconds 1 --profile --check toy-2l

@@ -1,0 +1,114 @@
+"""The Triton attention kernels against torch's own attention, and inside the scorer against
+TransformerLens' full forward. Without a GPU they run under Triton's interpreter (TRITON_INTERPRET=1,
+set in conftest.py), about 10 ms per program: the batches here are small. bench --check runs them
+on a GPU against TransformerLens (scripts/device/bench.sh)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+
+from test_fast import check_parity, seed_style  # noqa: E402
+
+from workers import models  # noqa: E402
+from workers.attention_kernels import causal_attention, last_attention  # noqa: E402
+from workers.fast import layer_norm_pre  # noqa: E402
+from workers.scoring import Scorer  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def torch_causal_attention(qkv, n_heads, d_head, scale):
+    batch, n_pos, _ = qkv.shape
+    q, k, v = (t.view(batch, n_pos, n_heads, d_head).transpose(1, 2) for t in qkv.double().chunk(3, -1))
+    z = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1 / scale)
+    return z.transpose(1, 2).reshape(batch * n_pos, -1)
+
+
+@pytest.mark.parametrize("n_pos,n_heads,d_head", [(24, 3, 24), (5, 2, 16), (17, 1, 40)])
+def test_causal_attention_from_a_table_and_from_rows(n_pos, n_heads, d_head):
+    """Q/K/V gathered from a per-token table (layer 0) or read from each position's row, plus the
+    per-position bias; neither the positions nor d_head need be a power of two."""
+    g = torch.Generator().manual_seed(0)
+    vocab, width = 50, 3 * n_heads * d_head
+    table = torch.randn(vocab, width, generator=g) * 2
+    bias = torch.randn(n_pos, width, generator=g)
+    tokens = torch.randint(0, vocab, (6, n_pos), generator=g)
+    tokens[0] = 7  # one token repeated: ties in every score
+    want = torch_causal_attention(table[tokens] + bias, n_heads, d_head, d_head**0.5)
+    table, bias, tokens = table.to(DEVICE), bias.to(DEVICE), tokens.to(DEVICE)
+    got = causal_attention(table, tokens, bias, True, n_heads, d_head, d_head**0.5)
+    assert got.shape == (6 * n_pos, n_heads * d_head) and got.dtype == torch.float32
+    assert (got.cpu().double() - want).abs().max() < 1e-5
+    rows = table[tokens].flatten(0, 1)
+    assert torch.equal(causal_attention(rows, tokens, bias, False, n_heads, d_head, d_head**0.5), got)
+
+
+@pytest.mark.parametrize("layer_norm", [True, False])
+def test_last_attention_matches_torch(layer_norm):
+    """The last position's folded attention: each head's pattern over the LayerNorm'd rows and
+    their mix, including a head that puts all its weight on one position (a 20-nat lead)."""
+    g = torch.Generator().manual_seed(1)
+    batch, n_pos, d_model, n_heads = 5, 24, 80, 3
+    x = torch.randn(batch, n_pos, d_model, generator=g) * 3 + 1
+    u = torch.randn(batch, n_heads, d_model, generator=g) / 10
+    c = torch.randn(batch, n_heads, n_pos, generator=g)
+    c[0, 1, 9] = 80.0  # 20 nats above the rest after the scale
+    h = layer_norm_pre(x, 1e-5) if layer_norm else x
+    pattern = ((torch.einsum("bpd,bhd->bhp", h.double(), u.double()) + c.double()) / 4).softmax(-1)
+    mixed = torch.einsum("bhp,bpd->bhd", pattern, h.double())
+    got_mixed, got_pattern = last_attention(x.to(DEVICE), u.to(DEVICE), c.to(DEVICE), layer_norm, 1e-5, 4.0)
+    assert got_pattern[0, 1, 9] > 1 - 1e-7
+    assert (got_pattern.cpu().double() - pattern).abs().max() < 1e-6
+    assert (got_mixed.cpu().double() - mixed).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("compile", [False, True])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_scorer_with_triton_attention_matches_transformer_lens(toy_model, precision, compile):
+    """toy-2l (sharp induction) through the kernels: layer 0 from the table, the last layer folded;
+    compiled, they are custom ops inside the graph."""
+    check_parity(toy_model, precision, n=12, attention="triton", compile=compile)
+
+
+@pytest.mark.parametrize("shape", [dict(n_layers=3, positional_embedding_type="standard"),
+                                   dict(n_layers=2, attn_only=False, d_mlp=256, act_fn="gelu_new",
+                                        positional_embedding_type="standard"),
+                                   dict(n_layers=1, normalization_type=None)])
+def test_other_shapes_through_triton_attention(shape):
+    """Q/K/V from projections (standard positions, a middle layer, MLPs), and no LayerNorm."""
+    model = models.random_model(d_vocab=512, n_ctx=32, d_model=64, n_heads=4, d_head=16, seed=4, perturb=True, **shape)
+    check_parity(model, "fp32", n=8, attention="triton")
+
+
+def test_heads_trace_is_the_same(toy_model):
+    """Per-head output (workers/heads.py) reads the last layer's pattern: the kernel's equals torch's."""
+    batch = seed_style(6, toy_model.cfg.d_vocab)
+    traces = []
+    for attention in ("products", "triton"):
+        scorer = Scorer(toy_model, "fp32", compile=False, attention=attention)
+        trace = {}
+        with torch.inference_mode():
+            scorer.compact(batch.tokens.to(scorer.device), trace)
+        traces.append(trace)
+    for key in ("pattern", "head_out", "resid"):
+        assert torch.allclose(traces[0][key], traces[1][key], atol=1e-5), key
+
+
+def test_a_failing_kernel_falls_back_to_products(toy_model, monkeypatch):
+    """A Triton that cannot build the kernel on some machine: the run goes on with torch's products
+    (the same numbers), and the scorer reports what ran."""
+    import workers.attention_kernels
+
+    def broken(*args):
+        raise RuntimeError("PassManager::run failed")
+
+    monkeypatch.setattr(workers.attention_kernels, "causal_attention", broken)
+    scorer = Scorer(toy_model, "fp32", compile=False, attention="triton")
+    batch = seed_style(4, toy_model.cfg.d_vocab)
+    with pytest.warns(UserWarning, match="the Triton attention failed .RuntimeError: PassManager::run failed."):
+        got = scorer.logodds(batch.tokens, batch.b[:, None])
+    assert scorer.options["attention"] == "products" and not scorer.options["compiled"]
+    want = Scorer(toy_model, "fp32", compile=False, attention="products").logodds(batch.tokens, batch.b[:, None])
+    assert torch.equal(got, want)

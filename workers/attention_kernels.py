@@ -1,0 +1,154 @@
+"""Attention over a sequence's few positions as Triton kernels, one program per sequence: the
+compact forward's ``attention="triton"`` (workers/fast.py).
+
+At 24 positions every per-sequence matrix is tiny (24 × 24 scores, 24 × 512 residual rows), and
+torch's batched products of them ran at a few percent of an H200 (docs/PERFORMANCE.md, issue 11:
+12.4 of 34.5 ms of a bf16 step). Here each program keeps its sequence in registers:
+
+* ``causal_attention``: a layer before the last, for one sequence and head. It reads the Q/K/V
+  rows straight from the per-token table of layer 0 (``tokens`` as row indices: the
+  ``[batch, pos, 3 × heads × d_head]`` gather is never written) or from a dense Q/K/V, adds the
+  position rows, and writes ``softmax(QKᵀ/scale, causal) V`` in the dtype the next projection reads.
+* ``last_attention``: the last layer at the last position, keys and values folded into the query
+  side (``u = W_Kᵀq`` per head, computed outside). One program LayerNorms its sequence's 24
+  residual rows, scores them against every head's ``u`` and mixes them by the pattern: the
+  LayerNorm'd ``[batch, pos, d_model]`` is never written.
+
+Scores, softmax and mixes are float32 products (``input_precision="ieee"``), as the torch path
+keeps them. Both are ``torch.library`` custom ops, so torch.compile treats them as one opaque call
+with known output shapes. Under ``TRITON_INTERPRET=1`` they run on the CPU (tests/test_attention_kernels.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from workers.unembed_lse import _CACHE, INTERPRET
+
+
+def _block(n: int) -> int:
+    """A tile side covering ``n``: a power of two, and at least 16 (``tl.dot``'s smallest)."""
+    return max(16, triton.next_power_of_2(n))
+
+
+WARPS = [1] if INTERPRET else [1, 2, 4, 8]
+
+
+@triton.autotune(configs=[triton.Config({}, num_warps=w) for w in WARPS], key=["P", "D_HEAD", "GATHER", "BIG_BATCH"],
+                 **_CACHE)
+@triton.jit
+def _causal_attention_kernel(
+    qkv_ptr, tokens_ptr, bias_ptr, out_ptr, P, HD, stride_qkv, stride_out, scale_inv,
+    GATHER: tl.constexpr, BIG_BATCH: tl.constexpr, D_HEAD: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    pos = tl.arange(0, BLOCK_P)
+    e = tl.arange(0, BLOCK_E)
+    ok_p = pos < P
+    if GATHER:  # layer 0's table: the row of each position's token
+        rows = tl.load(tokens_ptr + b * P + pos, mask=ok_p, other=0).to(tl.int64)
+    else:
+        rows = b * P + pos
+    ok = ok_p[:, None] & (e < D_HEAD)[None, :]
+    col = head * D_HEAD + e[None, :]
+    src = qkv_ptr + rows[:, None] * stride_qkv + col
+    bias = bias_ptr + pos[:, None] * (3 * HD) + col  # b_Q/K/V and positions, per position
+    q = tl.load(src, mask=ok, other=0.0) + tl.load(bias, mask=ok, other=0.0)
+    k = tl.load(src + HD, mask=ok, other=0.0) + tl.load(bias + HD, mask=ok, other=0.0)
+    v = tl.load(src + 2 * HD, mask=ok, other=0.0) + tl.load(bias + 2 * HD, mask=ok, other=0.0)
+    scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_inv
+    scores = tl.where((pos[None, :] <= pos[:, None]) & ok_p[None, :], scores, float("-inf"))
+    p = tl.exp(scores - tl.max(scores, axis=1)[:, None])
+    p = p / tl.sum(p, axis=1)[:, None]
+    z = tl.dot(p, v, input_precision="ieee")
+    tl.store(out_ptr + (b * P + pos)[:, None] * stride_out + col, z.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@torch.library.custom_op("induction_sweep::causal_attention", mutates_args=())
+def _causal_attention(qkv: Tensor, tokens: Tensor, bias: Tensor, gather: bool, n_heads: int, d_head: int, scale: float,
+                      out_dtype: torch.dtype) -> Tensor:
+    batch, n_pos = tokens.shape
+    out = torch.empty(batch * n_pos, n_heads * d_head, device=qkv.device, dtype=out_dtype)
+    _causal_attention_kernel[(batch, n_heads)](
+        qkv, tokens, bias, out, n_pos, n_heads * d_head, qkv.stride(0), out.stride(0), 1 / scale,
+        GATHER=gather, BIG_BATCH=batch >= 8192, D_HEAD=d_head, BLOCK_P=_block(n_pos), BLOCK_E=_block(d_head))
+    return out
+
+
+@_causal_attention.register_fake
+def _(qkv, tokens, bias, gather, n_heads, d_head, scale, out_dtype):
+    return qkv.new_empty(tokens.shape[0] * tokens.shape[1], n_heads * d_head, dtype=out_dtype)
+
+
+def causal_attention(
+    qkv: Float[Tensor, "rows three_x_heads_x_d_head"], tokens: Int[Tensor, "batch pos"],
+    bias: Float[Tensor, "pos three_x_heads_x_d_head"], gather: bool, n_heads: int, d_head: int, scale: float,
+    out_dtype: torch.dtype = torch.float32,
+) -> Float[Tensor, "batch_x_pos heads_x_d_head"]:
+    """Causal attention of every position, heads side by side as W_O reads them. ``qkv``: Q, K and V
+    (heads × d_head columns each) of every position (``rows`` = batch × pos), or with ``gather`` of
+    every token (a table indexed by ``tokens``); ``bias`` (float32) is added to each position's row."""
+    assert qkv.dtype == bias.dtype == torch.float32 and qkv.stride(1) == 1 and bias.is_contiguous() and tokens.is_contiguous()
+    return _causal_attention(qkv, tokens, bias, gather, n_heads, d_head, scale, out_dtype)
+
+
+@triton.autotune(configs=[triton.Config({}, num_warps=w) for w in ([1] if INTERPRET else [4, 8, 16])],
+                 key=["P", "D", "H", "LAYER_NORM", "BIG_BATCH"], **_CACHE)
+@triton.jit
+def _last_attention_kernel(
+    x_ptr, u_ptr, c_ptr, mixed_ptr, pattern_ptr, P, D, H, eps, scale_inv,
+    LAYER_NORM: tl.constexpr, BIG_BATCH: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    pos = tl.arange(0, BLOCK_P)
+    d = tl.arange(0, BLOCK_D)
+    heads = tl.arange(0, BLOCK_H)
+    ok_p, ok_d, ok_h = pos < P, d < D, heads < H
+    ok = ok_p[:, None] & ok_d[None, :]
+    x = tl.load(x_ptr + (b * P + pos)[:, None] * D + d[None, :], mask=ok, other=0.0)
+    if LAYER_NORM:  # LNPre, as fast.layer_norm_pre
+        x = tl.where(ok, x - (tl.sum(x, axis=1) / D)[:, None], 0.0)
+        x = x * tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)[:, None]
+    u = tl.load(u_ptr + (b * H + heads)[:, None] * D + d[None, :], mask=ok_h[:, None] & ok_d[None, :], other=0.0)
+    # scores[p, h] = h_p · W_K^T q_h + q_h · (b_K + positions)_p (the second term made outside)
+    c = tl.load(c_ptr + (b * H + heads)[None, :] * P + pos[:, None], mask=ok_p[:, None] & ok_h[None, :], other=0.0)
+    scores = (tl.dot(x, tl.trans(u), input_precision="ieee") + c) * scale_inv
+    scores = tl.where(ok_p[:, None], scores, float("-inf"))
+    p = tl.exp(scores - tl.max(scores, axis=0)[None, :])
+    p = p / tl.sum(p, axis=0)[None, :]
+    mixed = tl.dot(tl.trans(p), x, input_precision="ieee")  # Σ_p pattern[h, p] h_p
+    tl.store(mixed_ptr + (b * H + heads)[:, None] * D + d[None, :], mixed, mask=ok_h[:, None] & ok_d[None, :])
+    tl.store(pattern_ptr + (b * H + heads)[None, :] * P + pos[:, None], p, mask=ok_p[:, None] & ok_h[None, :])
+
+
+@torch.library.custom_op("induction_sweep::last_attention", mutates_args=())
+def _last_attention(x: Tensor, u: Tensor, c: Tensor, layer_norm: bool, eps: float, scale: float) -> tuple[Tensor, Tensor]:
+    (batch, n_pos, d_model), n_heads = x.shape, u.shape[1]
+    mixed = x.new_empty(batch, n_heads, d_model)
+    pattern = x.new_empty(batch, n_heads, n_pos)
+    _last_attention_kernel[(batch,)](
+        x, u, c, mixed, pattern, n_pos, d_model, n_heads, eps, 1 / scale, LAYER_NORM=layer_norm,
+        BIG_BATCH=batch >= 8192, BLOCK_P=_block(n_pos), BLOCK_D=_block(d_model), BLOCK_H=_block(n_heads))
+    return mixed, pattern
+
+
+@_last_attention.register_fake
+def _(x, u, c, layer_norm, eps, scale):
+    return x.new_empty(x.shape[0], u.shape[1], x.shape[2]), x.new_empty(x.shape[0], u.shape[1], x.shape[1])
+
+
+def last_attention(
+    x: Float[Tensor, "batch pos d_model"], u: Float[Tensor, "batch heads d_model"], c: Float[Tensor, "batch heads pos"],
+    layer_norm: bool, eps: float, scale: float,
+) -> tuple[Float[Tensor, "batch heads d_model"], Float[Tensor, "batch heads pos"]]:
+    """(Σ_p pattern[h, p] LN(x_p), pattern) of the last position's query per head, whose scores are
+    ``LN(x_p) · u_h + c[h, p]``, divided by ``scale``; all float32. ``layer_norm``: LNPre, else ``x`` as it is."""
+    x, u, c = (t.float().contiguous() for t in (x, u, c))
+    return _last_attention(x, u, c, layer_norm, eps, scale)
+

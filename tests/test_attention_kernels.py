@@ -42,7 +42,8 @@ def test_causal_attention_from_a_table_and_from_rows(n_pos, n_heads, d_head):
     assert got.shape == (6 * n_pos, n_heads * d_head) and got.dtype == torch.float32
     assert (got.cpu().double() - want).abs().max() < 1e-5
     rows = table[tokens].flatten(0, 1)
-    assert torch.equal(causal_attention(rows, tokens, bias, False, n_heads, d_head, d_head**0.5), got)
+    # (the autotuner may pick other warps for the two: sums in another order)
+    assert torch.allclose(causal_attention(rows, tokens, bias, False, n_heads, d_head, d_head**0.5), got, atol=1e-6)
 
 
 @pytest.mark.parametrize("layer_norm", [True, False])
@@ -96,19 +97,21 @@ def test_heads_trace_is_the_same(toy_model):
         assert torch.allclose(traces[0][key], traces[1][key], atol=1e-5), key
 
 
-def test_a_failing_kernel_falls_back_to_products(toy_model, monkeypatch):
-    """A Triton that cannot build the kernel on some machine: the run goes on with torch's products
-    (the same numbers), and the scorer reports what ran."""
+@pytest.mark.parametrize("compile", [False, True])
+def test_a_kernel_that_fails_to_build_falls_back_to_products(toy_model, monkeypatch, compile):
+    """A Triton that cannot build the kernel on some machine: the scorer finds out when it is made,
+    before torch.compile wraps the forward, goes on with torch's products (the same numbers, still
+    compiled where asked) and reports what runs."""
     import workers.attention_kernels
 
     def broken(*args):
-        raise RuntimeError("PassManager::run failed")
+        raise RuntimeError("PassManager::run failed\nlong compiler log")
 
     monkeypatch.setattr(workers.attention_kernels, "causal_attention", broken)
-    scorer = Scorer(toy_model, "fp32", compile=False, attention="triton")
+    with pytest.warns(UserWarning, match="the Triton attention failed .RuntimeError: PassManager::run failed.; using products"):
+        scorer = Scorer(toy_model, "fp32", compile=compile, attention="triton")
     batch = seed_style(4, toy_model.cfg.d_vocab)
-    with pytest.warns(UserWarning, match="the Triton attention failed .RuntimeError: PassManager::run failed."):
-        got = scorer.logodds(batch.tokens, batch.b[:, None])
-    assert scorer.options["attention"] == "products" and not scorer.options["compiled"]
+    got = scorer.logodds(batch.tokens, batch.b[:, None])
+    assert scorer.options["attention"] == "products" and scorer.options["compiled"] == compile
     want = Scorer(toy_model, "fp32", compile=False, attention="products").logodds(batch.tokens, batch.b[:, None])
-    assert torch.equal(got, want)
+    assert torch.allclose(got, want, atol=1e-5)

@@ -35,11 +35,9 @@ def _block(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-WARPS = [1] if INTERPRET else [1, 2, 4, 8]
-
-
-@triton.autotune(configs=[triton.Config({}, num_warps=w) for w in WARPS], key=["P", "D_HEAD", "GATHER", "BIG_BATCH"],
-                 **_CACHE)
+# fewer than 4 warps spilled registers, compiled for sm_90
+@triton.autotune(configs=[triton.Config({}, num_warps=w) for w in ([1] if INTERPRET else [4, 8])],
+                 key=["P", "D_HEAD", "GATHER", "BIG_BATCH"], **_CACHE)
 @triton.jit
 def _causal_attention_kernel(
     qkv_ptr, tokens_ptr, bias_ptr, out_ptr, P, HD, stride_qkv, stride_out, scale_inv,
@@ -73,6 +71,8 @@ def _causal_attention_kernel(
 def _causal_attention(qkv: Tensor, tokens: Tensor, bias: Tensor, gather: bool, n_heads: int, d_head: int, scale: float,
                       out_dtype: torch.dtype) -> Tensor:
     batch, n_pos = tokens.shape
+    # strides as the kernel assumes them (under torch.compile an input's layout is not guaranteed)
+    qkv, tokens, bias = (qkv if qkv.stride(1) == 1 else qkv.contiguous()), tokens.contiguous(), bias.contiguous()
     out = torch.empty(batch * n_pos, n_heads * d_head, device=qkv.device, dtype=out_dtype)
     _causal_attention_kernel[(batch, n_heads)](
         qkv, tokens, bias, out, n_pos, n_heads * d_head, qkv.stride(0), out.stride(0), 1 / scale,
@@ -93,38 +93,37 @@ def causal_attention(
     """Causal attention of every position, heads side by side as W_O reads them. ``qkv``: Q, K and V
     (heads × d_head columns each) of every position (``rows`` = batch × pos), or with ``gather`` of
     every token (a table indexed by ``tokens``); ``bias`` (float32) is added to each position's row."""
-    assert qkv.dtype == bias.dtype == torch.float32 and qkv.stride(1) == 1 and bias.is_contiguous() and tokens.is_contiguous()
+    assert qkv.dtype == bias.dtype == torch.float32
     return _causal_attention(qkv, tokens, bias, gather, n_heads, d_head, scale, out_dtype)
 
 
 @triton.autotune(configs=[triton.Config({}, num_warps=w) for w in ([1] if INTERPRET else [4, 8, 16])],
-                 key=["P", "D", "H", "LAYER_NORM", "BIG_BATCH"], **_CACHE)
+                 key=["P", "D", "N_HEADS", "LAYER_NORM", "BIG_BATCH"], **_CACHE)
 @triton.jit
 def _last_attention_kernel(
-    x_ptr, u_ptr, c_ptr, mixed_ptr, pattern_ptr, P, D, H, eps, scale_inv,
-    LAYER_NORM: tl.constexpr, BIG_BATCH: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_H: tl.constexpr,
+    x_ptr, u_ptr, c_ptr, mixed_ptr, pattern_ptr, P, D, eps, scale_inv,
+    N_HEADS: tl.constexpr, LAYER_NORM: tl.constexpr, BIG_BATCH: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     pos = tl.arange(0, BLOCK_P)
     d = tl.arange(0, BLOCK_D)
-    heads = tl.arange(0, BLOCK_H)
-    ok_p, ok_d, ok_h = pos < P, d < D, heads < H
+    ok_p, ok_d = pos < P, d < D
     ok = ok_p[:, None] & ok_d[None, :]
     x = tl.load(x_ptr + (b * P + pos)[:, None] * D + d[None, :], mask=ok, other=0.0)
     if LAYER_NORM:  # LNPre, as fast.layer_norm_pre
         x = tl.where(ok, x - (tl.sum(x, axis=1) / D)[:, None], 0.0)
         x = x * tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)[:, None]
-    u = tl.load(u_ptr + (b * H + heads)[:, None] * D + d[None, :], mask=ok_h[:, None] & ok_d[None, :], other=0.0)
-    # scores[p, h] = h_p · W_K^T q_h + q_h · (b_K + positions)_p (the second term made outside)
-    c = tl.load(c_ptr + (b * H + heads)[None, :] * P + pos[:, None], mask=ok_p[:, None] & ok_h[None, :], other=0.0)
-    scores = (tl.dot(x, tl.trans(u), input_precision="ieee") + c) * scale_inv
-    scores = tl.where(ok_p[:, None], scores, float("-inf"))
-    p = tl.exp(scores - tl.max(scores, axis=0)[None, :])
-    p = p / tl.sum(p, axis=0)[None, :]
-    mixed = tl.dot(tl.trans(p), x, input_precision="ieee")  # Σ_p pattern[h, p] h_p
-    tl.store(mixed_ptr + (b * H + heads)[:, None] * D + d[None, :], mixed, mask=ok_h[:, None] & ok_d[None, :])
-    tl.store(pattern_ptr + (b * H + heads)[None, :] * P + pos[:, None], p, mask=ok_p[:, None] & ok_h[None, :])
+    # a head at a time, as sums of products: a tl.dot over d_model would hold whole rows per thread
+    # (it spilled, compiled for sm_90), and heads would be padded to 16
+    for h in tl.static_range(N_HEADS):
+        u = tl.load(u_ptr + (b * N_HEADS + h) * D + d, mask=ok_d, other=0.0)
+        # score_p = h_p · W_K^T q + q · (b_K + positions)_p (the second term made outside)
+        c = tl.load(c_ptr + (b * N_HEADS + h) * P + pos, mask=ok_p, other=0.0)
+        scores = tl.where(ok_p, (tl.sum(x * u[None, :], axis=1) + c) * scale_inv, float("-inf"))
+        p = tl.exp(scores - tl.max(scores, axis=0))
+        p = p / tl.sum(p, axis=0)
+        tl.store(mixed_ptr + (b * N_HEADS + h) * D + d, tl.sum(p[:, None] * x, axis=0), mask=ok_d)  # Σ_p pattern_p h_p
+        tl.store(pattern_ptr + (b * N_HEADS + h) * P + pos, p, mask=ok_p)
 
 
 @torch.library.custom_op("induction_sweep::last_attention", mutates_args=())
@@ -132,9 +131,10 @@ def _last_attention(x: Tensor, u: Tensor, c: Tensor, layer_norm: bool, eps: floa
     (batch, n_pos, d_model), n_heads = x.shape, u.shape[1]
     mixed = x.new_empty(batch, n_heads, d_model)
     pattern = x.new_empty(batch, n_heads, n_pos)
+    x, u, c = x.contiguous(), u.contiguous(), c.contiguous()  # the kernel assumes rows laid out back to back
     _last_attention_kernel[(batch,)](
-        x, u, c, mixed, pattern, n_pos, d_model, n_heads, eps, 1 / scale, LAYER_NORM=layer_norm,
-        BIG_BATCH=batch >= 8192, BLOCK_P=_block(n_pos), BLOCK_D=_block(d_model), BLOCK_H=_block(n_heads))
+        x, u, c, mixed, pattern, n_pos, d_model, eps, 1 / scale, N_HEADS=n_heads, LAYER_NORM=layer_norm,
+        BIG_BATCH=batch >= 8192, BLOCK_P=_block(n_pos), BLOCK_D=_block(d_model))
     return mixed, pattern
 
 
@@ -149,6 +149,5 @@ def last_attention(
 ) -> tuple[Float[Tensor, "batch heads d_model"], Float[Tensor, "batch heads pos"]]:
     """(Σ_p pattern[h, p] LN(x_p), pattern) of the last position's query per head, whose scores are
     ``LN(x_p) · u_h + c[h, p]``, divided by ``scale``; all float32. ``layer_norm``: LNPre, else ``x`` as it is."""
-    x, u, c = (t.float().contiguous() for t in (x, u, c))
-    return _last_attention(x, u, c, layer_norm, eps, scale)
+    return _last_attention(x.float(), u.float(), c.float(), layer_norm, eps, scale)
 

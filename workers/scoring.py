@@ -19,6 +19,7 @@ from torch import Tensor
 
 from workers import models
 from workers.fast import CompactForward
+from workers.sequences import SEQ_LEN
 
 PRECISIONS = ("fp32", "tf32", "bf16")
 
@@ -175,15 +176,15 @@ class Scorer:
             return
         use_compile = compiles_by_default(self.device) if compile is None else compile
         has_triton = importlib.util.find_spec("triton") is not None
-        if self.compact.attention == "triton" and not has_triton:
-            raise ValueError("attention 'triton' needs Triton, which is not installed")
-        self._forward = self._compiled = self.compact
+        if self.compact.attention == "triton":
+            if not has_triton:
+                raise ValueError("attention 'triton' needs Triton, which is not installed")
+            self._check_attention_kernels()
+        self._forward = self.compact
         if use_compile:
             # emulated bf16 (rounded inputs, float32 products): Inductor would fuse the roundings away
             compiled = _batch_dynamic(torch.compile(self.compact), emulate_casts=self.dtype != compute)
-            self._forward = self._compiled = FirstCallFallback(compiled, self.compact, "torch.compile")
-        if self.compact.attention == "triton":
-            self._forward = FirstCallFallback(self._forward, self._products_forward, "the Triton attention")
+            self._forward = FirstCallFallback(compiled, self.compact, "torch.compile")
         if fused is None:
             fused = best["fused"] and has_triton
         self.fused = fused
@@ -209,10 +210,17 @@ class Scorer:
             self._unembed_lse = FusedUnembedLSE(self.compact.W_U[:, : self.compact.d_vocab])
             self._softmax_parts = FirstCallFallback(self._fused_softmax_parts, eager, "the Triton kernel")
 
-    def _products_forward(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch d_model"]:
-        """The Triton attention's fallback: the same numbers from torch's products, eager."""
-        self.compact.attention = "products"
-        return self.compact(tokens)
+    @torch.inference_mode()
+    def _check_attention_kernels(self):
+        """Build the Triton attention on one sequence, before anything is compiled around it: where it
+        fails to build (some machine's Triton or driver), the products attention computes the same
+        numbers, with a warning."""
+        n_pos = min(SEQ_LEN, len(self.compact.W_pos))
+        try:
+            self.compact(torch.zeros(1, n_pos, dtype=torch.long, device=self.device))
+        except Exception as e:  # noqa: BLE001 - any compiler error; products compute the same
+            warn_fallback("the Triton attention", e, "products attention")
+            self.compact.attention = "products"
 
     def _torch_softmax_parts(self, h: Float[Tensor, "batch d_model"]):
         return softmax_parts(self.compact.logits(h, self.logits_dtype))
@@ -250,8 +258,7 @@ class Scorer:
         """What this scorer runs (after any fallback)."""
         if self.compact is None:
             return {"compiled": False, "fused": False, "attention": None, "logits": None, "lse": None}
-        products_fallback = self._forward is not self._compiled and self._forward.primary_ok is False  # eager, after Triton failed
-        compiled = isinstance(self._compiled, FirstCallFallback) and self._compiled.primary_ok is not False and not products_fallback
+        compiled = isinstance(self._forward, FirstCallFallback) and self._forward.primary_ok is not False
         fused = self.fused and self._softmax_parts.primary_ok is not False
         logits = None if fused else "bf16" if self.logits_dtype == torch.bfloat16 else "float32"
         triton_lse = not fused and self.lse == "triton" and self._softmax_parts.primary_ok is not False
@@ -287,14 +294,23 @@ def _batch_dynamic(compiled: Callable, emulate_casts: bool) -> Callable:
     """One compiled graph for every batch size (a shard's last batch is smaller) and every scorer of
     the same precision; without it each new size recompiles, and Dynamo stops compiling after 8.
     ``emulate_casts`` keeps dtype round trips that Inductor would drop, for this scorer's
-    compilations only (Inductor reads its config while it compiles, inside the call)."""
+    compilations only (Inductor reads its config while it compiles, inside the call). Past Dynamo's
+    recompile limit (graphs of one function, all scorers of a process together) the call raises
+    instead of silently running eager, so that FirstCallFallback says so and ``options`` tells."""
 
     def forward(tokens: Int[Tensor, "batch pos"]):
         torch._dynamo.mark_dynamic(tokens, 0)
-        with torch._inductor.config.patch(emulate_precision_casts=emulate_casts):
+        with torch._inductor.config.patch(emulate_precision_casts=emulate_casts), \
+                torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
             return compiled(tokens)
 
     return forward
+
+
+def warn_fallback(what: str, error: Exception, instead: str) -> None:
+    """One line: what failed, the error's first line (a compiler's log follows it), what runs instead."""
+    first = str(error).splitlines()[0] if str(error) else ""
+    warnings.warn(f"{what} failed ({type(error).__name__}: {first}); using {instead}", stacklevel=3)
 
 
 class FirstCallFallback:
@@ -313,8 +329,7 @@ class FirstCallFallback:
         try:
             out = self.primary(*args)
         except Exception as e:  # noqa: BLE001 - any compiler error; the fallback is exact
-            warnings.warn(f"{self.what} failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                          "using the plain torch path", stacklevel=2)
+            warn_fallback(self.what, e, "the plain torch path")
             self.primary_ok = False
             return self.fallback(*args)
         self.primary_ok = True

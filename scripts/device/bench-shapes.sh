@@ -8,8 +8,9 @@
 #                            path, bf16) and attn-only-2l (every precision and unembedding), toy-2l
 #                            checked on the device against TransformerLens (call 3 of docs/PERFORMANCE.md)
 #   bench-shapes.sh triton   the Triton attention (workers/attention_kernels.py) against torch's
-#                            products, with each precision's fastest unembedding so far, on the three
-#                            shapes; toy-2l checked on the device in every variant, the kernels included
+#                            products on the three shapes: bf16 with its fastest unembedding so far,
+#                            tf32 and fp32 with either log-sum-exp of float32 logits (fp32's Triton one
+#                            is unmeasured); toy-2l checked on the device in every variant, kernels included
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 root="${OUT:-bench-out}"
@@ -22,9 +23,10 @@ part() {  # name, seconds, bench options...
 }
 if [ "${1:-}" = triton ]; then
     both=(--attention products,triton --seconds 1 --profile)
-    part attn-only-2l 300 --precisions bf16,tf32,fp32 --batches 65536 --only fused=false,lse=triton "${both[@]}" --check toy-2l
+    part attn-only-2l-bf16 150 --precisions bf16 --batches 65536 --only logits=bf16,lse=triton "${both[@]}" --check toy-2l
+    part attn-only-2l-tf32-fp32 170 --precisions tf32,fp32 --batches 65536 --only fused=false,logits=float32 "${both[@]}"
     part gelu-2l 120 --shape gelu-2l --precisions bf16 --batches 32768,65536 --only logits=bf16,lse=triton "${both[@]}"
-    part gpt2-small 150 --shape gpt2-small --precisions bf16 --batches 8192,16384 --only logits=bf16,lse=triton "${both[@]}"
+    part gpt2-small 140 --shape gpt2-small --precisions bf16 --batches 8192,16384 --only logits=bf16,lse=triton "${both[@]}"
     exit 0
 fi
 part gelu-2l 150 --shape gelu-2l --precisions bf16 --attention products --batches 16384,65536 --seconds 1 --profile

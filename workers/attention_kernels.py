@@ -14,9 +14,10 @@ torch's batched products of them ran at a few percent of an H200 (docs/PERFORMAN
   residual rows, scores them against every head's ``u`` and mixes them by the pattern: the
   LayerNorm'd ``[batch, pos, d_model]`` is never written.
 
-Scores, softmax and mixes are float32 products (``input_precision="ieee"``), as the torch path
-keeps them. Both are ``torch.library`` custom ops, so torch.compile treats them as one opaque call
-with known output shapes. Under ``TRITON_INTERPRET=1`` they run on the CPU (tests/test_attention_kernels.py).
+Scores, softmax and mixes are float32 (``input_precision="ieee"``; TF32 products in the first
+kernel under the scorer's tf32 precision), as the torch path computes them. Both are
+``torch.library`` custom ops, so torch.compile treats them as one opaque call with known output
+shapes. Under ``TRITON_INTERPRET=1`` they run on the CPU (tests/test_attention_kernels.py).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import triton.language as tl
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from workers.unembed_lse import _CACHE, INTERPRET
+from workers.unembed_lse import AUTOTUNE_CACHE, INTERPRET
 
 
 def _block(n: int) -> int:
@@ -35,13 +36,20 @@ def _block(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
+def _dot_precision(device: torch.device) -> str:
+    """TF32 where torch's float32 products take it (the scorer's tf32 precision sets the flag, as the
+    products attention's batched products read it), else full float32."""
+    return "tf32" if device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
 # fewer than 4 warps spilled registers, compiled for sm_90
 @triton.autotune(configs=[triton.Config({}, num_warps=w) for w in ([1] if INTERPRET else [4, 8])],
-                 key=["P", "D_HEAD", "GATHER", "BIG_BATCH"], **_CACHE)
+                 key=["P", "D_HEAD", "GATHER", "BIG_BATCH", "DOT"], **AUTOTUNE_CACHE)
 @triton.jit
 def _causal_attention_kernel(
     qkv_ptr, tokens_ptr, bias_ptr, out_ptr, P, HD, stride_qkv, stride_out, scale_inv,
-    GATHER: tl.constexpr, BIG_BATCH: tl.constexpr, D_HEAD: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr,
+    GATHER: tl.constexpr, BIG_BATCH: tl.constexpr, DOT: tl.constexpr, D_HEAD: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_E: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
@@ -59,11 +67,11 @@ def _causal_attention_kernel(
     q = tl.load(src, mask=ok, other=0.0) + tl.load(bias, mask=ok, other=0.0)
     k = tl.load(src + HD, mask=ok, other=0.0) + tl.load(bias + HD, mask=ok, other=0.0)
     v = tl.load(src + 2 * HD, mask=ok, other=0.0) + tl.load(bias + 2 * HD, mask=ok, other=0.0)
-    scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_inv
+    scores = tl.dot(q, tl.trans(k), input_precision=DOT) * scale_inv
     scores = tl.where((pos[None, :] <= pos[:, None]) & ok_p[None, :], scores, float("-inf"))
     p = tl.exp(scores - tl.max(scores, axis=1)[:, None])
     p = p / tl.sum(p, axis=1)[:, None]
-    z = tl.dot(p, v, input_precision="ieee")
+    z = tl.dot(p, v, input_precision=DOT)
     tl.store(out_ptr + (b * P + pos)[:, None] * stride_out + col, z.to(out_ptr.dtype.element_ty), mask=ok)
 
 
@@ -76,7 +84,8 @@ def _causal_attention(qkv: Tensor, tokens: Tensor, bias: Tensor, gather: bool, n
     out = torch.empty(batch * n_pos, n_heads * d_head, device=qkv.device, dtype=out_dtype)
     _causal_attention_kernel[(batch, n_heads)](
         qkv, tokens, bias, out, n_pos, n_heads * d_head, qkv.stride(0), out.stride(0), 1 / scale,
-        GATHER=gather, BIG_BATCH=batch >= 8192, D_HEAD=d_head, BLOCK_P=_block(n_pos), BLOCK_E=_block(d_head))
+        GATHER=gather, BIG_BATCH=batch >= 8192, DOT=_dot_precision(qkv.device), D_HEAD=d_head, BLOCK_P=_block(n_pos),
+        BLOCK_E=_block(d_head))
     return out
 
 
@@ -98,7 +107,7 @@ def causal_attention(
 
 
 @triton.autotune(configs=[triton.Config({}, num_warps=w) for w in ([1] if INTERPRET else [4, 8, 16])],
-                 key=["P", "D", "N_HEADS", "LAYER_NORM", "BIG_BATCH"], **_CACHE)
+                 key=["P", "D", "N_HEADS", "LAYER_NORM", "BIG_BATCH"], **AUTOTUNE_CACHE)
 @triton.jit
 def _last_attention_kernel(
     x_ptr, u_ptr, c_ptr, mixed_ptr, pattern_ptr, P, D, eps, scale_inv,

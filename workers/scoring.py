@@ -217,7 +217,8 @@ class Scorer:
         numbers, with a warning."""
         n_pos = min(SEQ_LEN, len(self.compact.W_pos))
         try:
-            self.compact(torch.zeros(1, n_pos, dtype=torch.long, device=self.device))
+            with self._matmul_precision():  # TF32 or not: another build of the kernel
+                self.compact(torch.zeros(1, n_pos, dtype=torch.long, device=self.device))
         except Exception as e:  # noqa: BLE001 - any compiler error; products compute the same
             warn_fallback("the Triton attention", e, "products attention")
             self.compact.attention = "products"

@@ -60,10 +60,10 @@ def _fold_tile(m, idx, s, tile, cols, v0):
 # hundred rows) would otherwise serve batches of 65536
 # the tuning's result kept in Triton's on-disk cache where this Triton can (a later actor on the
 # machine skips ~10 configs' compilation and timing); older Tritons lack the option
-_CACHE = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+AUTOTUNE_CACHE = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
 
 
-@triton.autotune(configs=CONFIGS, key=["K", "V", "PRECISION", "BIG_BATCH"], **_CACHE)
+@triton.autotune(configs=CONFIGS, key=["K", "V", "PRECISION", "BIG_BATCH"], **AUTOTUNE_CACHE)
 @triton.jit
 def _unembed_lse_kernel(
     h_ptr, w_ptr, top_value_ptr, top_ptr, rest_ptr, B, K, V, stride_h, stride_w,
@@ -125,7 +125,7 @@ LSE_CONFIGS = ([triton.Config({"BLOCK_B": 4, "BLOCK_V": 64})] if INTERPRET else
                 [(1, 2048, 4), (1, 4096, 8), (2, 2048, 8), (4, 1024, 8), (4, 2048, 8), (8, 1024, 8)]])
 
 
-@triton.autotune(configs=LSE_CONFIGS, key=["V", "BIG_BATCH"], **_CACHE)
+@triton.autotune(configs=LSE_CONFIGS, key=["V", "BIG_BATCH"], **AUTOTUNE_CACHE)
 @triton.jit
 def _lse_kernel(x_ptr, top_value_ptr, top_ptr, rest_ptr, B, V, stride_x,
                 BIG_BATCH: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr):

@@ -53,6 +53,16 @@ def short_tmp():
     shutil.rmtree(path, ignore_errors=True)
 
 
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each test compiles from scratch. The suite builds, in one process, more graphs of the compact
+    forward than Dynamo's recompile limit (8), past which a scorer runs eager (and says so); a run
+    builds one scorer per actor process."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+
+
 @pytest.fixture(scope="session")
 def toy_model():
     from workers import models

@@ -82,6 +82,19 @@ def test_first_call_fallback_switches_once_and_warns():
     assert guarded(2) == 3 and calls == ["primary"] and guarded.primary_ok is False
 
 
+def test_past_dynamos_recompile_limit_a_scorer_says_it_runs_eager(toy_model):
+    """Dynamo stops compiling a function after its recompile limit (8 graphs: all the scorers of a
+    process together) and would run it eager unseen; the scorer warns and reports compiled False."""
+    batch_tokens = torch.randint(FIRST_TOKEN, toy_model.cfg.d_vocab, (4, 24))
+    with torch._dynamo.config.patch(recompile_limit=1):
+        first = Scorer(toy_model, "fp32", compile=True)
+        first.logodds(batch_tokens, batch_tokens[:, :1])
+        second = Scorer(toy_model, "bf16", compile=True)  # another graph of the same forward
+        with pytest.warns(UserWarning, match="torch.compile failed .FailOnRecompileLimitHit"):
+            second.logodds(batch_tokens, batch_tokens[:, :1])
+    assert first.options["compiled"] and not second.options["compiled"]
+
+
 def test_failure_after_a_first_success_is_raised():
     state = {"n": 0}
 

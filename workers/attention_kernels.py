@@ -1,5 +1,5 @@
-"""Attention over a sequence's few positions as Triton kernels, one program per sequence: the
-compact forward's ``attention="triton"`` (workers/fast.py).
+"""Attention over a sequence's few positions as Triton kernels, one program per sequence (and head):
+the compact forward's ``attention="triton"`` (workers/fast.py).
 
 At 24 positions every per-sequence matrix is tiny (24 × 24 scores, 24 × 512 residual rows), and
 torch's batched products of them ran at a few percent of an H200 (docs/PERFORMANCE.md, issue 11:

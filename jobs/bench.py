@@ -313,7 +313,8 @@ def main(args) -> int:
             best = measure(model, precision, options, sample, reference, batches, device, seconds, plain_rate,
                            args.profile)
             results.append(best)
-            print(f"  scorer {best['path']:>8} {precision:5} {json.dumps(options):60} batch {best['batch']:6d}: "
+            ran = {k: best["compiled"] if k == "compile" else best.get(k, v) for k, v in options.items()}  # after any fallback
+            print(f"  scorer {best['path']:>8} {precision:5} {json.dumps(ran):60} batch {best['batch']:6d}: "
                   f"{best['seq_per_s']:12,.0f} seq/s {best['ratio']:6.1f}x   err {best['max_abs_err_strength']:.1e}   "
                   f"{best['peak_mem_mb']:8.0f} MB   token-powers {best['token_powers_s']:,.1f} s", flush=True)
             if args.profile:

@@ -136,13 +136,16 @@ def only(options: list[dict], wanted: dict | None) -> list[dict]:
     return [o for o in options if all(k in o and o[k] == v for k, v in (wanted or {}).items())]
 
 
+ONLY_KEYS = ("compile", "attention", "fused", "logits", "lse", "fast")  # the options of ``variants``
+
+
 def parse_only(text: str) -> dict:
     """``--only logits=bf16,lse=triton,fused=false`` as options (true/false as booleans)."""
     out = {}
     for item in text.split(","):
         key, sep, value = item.partition("=")
-        if not sep or key not in ("compile", "attention", "fused", "logits", "lse", "fast"):
-            raise ConfigError(f"--only {text!r}: give KEY=VALUE pairs of compile, attention, fused, logits, lse, fast")
+        if not sep or key not in ONLY_KEYS:
+            raise ConfigError(f"--only {text!r}: give KEY=VALUE pairs of {', '.join(ONLY_KEYS)}")
         out[key] = {"true": True, "false": False}.get(value.lower(), value)
     return out
 

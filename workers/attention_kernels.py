@@ -44,15 +44,18 @@ def _dot_precision(device: torch.device) -> str:
 
 # fewer than 4 warps spilled registers, compiled for sm_90
 @triton.autotune(configs=[triton.Config({}, num_warps=w) for w in ([1] if INTERPRET else [4, 8])],
-                 key=["P", "D_HEAD", "GATHER", "BIG_BATCH", "DOT"], **AUTOTUNE_CACHE)
+                 key=["P", "N_HEADS", "D_HEAD", "GATHER", "BIG_BATCH", "DOT"], **AUTOTUNE_CACHE)
 @triton.jit
 def _causal_attention_kernel(
     qkv_ptr, tokens_ptr, bias_ptr, out_ptr, P, HD, stride_qkv, stride_out, scale_inv,
-    GATHER: tl.constexpr, BIG_BATCH: tl.constexpr, DOT: tl.constexpr, D_HEAD: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_E: tl.constexpr,
+    GATHER: tl.constexpr, BIG_BATCH: tl.constexpr, DOT: tl.constexpr, N_HEADS: tl.constexpr, D_HEAD: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)
+    # one flat axis with a sequence's heads side by side: they run together and read neighbouring
+    # 128-byte pieces of the same table rows (heads as a grid's first axis would put the batch on its
+    # second, which CUDA caps at 65535)
+    b = (tl.program_id(0) // N_HEADS).to(tl.int64)
+    head = tl.program_id(0) % N_HEADS
     pos = tl.arange(0, BLOCK_P)
     e = tl.arange(0, BLOCK_E)
     ok_p = pos < P
@@ -82,10 +85,10 @@ def _causal_attention(qkv: Tensor, tokens: Tensor, bias: Tensor, gather: bool, n
     # strides as the kernel assumes them (under torch.compile an input's layout is not guaranteed)
     qkv, tokens, bias = (qkv if qkv.stride(1) == 1 else qkv.contiguous()), tokens.contiguous(), bias.contiguous()
     out = torch.empty(batch * n_pos, n_heads * d_head, device=qkv.device, dtype=out_dtype)
-    _causal_attention_kernel[(batch, n_heads)](
+    _causal_attention_kernel[(batch * n_heads,)](
         qkv, tokens, bias, out, n_pos, n_heads * d_head, qkv.stride(0), out.stride(0), 1 / scale,
-        GATHER=gather, BIG_BATCH=batch >= 8192, DOT=_dot_precision(qkv.device), D_HEAD=d_head, BLOCK_P=_block(n_pos),
-        BLOCK_E=_block(d_head))
+        GATHER=gather, BIG_BATCH=batch >= 8192, DOT=_dot_precision(qkv.device), N_HEADS=n_heads, D_HEAD=d_head,
+        BLOCK_P=_block(n_pos), BLOCK_E=_block(d_head))
     return out
 
 

@@ -3,6 +3,12 @@ TransformerLens' full forward. Without a GPU they run under Triton's interpreter
 set in conftest.py), about 10 ms per program: the batches here are small. bench --check runs them
 on a GPU against TransformerLens (scripts/device/bench.sh)."""
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,6 +23,7 @@ from workers.fast import layer_norm_pre  # noqa: E402
 from workers.scoring import Scorer  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def torch_causal_attention(qkv, n_heads, d_head, scale):
@@ -115,3 +122,24 @@ def test_a_kernel_that_fails_to_build_falls_back_to_products(toy_model, monkeypa
     assert scorer.options["attention"] == "products" and scorer.options["compiled"] == compile
     want = Scorer(toy_model, "fp32", compile=False, attention="products").logodds(batch.tokens, batch.b[:, None])
     assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_kernels_compile_for_hopper_and_keep_their_tiles_in_registers():
+    """scripts/kernel_registers.py compiles every autotune config for sm_90 with Triton's own ptxas, no
+    GPU needed. The attention kernels and the log-sum-exp hold a sequence (or a row's tile) in
+    registers: a change that makes them spill (a tl.dot over d_model spilled 13-27 KB per thread)
+    fails here rather than on a device. The tuner picks among configs, so each kernel needs one that
+    spills nothing, and none may spill more than a few words. The fused unembedding's larger tiles
+    spill and were measured so (docs/PERFORMANCE.md): one of its configs must still fit."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "kernel_registers.py"), "--json"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    kernels = json.loads(done.stdout)
+    assert set(kernels) == {"causal_attention table bf16", "causal_attention table tf32", "last_attention", "logits_lse bf16",
+                            "unembed_lse bf16"}
+    for name, configs in kernels.items():
+        assert min(c["spill_bytes"] for c in configs) == 0, (name, configs)
+        assert all(0 < c["registers"] <= 255 for c in configs), (name, configs)
+        if not name.startswith("unembed_lse"):
+            assert max(c["spill_bytes"] for c in configs) <= 64, (name, configs)

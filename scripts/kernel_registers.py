@@ -1,0 +1,114 @@
+#!/usr/bin/env python
+"""Compile the project's Triton kernels for a GPU offline (no GPU needed) and print, for every
+autotune config, the registers per thread, the spilled bytes, the shared memory and how many
+programs the registers let one SM hold.
+
+    .venv/bin/python scripts/kernel_registers.py [--arch 90] [--json]
+
+Shapes are attn-only-2l's (8 heads of 64, d_model 512, 24 positions, W_U 576 × 48320 in bf16).
+Triton's own ptxas assembles each kernel with Triton's options, so the figures are what this Triton
+would load on the card; another Triton (a CUDA torch's own) may allocate differently. Spills are
+what to look for: a kernel that holds a sequence, or a tile of logits, in registers is slow once
+they overflow to local memory (docs/PERFORMANCE.md, "Registers").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)  # the real configs, not the interpreter's (read at import)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from workers import attention_kernels, unembed_lse  # noqa: E402
+
+REGISTERS_PER_SM, THREADS_PER_SM = 65536, 2048  # every NVIDIA GPU since Volta
+
+POS, HEADS, D_HEAD, D_MODEL = 24, 8, 64, 512
+
+
+def _causal(dot: str, gather: bool) -> tuple:
+    types = dict(qkv_ptr="*fp32", tokens_ptr="*i64", bias_ptr="*fp32", out_ptr="*bf16", P="i32", HD="i32", stride_qkv="i32",
+                 stride_out="i32", scale_inv="fp32")
+    consts = dict(GATHER=gather, BIG_BATCH=True, DOT=dot, N_HEADS=HEADS, D_HEAD=D_HEAD, BLOCK_P=32, BLOCK_E=D_HEAD)
+    return attention_kernels._causal_attention_kernel, types, consts
+
+
+def _last() -> tuple:
+    types = dict(x_ptr="*fp32", u_ptr="*fp32", c_ptr="*fp32", mixed_ptr="*fp32", pattern_ptr="*fp32", P="i32", D="i32", eps="fp32",
+                 scale_inv="fp32")
+    consts = dict(N_HEADS=HEADS, LAYER_NORM=True, BIG_BATCH=True, BLOCK_P=32, BLOCK_D=D_MODEL)
+    return attention_kernels._last_attention_kernel, types, consts
+
+
+def _lse() -> tuple:
+    types = dict(x_ptr="*bf16", top_value_ptr="*fp32", top_ptr="*i32", rest_ptr="*fp32", B="i32", V="i32", stride_x="i32")
+    return unembed_lse._lse_kernel, types, dict(BIG_BATCH=True)
+
+
+def _fused() -> tuple:
+    types = dict(h_ptr="*bf16", w_ptr="*bf16", top_value_ptr="*fp32", top_ptr="*i32", rest_ptr="*fp32", B="i32", K="i32", V="i32",
+                 stride_h="i32", stride_w="i32")
+    return unembed_lse._unembed_lse_kernel, types, dict(PRECISION="tf32", BIG_BATCH=True)
+
+
+# what each kernel runs as in a bf16 (or tf32) step of attn-only-2l
+KERNELS = {
+    "causal_attention table bf16": _causal("ieee", True),
+    "causal_attention table tf32": _causal("tf32", True),
+    "last_attention": _last(),
+    "logits_lse bf16": _lse(),
+    "unembed_lse bf16": _fused(),
+}
+
+
+def usage(kernel, types: dict, consts: dict, config: triton.Config, arch: int) -> dict:
+    """Registers and spills of one config, from ptxas' own report."""
+    consts = {**consts, **config.kwargs}
+    signature = {**types, **{name: "constexpr" for name in consts}}
+    compiled = triton.compile(ASTSource(fn=kernel.fn, signature=signature, constexprs=consts),
+                              target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = Path(tmp, "kernel.ptx")
+        ptx.write_text(compiled.asm["ptx"])
+        report = subprocess.run([get_ptxas(arch).path, "-v", "--regAllocOptLevel=2", f"--gpu-name=sm_{arch}a", str(ptx), "-o",
+                                 str(Path(tmp, "kernel.cubin"))], capture_output=True, text=True, check=True).stderr
+    registers = int(re.search(r"Used (\d+) registers", report).group(1))
+    spilled = int(re.search(r"(\d+) bytes spill stores", report).group(1))
+    threads = 32 * config.num_warps
+    return {"config": {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}, "registers": registers,
+            "spill_bytes": spilled, "shared_bytes": compiled.metadata.shared,
+            "programs_per_sm_by_registers": min(REGISTERS_PER_SM // (registers * threads), THREADS_PER_SM // threads)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability × 10 (90: H100/H200)")
+    parser.add_argument("--json", action="store_true", help="one JSON object: kernel -> configs")
+    args = parser.parse_args()
+    results = {name: [usage(kernel, types, consts, config, args.arch) for config in kernel.configs]
+               for name, (kernel, types, consts) in KERNELS.items()}
+    if args.json:
+        print(json.dumps(results, indent=1))
+        return
+    for name, rows in results.items():
+        print(name)
+        for r in rows:
+            print(f"  {r['config']}: {r['registers']} registers, {r['spill_bytes']} bytes spilled, "
+                  f"{r['shared_bytes']} bytes shared, registers for {r['programs_per_sm_by_registers']} programs per SM")
+
+
+if __name__ == "__main__":
+    main()

@@ -42,25 +42,25 @@ def _causal(dot: str, gather: bool) -> tuple:
     types = dict(qkv_ptr="*fp32", tokens_ptr="*i64", bias_ptr="*fp32", out_ptr="*bf16", P="i32", HD="i32", stride_qkv="i32",
                  stride_out="i32", scale_inv="fp32")
     consts = dict(GATHER=gather, BIG_BATCH=True, DOT=dot, N_HEADS=HEADS, D_HEAD=D_HEAD, BLOCK_P=32, BLOCK_E=D_HEAD)
-    return attention_kernels._causal_attention_kernel, types, consts
+    return attention_kernels._causal_attention_kernel, types, consts, {"HD", "stride_qkv", "stride_out"}
 
 
 def _last() -> tuple:
     types = dict(x_ptr="*fp32", u_ptr="*fp32", c_ptr="*fp32", mixed_ptr="*fp32", pattern_ptr="*fp32", P="i32", D="i32", eps="fp32",
                  scale_inv="fp32")
     consts = dict(N_HEADS=HEADS, LAYER_NORM=True, BIG_BATCH=True, BLOCK_P=32, BLOCK_D=D_MODEL)
-    return attention_kernels._last_attention_kernel, types, consts
+    return attention_kernels._last_attention_kernel, types, consts, {"D"}
 
 
 def _lse() -> tuple:
     types = dict(x_ptr="*bf16", top_value_ptr="*fp32", top_ptr="*i32", rest_ptr="*fp32", B="i32", V="i32", stride_x="i32")
-    return unembed_lse._lse_kernel, types, dict(BIG_BATCH=True)
+    return unembed_lse._lse_kernel, types, dict(BIG_BATCH=True), {"B", "stride_x"}
 
 
 def _fused() -> tuple:
     types = dict(h_ptr="*bf16", w_ptr="*bf16", top_value_ptr="*fp32", top_ptr="*i32", rest_ptr="*fp32", B="i32", K="i32", V="i32",
                  stride_h="i32", stride_w="i32")
-    return unembed_lse._unembed_lse_kernel, types, dict(PRECISION="tf32", BIG_BATCH=True)
+    return unembed_lse._unembed_lse_kernel, types, dict(PRECISION="tf32", BIG_BATCH=True), {"B", "K", "stride_h", "stride_w"}
 
 
 # what each kernel runs as in a bf16 (or tf32) step of attn-only-2l
@@ -73,11 +73,14 @@ KERNELS = {
 }
 
 
-def usage(kernel, types: dict, consts: dict, config: triton.Config, arch: int) -> dict:
-    """Registers and spills of one config, from ptxas' own report."""
+def usage(kernel, types: dict, consts: dict, multiples_of_16: set, config: triton.Config, arch: int) -> dict:
+    """Registers and spills of one config, from ptxas' own report. Pointers, and the integers named in
+    ``multiples_of_16``, are marked divisible by 16 as a launch marks them (wide loads depend on it)."""
     consts = {**consts, **config.kwargs}
     signature = {**types, **{name: "constexpr" for name in consts}}
-    compiled = triton.compile(ASTSource(fn=kernel.fn, signature=signature, constexprs=consts),
+    names = kernel.fn.arg_names
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a, t in types.items() if t.startswith("*") or a in multiples_of_16}
+    compiled = triton.compile(ASTSource(fn=kernel.fn, signature=signature, constexprs=consts, attrs=attrs),
                               target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": config.num_warps, "num_stages": config.num_stages})
     with tempfile.TemporaryDirectory() as tmp:
@@ -98,8 +101,8 @@ def main() -> None:
     parser.add_argument("--arch", type=int, default=90, help="compute capability × 10 (90: H100/H200)")
     parser.add_argument("--json", action="store_true", help="one JSON object: kernel -> configs")
     args = parser.parse_args()
-    results = {name: [usage(kernel, types, consts, config, args.arch) for config in kernel.configs]
-               for name, (kernel, types, consts) in KERNELS.items()}
+    results = {name: [usage(kernel, types, consts, aligned, config, args.arch) for config in kernel.configs]
+               for name, (kernel, types, consts, aligned) in KERNELS.items()}
     if args.json:
         print(json.dumps(results, indent=1))
         return

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Compile the project's Triton kernels for a GPU offline (no GPU needed) and print, for every
-autotune config, the registers per thread, the spilled bytes, the shared memory and how many
-programs the registers let one SM hold.
+autotune config, the registers per thread, the spilled bytes, the shared memory, how many programs
+the registers let one SM hold, and the instructions of its main loop (per thread and iteration).
 
     .venv/bin/python scripts/kernel_registers.py [--arch 90] [--json]
 
@@ -73,6 +73,18 @@ KERNELS = {
 }
 
 
+def _longest_loop(sass: str) -> int:
+    """Instructions in the longest block that branches back to its own label (a kernel's main loop,
+    per thread and iteration); 0 without a loop."""
+    longest = 0
+    for block in re.split(r"\n(?=\.L_x_\d+:)", sass):
+        label = block.split(":", 1)[0]
+        body = [line for line in block.splitlines() if re.search(r"/\*[0-9a-f]{4}\*/", line)]
+        if label.startswith(".L_x_") and any("BRA" in line and f"({label})" in line for line in body):  # BRA `(.L_x_1)
+            longest = max(longest, sum("NOP" not in line for line in body))
+    return longest if longest > 1 else 0  # a lone BRA to itself ends every kernel
+
+
 def usage(kernel, types: dict, consts: dict, multiples_of_16: set, config: triton.Config, arch: int) -> dict:
     """Registers and spills of one config, from ptxas' own report. Pointers, and the integers named in
     ``multiples_of_16``, are marked divisible by 16 as a launch marks them (wide loads depend on it)."""
@@ -88,11 +100,13 @@ def usage(kernel, types: dict, consts: dict, multiples_of_16: set, config: trito
         ptx.write_text(compiled.asm["ptx"])
         report = subprocess.run([get_ptxas(arch).path, "-v", "--regAllocOptLevel=2", f"--gpu-name=sm_{arch}a", str(ptx), "-o",
                                  str(Path(tmp, "kernel.cubin"))], capture_output=True, text=True, check=True).stderr
+        sass = subprocess.run([str(Path(get_ptxas(arch).path).with_name("nvdisasm")), "-c", str(Path(tmp, "kernel.cubin"))],
+                              capture_output=True, text=True, check=True).stdout
     registers = int(re.search(r"Used (\d+) registers", report).group(1))
     spilled = int(re.search(r"(\d+) bytes spill stores", report).group(1))
     threads = 32 * config.num_warps
     return {"config": {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}, "registers": registers,
-            "spill_bytes": spilled, "shared_bytes": compiled.metadata.shared,
+            "spill_bytes": spilled, "shared_bytes": compiled.metadata.shared, "loop_instructions": _longest_loop(sass),
             "programs_per_sm_by_registers": min(REGISTERS_PER_SM // (registers * threads), THREADS_PER_SM // threads)}
 
 
@@ -110,7 +124,8 @@ def main() -> None:
         print(name)
         for r in rows:
             print(f"  {r['config']}: {r['registers']} registers, {r['spill_bytes']} bytes spilled, "
-                  f"{r['shared_bytes']} bytes shared, registers for {r['programs_per_sm_by_registers']} programs per SM")
+                  f"{r['shared_bytes']} bytes shared, registers for {r['programs_per_sm_by_registers']} programs per SM, "
+                  f"{r['loop_instructions']} instructions in its main loop")
 
 
 if __name__ == "__main__":

@@ -70,13 +70,16 @@ def test_logits_lse_matches_softmax_parts(dtype):
     logits[1, 3] = logits[1, 5] = 25.0  # a tie: one is the top, the other stays in the mass
     logits[2, 1000] = 40.0  # the top in the last, partial tile
     logits[3, :300] = float("-inf")  # the first tiles all -inf: the running top is -inf when they fold
+    logits[4, 10] = logits[4, 10 + 64] = 30.0  # a tie a tile apart: the same slot of the kernel (interpreter tiles are 64)
+    logits[5, 1:] = float("-inf")  # one finite logit: nothing else has mass (rest -inf)
     logits = logits.to(dtype).to(DEVICE)
     top_value, top, rest = logits_lse(logits)
     ref_value, ref_top, ref_rest = softmax_parts(logits.cpu().double())
-    assert top[0, 0] == 700 and top[1, 0] in (3, 5) and top[2, 0] == 1000
+    assert top[0, 0] == 700 and top[1, 0] == 3 and top[2, 0] == 1000 and top[4, 0] == 10 and top[5, 0] == 0
+    assert rest[5, 0] == float("-inf") and ref_rest[5, 0] == float("-inf")
     assert torch.equal(top.cpu(), ref_top) and top_value.dtype == rest.dtype == torch.float32
     assert (top_value.cpu().double() - ref_value).abs().max() < 1e-5
-    assert (rest.cpu().double() - ref_rest).abs().max() < 1e-5
+    assert (rest[:5].cpu().double() - ref_rest[:5]).abs().max() < 1e-5 and (rest[6:].cpu().double() - ref_rest[6:]).abs().max() < 1e-5
 
 
 @pytest.mark.parametrize("logits", ["float32", "bf16"])

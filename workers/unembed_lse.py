@@ -7,6 +7,8 @@ other token relative to the top). The mass excludes the top token by index, not 
 1, so it stays exact when it is 1e-30 of the top (p(B) near 1). The output is what
 ``workers.scoring.softmax_parts`` computes from materialised logits. ``FusedUnembedLSE`` keeps
 W_U padded so that every row starts 128-byte aligned, which Triton's loads specialise on.
+``logits_lse`` keeps that running state per column slot instead of per row, so that nothing is
+reduced across threads until a row ends (it was bound by instructions, not by reading the logits).
 
 On CUDA the scorer's default for bf16 and tf32 is ``logits_lse`` over cuBLAS's logits (measured
 faster than the fused kernel, docs/PERFORMANCE.md); the fused kernel stays an option. Elsewhere
@@ -122,7 +124,18 @@ def unembed_lse(
 
 LSE_CONFIGS = ([triton.Config({"BLOCK_B": 4, "BLOCK_V": 64})] if INTERPRET else
                [triton.Config({"BLOCK_B": b, "BLOCK_V": v}, num_warps=w) for b, v, w in
-                [(1, 2048, 4), (1, 4096, 8), (2, 2048, 8), (4, 1024, 8), (4, 2048, 8), (8, 1024, 8)]])
+                [(1, 1024, 4), (1, 2048, 4), (1, 2048, 8), (1, 4096, 8), (2, 1024, 4), (2, 2048, 8), (4, 1024, 8)]])
+
+
+@triton.jit
+def _fold_slots(m, tile, s, x, t):
+    """Fold tile ``t`` of a row (``x``: one logit per slot, -inf past the vocabulary) into each slot's
+    running top ``m``, the tile it came from and ``s`` = Σ exp(logit - m) over the slot's other logits.
+    Elementwise: no reduction across threads until the row ends."""
+    new = x > m  # ties keep the earlier logit, as argmax does
+    e = tl.exp(-tl.abs(x - m))  # exp(m - x) for a new top (the old one joins the rest), else exp(x - m)
+    e = tl.where(x == float("-inf"), 0.0, e)  # nothing to add, and no NaN from -inf - -inf
+    return tl.where(new, x, m), tl.where(new, t, tile), tl.where(new, s * e + e, s + e)
 
 
 @triton.autotune(configs=LSE_CONFIGS, key=["V", "BIG_BATCH"], **AUTOTUNE_CACHE)
@@ -130,25 +143,39 @@ LSE_CONFIGS = ([triton.Config({"BLOCK_B": 4, "BLOCK_V": 64})] if INTERPRET else
 def _lse_kernel(x_ptr, top_value_ptr, top_ptr, rest_ptr, B, V, stride_x,
                 BIG_BATCH: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr):
     rows = (tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
-    m = tl.full((BLOCK_B,), float("-inf"), tl.float32)
-    idx = tl.zeros((BLOCK_B,), tl.int32)
-    s = tl.zeros((BLOCK_B,), tl.float32)
-    for v0 in range(0, V, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V)
-        x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=(rows[:, None] < B) & (cols[None, :] < V),
-                    other=float("-inf"))
-        m, idx, s = _fold_tile(m, idx, s, x.to(tl.float32), cols, v0)
+    slots = tl.arange(0, BLOCK_V)
+    # rows past the batch read the last row again (not stored): whole tiles need no mask at all
+    ptrs = x_ptr + tl.minimum(rows, B - 1)[:, None] * stride_x + slots[None, :]
+    # slot j of a row sees columns j, j + BLOCK_V, ...: a [BLOCK_B, BLOCK_V] running state, merged once
+    # at the end. Compiled for sm_90 (scripts/kernel_registers.py), folding each tile across threads
+    # (max, index, sum) took ~24 instructions a logit and 5 barriers a tile; this takes ~15 and none.
+    m = tl.full((BLOCK_B, BLOCK_V), float("-inf"), tl.float32)
+    tile = tl.zeros((BLOCK_B, BLOCK_V), tl.int32)
+    s = tl.zeros((BLOCK_B, BLOCK_V), tl.float32)
+    full = V // BLOCK_V
+    for t in range(0, full):  # whole tiles: no column mask, so the loads are 16 bytes wide
+        x = tl.load(ptrs + t * BLOCK_V)
+        m, tile, s = _fold_slots(m, tile, s, x.to(tl.float32), t)
+    if full * BLOCK_V < V:
+        x = tl.load(ptrs + full * BLOCK_V, mask=(full * BLOCK_V + slots < V)[None, :], other=float("-inf"))
+        m, tile, s = _fold_slots(m, tile, s, x.to(tl.float32), full)
+    top_value = tl.max(m, axis=1)
+    cols = tile * BLOCK_V + slots[None, :]
+    top = tl.min(tl.where(m == top_value[:, None], cols, V), axis=1)  # the first column holding the top
+    # the other slots' tops join the rest; slots that saw only -inf add nothing
+    scale = tl.where(m == float("-inf"), 0.0, tl.exp(m - top_value[:, None]))
+    rest = tl.sum((s + tl.where(cols == top[:, None], 0.0, 1.0)) * scale, axis=1)
     ok = rows < B
-    tl.store(top_value_ptr + rows, m, mask=ok)
-    tl.store(top_ptr + rows, idx, mask=ok)
-    tl.store(rest_ptr + rows, m + tl.log(s), mask=ok)
+    tl.store(top_value_ptr + rows, top_value, mask=ok)
+    tl.store(top_ptr + rows, top, mask=ok)
+    tl.store(rest_ptr + rows, top_value + tl.log(rest), mask=ok)
 
 
 def logits_lse(
     logits: Float[Tensor, "batch vocab"],
 ) -> tuple[Float[Tensor, "batch 1"], Int[Tensor, "batch 1"], Float[Tensor, "batch 1"]]:
     """``workers.scoring.softmax_parts`` of materialised logits (bf16 or float32, summed in float32)
-    in one read: each row's tiles folded as the fused kernel folds its own."""
+    in one read: each slot of a row's tiles folded on its own, the slots merged once at the end."""
     logits = _interpretable(logits)
     assert logits.stride(1) == 1, "rows must be contiguous"
     B, V = logits.shape

@@ -197,11 +197,28 @@ def measure(model, precision: str, options: dict, sample, reference, batches, de
     if profile:
         best["profile"] = profile_step(best_step, device)
     best.update(scorer.options)  # what ran, after any fallback from torch.compile or the Triton kernel
-    if best["fused"]:
+    if kernels := triton_kernels(best):
+        # the autotuner's pick for the last shape it ran: the profiled (or the largest) batch
+        best["triton_configs"] = {name: str(getattr(kernel, "best_config", None)) for name, kernel in kernels.items()}
+    return best
+
+
+def triton_kernels(options: dict) -> dict:
+    """The Triton kernels (autotuners) a scorer with these options runs, by name."""
+    kernels = {}
+    if options.get("fused"):
         from workers.unembed_lse import _unembed_lse_kernel
 
-        best["triton_config"] = str(getattr(_unembed_lse_kernel, "best_config", None))  # the autotuner's pick
-    return best
+        kernels["unembed_lse"] = _unembed_lse_kernel
+    elif options.get("lse") == "triton":
+        from workers.unembed_lse import _lse_kernel
+
+        kernels["logits_lse"] = _lse_kernel
+    if options.get("attention") == "triton":
+        from workers.attention_kernels import _causal_attention_kernel, _last_attention_kernel
+
+        kernels.update(causal_attention=_causal_attention_kernel, last_attention=_last_attention_kernel)
+    return kernels
 
 
 def check(spec: str, device: torch.device) -> list[dict]:
@@ -320,6 +337,8 @@ def main(args) -> int:
             print(f"  scorer {best['path']:>8} {precision:5} {json.dumps(ran):60} batch {best['batch']:6d}: "
                   f"{best['seq_per_s']:12,.0f} seq/s {best['ratio']:6.1f}x   err {best['max_abs_err_strength']:.1e}   "
                   f"{best['peak_mem_mb']:8.0f} MB   token-powers {best['token_powers_s']:,.1f} s", flush=True)
+            if "triton_configs" in best:
+                print(f"    Triton tiles: {best['triton_configs']}", flush=True)
             if args.profile:
                 print(best["profile"], flush=True)
 

@@ -86,3 +86,21 @@ def test_precision_bias_of_the_powers_against_fp32():
     assert 0 < bf16["B_max_abs"] < 0.1 and abs(bf16["A_mean_bias"]) <= bf16["A_max_abs"]
     assert result["auto"] == ("bf16" if bf16["within"] else "fp32") and result["bound"] == BIAS_BOUND
     assert (powers("toy-2l", "fp32", "cpu", 6, 16) == powers("toy-2l", "fp32", "cpu", 6, 16)).all()  # deterministic
+
+
+def test_triton_kernels_of_a_variant_report_their_tiles(toy_model):
+    """bench --json names the tiles the autotuner chose for each Triton kernel a variant ran (the
+    device run's record of what the tuner picked); under the interpreter each has its one config."""
+    triton = pytest.importorskip("triton")
+    from jobs.bench import triton_kernels
+    from workers.scoring import Scorer
+
+    assert triton_kernels({"fused": False, "lse": "torch", "attention": "products"}) == {}
+    assert list(triton_kernels({"fused": True, "lse": "triton", "attention": "sdpa"})) == ["unembed_lse"]
+    options = {"fused": False, "lse": "triton", "attention": "triton"}
+    kernels = triton_kernels(options)
+    assert list(kernels) == ["logits_lse", "causal_attention", "last_attention"]
+    scorer = Scorer(toy_model, "fp32", compile=False, **options)
+    tokens = torch.randint(1, 2048, (4, 24))
+    scorer.logodds(tokens, tokens[:, :1])
+    assert all(isinstance(kernel.best_config, triton.Config) for kernel in kernels.values())

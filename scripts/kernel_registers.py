@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Compile the project's Triton kernels for a GPU offline (no GPU needed) and print, for every
 autotune config, the registers per thread, the spilled bytes, the shared memory, how many programs
-the registers let one SM hold, and the instructions of its main loop (per thread and iteration).
+the registers let one SM hold, and its instructions per thread (all, and those of its main loop).
 
     .venv/bin/python scripts/kernel_registers.py [--arch 90] [--json]
 
@@ -73,13 +73,18 @@ KERNELS = {
 }
 
 
+def _instructions(sass: str) -> int:
+    """The kernel's instructions per thread, as written (a loop's body counted once; NOPs left out)."""
+    return sum(bool(re.search(r"/\*[0-9a-f]{4,}\*/", line)) and "NOP" not in line for line in sass.splitlines())
+
+
 def _longest_loop(sass: str) -> int:
     """Instructions in the longest block that branches back to its own label (a kernel's main loop,
     per thread and iteration); 0 without a loop."""
     longest = 0
     for block in re.split(r"\n(?=\.L_x_\d+:)", sass):
         label = block.split(":", 1)[0]
-        body = [line for line in block.splitlines() if re.search(r"/\*[0-9a-f]{4}\*/", line)]
+        body = [line for line in block.splitlines() if re.search(r"/\*[0-9a-f]{4,}\*/", line)]
         if label.startswith(".L_x_") and any("BRA" in line and f"({label})" in line for line in body):  # BRA `(.L_x_1)
             longest = max(longest, sum("NOP" not in line for line in body))
     return longest if longest > 1 else 0  # a lone BRA to itself ends every kernel
@@ -106,7 +111,8 @@ def usage(kernel, types: dict, consts: dict, multiples_of_16: set, config: trito
     spilled = int(re.search(r"(\d+) bytes spill stores", report).group(1))
     threads = 32 * config.num_warps
     return {"config": {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}, "registers": registers,
-            "spill_bytes": spilled, "shared_bytes": compiled.metadata.shared, "loop_instructions": _longest_loop(sass),
+            "spill_bytes": spilled, "shared_bytes": compiled.metadata.shared, "instructions": _instructions(sass),
+            "loop_instructions": _longest_loop(sass),
             "programs_per_sm_by_registers": min(REGISTERS_PER_SM // (registers * threads), THREADS_PER_SM // threads)}
 
 
@@ -125,7 +131,7 @@ def main() -> None:
         for r in rows:
             print(f"  {r['config']}: {r['registers']} registers, {r['spill_bytes']} bytes spilled, "
                   f"{r['shared_bytes']} bytes shared, registers for {r['programs_per_sm_by_registers']} programs per SM, "
-                  f"{r['loop_instructions']} instructions in its main loop")
+                  f"{r['instructions']} instructions, {r['loop_instructions']} in its main loop")
 
 
 if __name__ == "__main__":

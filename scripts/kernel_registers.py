@@ -1,15 +1,18 @@
 #!/usr/bin/env python
 """Compile the project's Triton kernels for a GPU offline (no GPU needed) and print, for every
-autotune config, the registers per thread, the spilled bytes, the shared memory, how many programs
-the registers let one SM hold, and its instructions per thread (all, and those of its main loop).
+autotune config: registers per thread, spilled bytes, shared memory, how many programs the
+registers let one SM hold, instructions per thread (the loops' bodies apart) and, from those, the
+instructions of one program and an H200's time to issue a whole step's (65536 rows of attn-only-2l).
 
     .venv/bin/python scripts/kernel_registers.py [--arch 90] [--json]
 
 Shapes are attn-only-2l's (8 heads of 64, d_model 512, 24 positions, W_U 576 × 48320 in bf16).
 Triton's own ptxas assembles each kernel with Triton's options, so the figures are what this Triton
-would load on the card; another Triton (a CUDA torch's own) may allocate differently. Spills are
-what to look for: a kernel that holds a sequence, or a tile of logits, in registers is slow once
-they overflow to local memory (docs/PERFORMANCE.md, "Registers").
+would load on the card; another Triton (a CUDA torch's own) may allocate differently. The issue time
+is a floor, not a forecast: it leaves out stalls on memory, barriers and the tensor cores. What to
+look for: spills (a kernel that holds a sequence, or a row's slots, in registers is slow once they
+overflow to local memory) and instructions far above the arithmetic (docs/PERFORMANCE.md, "Compiled
+for sm_90 without a GPU").
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import re
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)  # the real configs, not the interpreter's (read at import)
@@ -34,39 +39,57 @@ from triton.compiler import ASTSource  # noqa: E402
 from workers import attention_kernels, unembed_lse  # noqa: E402
 
 REGISTERS_PER_SM, THREADS_PER_SM = 65536, 2048  # every NVIDIA GPU since Volta
+# an H200 issues one warp instruction per clock on each of its 132 SMs' 4 schedulers, at up to 1.98 GHz
+ISSUE_PER_S = 132 * 4 * 32 * 1.98e9
 
-POS, HEADS, D_HEAD, D_MODEL = 24, 8, 64, 512
+ROWS, POS, HEADS, D_HEAD, D_MODEL, VOCAB = 65536, 24, 8, 64, 512, 48262  # a bf16 step of attn-only-2l
 
 
-def _causal(dot: str, gather: bool) -> tuple:
+@dataclass
+class Case:
+    """One kernel as a step of attn-only-2l runs it: argument types, constants, the integer arguments
+    that are multiples of 16 there, and (per config) each loop's trips and the programs a step launches."""
+    kernel: object
+    types: dict
+    consts: dict
+    multiples_of_16: set
+    trips: Callable[[dict], int] | None  # None: nested loops, no estimate
+    programs: Callable[[dict], int]
+
+
+def _causal(dot: str) -> Case:
     types = dict(qkv_ptr="*fp32", tokens_ptr="*i64", bias_ptr="*fp32", out_ptr="*bf16", P="i32", HD="i32", stride_qkv="i32",
                  stride_out="i32", scale_inv="fp32")
-    consts = dict(GATHER=gather, BIG_BATCH=True, DOT=dot, N_HEADS=HEADS, D_HEAD=D_HEAD, BLOCK_P=32, BLOCK_E=D_HEAD)
-    return attention_kernels._causal_attention_kernel, types, consts, {"HD", "stride_qkv", "stride_out"}
+    consts = dict(GATHER=True, BIG_BATCH=True, DOT=dot, N_HEADS=HEADS, D_HEAD=D_HEAD, BLOCK_P=32, BLOCK_E=D_HEAD)
+    return Case(attention_kernels._causal_attention_kernel, types, consts, {"HD", "stride_qkv", "stride_out"},
+                lambda c: 1, lambda c: ROWS * HEADS)
 
 
-def _last() -> tuple:
+def _last() -> Case:
     types = dict(x_ptr="*fp32", u_ptr="*fp32", c_ptr="*fp32", mixed_ptr="*fp32", pattern_ptr="*fp32", P="i32", D="i32", eps="fp32",
                  scale_inv="fp32")
-    consts = dict(N_HEADS=HEADS, LAYER_NORM=True, BIG_BATCH=True, BLOCK_P=32, BLOCK_D=D_MODEL)
-    return attention_kernels._last_attention_kernel, types, consts, {"D"}
+    consts = dict(N_HEADS=HEADS, LAYER_NORM=True, BIG_BATCH=True, BLOCK_P=32, BLOCK_H=HEADS)
+    return Case(attention_kernels._last_attention_kernel, types, consts, {"D"}, lambda c: D_MODEL // c.get("CHUNK", D_MODEL),
+                lambda c: ROWS)
 
 
-def _lse() -> tuple:
+def _lse() -> Case:
     types = dict(x_ptr="*bf16", top_value_ptr="*fp32", top_ptr="*i32", rest_ptr="*fp32", B="i32", V="i32", stride_x="i32")
-    return unembed_lse._lse_kernel, types, dict(BIG_BATCH=True), {"B", "stride_x"}
+    return Case(unembed_lse._lse_kernel, types, dict(BIG_BATCH=True), {"B", "stride_x"}, lambda c: VOCAB // c["BLOCK_V"],
+                lambda c: ROWS // c["BLOCK_B"])
 
 
-def _fused() -> tuple:
+def _fused() -> Case:
     types = dict(h_ptr="*bf16", w_ptr="*bf16", top_value_ptr="*fp32", top_ptr="*i32", rest_ptr="*fp32", B="i32", K="i32", V="i32",
                  stride_h="i32", stride_w="i32")
-    return unembed_lse._unembed_lse_kernel, types, dict(PRECISION="tf32", BIG_BATCH=True), {"B", "K", "stride_h", "stride_w"}
+    return Case(unembed_lse._unembed_lse_kernel, types, dict(PRECISION="tf32", BIG_BATCH=True), {"B", "K", "stride_h", "stride_w"},
+                None, lambda c: ROWS // c["BLOCK_B"])
 
 
-# what each kernel runs as in a bf16 (or tf32) step of attn-only-2l
+# what each kernel runs as in a bf16 step of attn-only-2l (fp32 for the float32 products)
 KERNELS = {
-    "causal_attention table bf16": _causal("ieee", True),
-    "causal_attention table tf32": _causal("tf32", True),
+    "causal_attention table fp32": _causal("ieee"),
+    "causal_attention table bf16/tf32": _causal("tf32"),
     "last_attention": _last(),
     "logits_lse bf16": _lse(),
     "unembed_lse bf16": _fused(),
@@ -78,26 +101,29 @@ def _instructions(sass: str) -> int:
     return sum(bool(re.search(r"/\*[0-9a-f]{4,}\*/", line)) and "NOP" not in line for line in sass.splitlines())
 
 
-def _longest_loop(sass: str) -> int:
-    """Instructions in the longest block that branches back to its own label (a kernel's main loop,
-    per thread and iteration); 0 without a loop."""
-    longest = 0
+def _loops(sass: str) -> list[int]:
+    """Instructions in each block that branches back to its own label (a loop's body, per thread and
+    iteration; a lone BRA to itself ends every kernel and is left out)."""
+    loops = []
     for block in re.split(r"\n(?=\.L_x_\d+:)", sass):
         label = block.split(":", 1)[0]
         body = [line for line in block.splitlines() if re.search(r"/\*[0-9a-f]{4,}\*/", line)]
         if label.startswith(".L_x_") and any("BRA" in line and f"({label})" in line for line in body):  # BRA `(.L_x_1)
-            longest = max(longest, sum("NOP" not in line for line in body))
-    return longest if longest > 1 else 0  # a lone BRA to itself ends every kernel
+            if (n := sum("NOP" not in line for line in body)) > 1:
+                loops.append(n)
+    return loops
 
 
-def usage(kernel, types: dict, consts: dict, multiples_of_16: set, config: triton.Config, arch: int) -> dict:
-    """Registers and spills of one config, from ptxas' own report. Pointers, and the integers named in
-    ``multiples_of_16``, are marked divisible by 16 as a launch marks them (wide loads depend on it)."""
-    consts = {**consts, **config.kwargs}
-    signature = {**types, **{name: "constexpr" for name in consts}}
-    names = kernel.fn.arg_names
-    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a, t in types.items() if t.startswith("*") or a in multiples_of_16}
-    compiled = triton.compile(ASTSource(fn=kernel.fn, signature=signature, constexprs=consts, attrs=attrs),
+def usage(case: Case, config: triton.Config, arch: int) -> dict:
+    """Registers and spills of one config, from ptxas' own report, and its instructions from the
+    machine code. Pointers, and the integers named in ``case.multiples_of_16``, are marked divisible
+    by 16 as a launch marks them (wide loads depend on it)."""
+    consts = {**case.consts, **config.kwargs}
+    signature = {**case.types, **{name: "constexpr" for name in consts}}
+    names = case.kernel.fn.arg_names
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a, t in case.types.items()
+             if t.startswith("*") or a in case.multiples_of_16}
+    compiled = triton.compile(ASTSource(fn=case.kernel.fn, signature=signature, constexprs=consts, attrs=attrs),
                               target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": config.num_warps, "num_stages": config.num_stages})
     with tempfile.TemporaryDirectory() as tmp:
@@ -109,11 +135,16 @@ def usage(kernel, types: dict, consts: dict, multiples_of_16: set, config: trito
                               capture_output=True, text=True, check=True).stdout
     registers = int(re.search(r"Used (\d+) registers", report).group(1))
     spilled = int(re.search(r"(\d+) bytes spill stores", report).group(1))
-    threads = 32 * config.num_warps
-    return {"config": {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}, "registers": registers,
-            "spill_bytes": spilled, "shared_bytes": compiled.metadata.shared, "instructions": _instructions(sass),
-            "loop_instructions": _longest_loop(sass),
-            "programs_per_sm_by_registers": min(REGISTERS_PER_SM // (registers * threads), THREADS_PER_SM // threads)}
+    threads, loops = 32 * config.num_warps, _loops(sass)
+    result = {"config": {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}, "registers": registers,
+              "spill_bytes": spilled, "shared_bytes": compiled.metadata.shared, "instructions": _instructions(sass),
+              "loop_instructions": loops, "programs_per_sm_by_registers": min(REGISTERS_PER_SM // (registers * threads),
+                                                                              THREADS_PER_SM // threads)}
+    if case.trips is not None:  # every loop runs its trips: a program's instructions, all its threads together
+        per_thread = result["instructions"] + (case.trips(config.kwargs) - 1) * sum(loops)
+        result["instructions_per_program"] = per_thread * threads
+        result["issue_ms_per_step"] = 1e3 * result["instructions_per_program"] * case.programs(config.kwargs) / ISSUE_PER_S
+    return result
 
 
 def main() -> None:
@@ -121,8 +152,7 @@ def main() -> None:
     parser.add_argument("--arch", type=int, default=90, help="compute capability × 10 (90: H100/H200)")
     parser.add_argument("--json", action="store_true", help="one JSON object: kernel -> configs")
     args = parser.parse_args()
-    results = {name: [usage(kernel, types, consts, aligned, config, args.arch) for config in kernel.configs]
-               for name, (kernel, types, consts, aligned) in KERNELS.items()}
+    results = {name: [usage(case, config, args.arch) for config in case.kernel.configs] for name, case in KERNELS.items()}
     if args.json:
         print(json.dumps(results, indent=1))
         return
@@ -131,7 +161,9 @@ def main() -> None:
         for r in rows:
             print(f"  {r['config']}: {r['registers']} registers, {r['spill_bytes']} bytes spilled, "
                   f"{r['shared_bytes']} bytes shared, registers for {r['programs_per_sm_by_registers']} programs per SM, "
-                  f"{r['instructions']} instructions, {r['loop_instructions']} in its main loop")
+                  f"{r['instructions']} instructions, loops of {r['loop_instructions']}"
+                  + (f"; {r['instructions_per_program']:,} a program, {r['issue_ms_per_step']:.2f} ms of issue a step"
+                     if "issue_ms_per_step" in r else ""))
 
 
 if __name__ == "__main__":

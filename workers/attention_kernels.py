@@ -14,9 +14,10 @@ torch's batched products of them ran at a few percent of an H200 (docs/PERFORMAN
   residual rows, scores them against every head's ``u`` and mixes them by the pattern: the
   LayerNorm'd ``[batch, pos, d_model]`` is never written.
 
-Scores, softmax and mixes are float32 (``input_precision="ieee"``; TF32 products in the first
-kernel under the scorer's tf32 precision), as the torch path computes them. Both are
-``torch.library`` custom ops, so torch.compile treats them as one opaque call with known output
+Scores, softmax and mixes are float32 (``input_precision="ieee"``), as the torch path computes them,
+except the first kernel's two products under the tf32 and bf16 precisions: TF32 tensor cores, their
+inputs rounded to nearest (docs/PERFORMANCE.md: toy-2l's bf16 error and the powers' bias unchanged).
+Both are ``torch.library`` custom ops, so torch.compile treats them as one opaque call with known output
 shapes. Under ``TRITON_INTERPRET=1`` they run on the CPU (tests/test_attention_kernels.py).
 """
 
@@ -36,10 +37,19 @@ def _block(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def _dot_precision(device: torch.device) -> str:
-    """TF32 where torch's float32 products take it (the scorer's tf32 precision sets the flag, as the
-    products attention's batched products read it), else full float32."""
-    return "tf32" if device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+def _dot_precision(device: torch.device, tf32: bool) -> str:
+    """TF32 where asked (the bf16 precision) or where torch's float32 products take it (the scorer's
+    tf32 precision sets the flag, as the products attention's batched products read it), else full
+    float32."""
+    return "tf32" if tf32 or (device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32) else "ieee"
+
+
+@triton.jit
+def _tf32(x):
+    """``x`` rounded to TF32's 10-bit mantissa, to nearest (ties away from zero, as cvt.rna.tf32.f32):
+    a TF32 tensor core reads the top 19 bits of the float32 it is given, which alone rounds toward zero
+    (a shift of -0.004 nats in toy-2l's powers, emulated on a CPU). Finite values only."""
+    return ((x.to(tl.int32, bitcast=True) + 0x1000) & -0x2000).to(tl.float32, bitcast=True)
 
 
 # fewer than 4 warps spilled registers, compiled for sm_90
@@ -70,72 +80,96 @@ def _causal_attention_kernel(
     q = tl.load(src, mask=ok, other=0.0) + tl.load(bias, mask=ok, other=0.0)
     k = tl.load(src + HD, mask=ok, other=0.0) + tl.load(bias + HD, mask=ok, other=0.0)
     v = tl.load(src + 2 * HD, mask=ok, other=0.0) + tl.load(bias + 2 * HD, mask=ok, other=0.0)
+    if DOT == "tf32":
+        q, k, v = _tf32(q), _tf32(k), _tf32(v)
     scores = tl.dot(q, tl.trans(k), input_precision=DOT) * scale_inv
     scores = tl.where((pos[None, :] <= pos[:, None]) & ok_p[None, :], scores, float("-inf"))
     p = tl.exp(scores - tl.max(scores, axis=1)[:, None])
     p = p / tl.sum(p, axis=1)[:, None]
+    if DOT == "tf32":
+        p = _tf32(p)
     z = tl.dot(p, v, input_precision=DOT)
     tl.store(out_ptr + (b * P + pos)[:, None] * stride_out + col, z.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 @torch.library.custom_op("induction_sweep::causal_attention", mutates_args=())
 def _causal_attention(qkv: Tensor, tokens: Tensor, bias: Tensor, gather: bool, n_heads: int, d_head: int, scale: float,
-                      out_dtype: torch.dtype) -> Tensor:
+                      out_dtype: torch.dtype, tf32: bool) -> Tensor:
     batch, n_pos = tokens.shape
     # strides as the kernel assumes them (under torch.compile an input's layout is not guaranteed)
     qkv, tokens, bias = (qkv if qkv.stride(1) == 1 else qkv.contiguous()), tokens.contiguous(), bias.contiguous()
     out = torch.empty(batch * n_pos, n_heads * d_head, device=qkv.device, dtype=out_dtype)
     _causal_attention_kernel[(batch * n_heads,)](
         qkv, tokens, bias, out, n_pos, n_heads * d_head, qkv.stride(0), out.stride(0), 1 / scale,
-        GATHER=gather, BIG_BATCH=batch >= 8192, DOT=_dot_precision(qkv.device), N_HEADS=n_heads, D_HEAD=d_head,
+        GATHER=gather, BIG_BATCH=batch >= 8192, DOT=_dot_precision(qkv.device, tf32), N_HEADS=n_heads, D_HEAD=d_head,
         BLOCK_P=_block(n_pos), BLOCK_E=_block(d_head))
     return out
 
 
 @_causal_attention.register_fake
-def _(qkv, tokens, bias, gather, n_heads, d_head, scale, out_dtype):
+def _(qkv, tokens, bias, gather, n_heads, d_head, scale, out_dtype, tf32):
     return qkv.new_empty(tokens.shape[0] * tokens.shape[1], n_heads * d_head, dtype=out_dtype)
 
 
 def causal_attention(
     qkv: Float[Tensor, "rows three_x_heads_x_d_head"], tokens: Int[Tensor, "batch pos"],
     bias: Float[Tensor, "pos three_x_heads_x_d_head"], gather: bool, n_heads: int, d_head: int, scale: float,
-    out_dtype: torch.dtype = torch.float32,
+    out_dtype: torch.dtype = torch.float32, tf32: bool = False,
 ) -> Float[Tensor, "batch_x_pos heads_x_d_head"]:
     """Causal attention of every position, heads side by side as W_O reads them. ``qkv``: Q, K and V
     (heads × d_head columns each) of every position (``rows`` = batch × pos), or with ``gather`` of
-    every token (a table indexed by ``tokens``); ``bias`` (float32) is added to each position's row."""
+    every token (a table indexed by ``tokens``); ``bias`` (float32) is added to each position's row.
+    ``tf32``: QKᵀ and PV from inputs rounded to TF32 (tensor cores), as under the tf32 precision."""
     assert qkv.dtype == bias.dtype == torch.float32
-    return _causal_attention(qkv, tokens, bias, gather, n_heads, d_head, scale, out_dtype)
+    return _causal_attention(qkv, tokens, bias, gather, n_heads, d_head, scale, out_dtype, tf32)
 
 
-@triton.autotune(configs=[triton.Config({}, num_warps=w) for w in ([1] if INTERPRET else [4, 8, 16])],
+# d_model in chunks: a program's work per element is then a multiply-add per head, summed across
+# threads once per row (a head at a time over whole rows reduced across threads 16 times a head:
+# ~1.9 M instructions a sequence against ~0.9 M, compiled for sm_90 by scripts/kernel_registers.py)
+@triton.autotune(configs=[triton.Config({"CHUNK": c}, num_warps=w) for c, w in
+                          ([(16, 1)] if INTERPRET else [(64, 4), (64, 8), (32, 4), (32, 8)])],
                  key=["P", "D", "N_HEADS", "LAYER_NORM", "BIG_BATCH"], **AUTOTUNE_CACHE)
 @triton.jit
 def _last_attention_kernel(
     x_ptr, u_ptr, c_ptr, mixed_ptr, pattern_ptr, P, D, eps, scale_inv,
-    N_HEADS: tl.constexpr, LAYER_NORM: tl.constexpr, BIG_BATCH: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    N_HEADS: tl.constexpr, LAYER_NORM: tl.constexpr, BIG_BATCH: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr,
+    CHUNK: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
-    pos = tl.arange(0, BLOCK_P)
-    d = tl.arange(0, BLOCK_D)
-    ok_p, ok_d = pos < P, d < D
-    ok = ok_p[:, None] & ok_d[None, :]
-    x = tl.load(x_ptr + (b * P + pos)[:, None] * D + d[None, :], mask=ok, other=0.0)
-    if LAYER_NORM:  # LNPre, as fast.layer_norm_pre
-        x = tl.where(ok, x - (tl.sum(x, axis=1) / D)[:, None], 0.0)
-        x = x * tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)[:, None]
-    # a head at a time, as sums of products: a tl.dot over d_model would hold whole rows per thread
-    # (it spilled, compiled for sm_90), and heads would be padded to 16
-    for h in tl.static_range(N_HEADS):
-        u = tl.load(u_ptr + (b * N_HEADS + h) * D + d, mask=ok_d, other=0.0)
-        # score_p = h_p · W_K^T q + q · (b_K + positions)_p (the second term made outside)
-        c = tl.load(c_ptr + (b * N_HEADS + h) * P + pos, mask=ok_p, other=0.0)
-        scores = tl.where(ok_p, (tl.sum(x * u[None, :], axis=1) + c) * scale_inv, float("-inf"))
-        p = tl.exp(scores - tl.max(scores, axis=0))
-        p = p / tl.sum(p, axis=0)
-        tl.store(mixed_ptr + (b * N_HEADS + h) * D + d, tl.sum(p[:, None] * x, axis=0), mask=ok_d)  # Σ_p pattern_p h_p
-        tl.store(pattern_ptr + (b * N_HEADS + h) * P + pos, p, mask=ok_p)
+    pos, hs, dc = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_H), tl.arange(0, CHUNK)
+    ok_p, ok_h = pos < P, hs < N_HEADS
+    rows = x_ptr + (b * P + pos)[:, None] * D + dc[None, :]  # the sequence's residual rows, a chunk at a time
+    heads = (b * N_HEADS + hs)[:, None] * D + dc[None, :]  # the heads' rows of u and of the mix
+    # LNPre (as fast.layer_norm_pre): the mean first, then the centred rows' squares; 1/σ is applied to
+    # the sums below, so the rows are read centred but never scaled
+    mean = tl.zeros((BLOCK_P,), tl.float32)
+    if LAYER_NORM:
+        sums = tl.zeros((BLOCK_P, CHUNK), tl.float32)
+        for d0 in range(0, D, CHUNK):
+            sums += tl.load(rows + d0, mask=ok_p[:, None] & (d0 + dc < D)[None, :], other=0.0)
+        mean = tl.sum(sums, axis=1) / D
+    squares = tl.zeros((BLOCK_P, CHUNK), tl.float32)
+    dots = tl.zeros((BLOCK_P, BLOCK_H, CHUNK), tl.float32)  # Σ_d x_pd u_hd, chunk by chunk, elementwise
+    for d0 in range(0, D, CHUNK):
+        ok = ok_p[:, None] & (d0 + dc < D)[None, :]
+        x = tl.where(ok, tl.load(rows + d0, mask=ok, other=0.0) - mean[:, None], 0.0)
+        u = tl.load(u_ptr + heads + d0, mask=ok_h[:, None] & (d0 + dc < D)[None, :], other=0.0)
+        squares += x * x
+        dots += x[:, None, :] * u[None, :, :]
+    rstd = tl.rsqrt(tl.sum(squares, axis=1) / D + eps) if LAYER_NORM else tl.full((BLOCK_P,), 1.0, tl.float32)
+    # score_ph = LN(x_p) · W_K^T q_h + q_h · (b_K + positions)_p (the second term made outside)
+    c = tl.load(c_ptr + (b * N_HEADS + hs)[None, :] * P + pos[:, None], mask=ok_h[None, :] & ok_p[:, None], other=0.0)
+    scores = tl.where(ok_p[:, None], (tl.sum(dots, axis=2) * rstd[:, None] + c) * scale_inv, float("-inf"))
+    p = tl.exp(scores - tl.max(scores, axis=0)[None, :])
+    p = p / tl.sum(p, axis=0)[None, :]  # [pos, heads]: each head's softmax over positions
+    tl.store(pattern_ptr + (b * N_HEADS + hs)[None, :] * P + pos[:, None], p, mask=ok_h[None, :] & ok_p[:, None])
+    weights = p * rstd[:, None]
+    for d0 in range(0, D, CHUNK):  # Σ_p pattern_hp LN(x_p)
+        ok = ok_p[:, None] & (d0 + dc < D)[None, :]
+        x = tl.where(ok, tl.load(rows + d0, mask=ok, other=0.0) - mean[:, None], 0.0)
+        mixed = tl.sum(weights[:, :, None] * x[:, None, :], axis=0)
+        tl.store(mixed_ptr + heads + d0, mixed, mask=ok_h[:, None] & (d0 + dc < D)[None, :])
 
 
 @torch.library.custom_op("induction_sweep::last_attention", mutates_args=())
@@ -146,7 +180,7 @@ def _last_attention(x: Tensor, u: Tensor, c: Tensor, layer_norm: bool, eps: floa
     x, u, c = x.contiguous(), u.contiguous(), c.contiguous()  # the kernel assumes rows laid out back to back
     _last_attention_kernel[(batch,)](
         x, u, c, mixed, pattern, n_pos, d_model, eps, 1 / scale, N_HEADS=n_heads, LAYER_NORM=layer_norm,
-        BIG_BATCH=batch >= 8192, BLOCK_P=_block(n_pos), BLOCK_D=_block(d_model))
+        BIG_BATCH=batch >= 8192, BLOCK_P=_block(n_pos), BLOCK_H=triton.next_power_of_2(n_heads))
     return mixed, pattern
 
 

@@ -68,7 +68,8 @@ class CompactForward(torch.nn.Module):
         their sums, and the MLPs' hidden layer between its two products, are float32.
         Attention over the 24 positions (the last layer's query and ``W_K^T q`` included: one row
         per head), biases, the layer-0 table and the residual stream stay float32: they cost little
-        and carry most of the bf16 error otherwise. bf16 rounding with float32 compute gives bf16
+        and carry most of the bf16 error otherwise (the triton attention's products before the last
+        layer take TF32 inputs, rounded to nearest: no more error, and half the instructions). bf16 rounding with float32 compute gives bf16
         tensor-core numerics on CPUs, where bf16 products are far slower than float32 (docs/PERFORMANCE.md).
         ``attention``: how the layers before the last attend over every position (ATTENTION; with
         triton, the last layer's folded attention too).
@@ -176,7 +177,7 @@ class CompactForward(torch.nn.Module):
         qkv = self.tok_QKV0 if table else self.project(self.ln(x).flatten(0, 1), getattr(self, f"W_QKV{i}"))
         if self.attention == "triton":  # the lookup, the bias and the attention in one kernel
             z = self.attention_kernels().causal_attention(qkv, tokens, bias, table, self.n_heads, self.d_head,
-                                                          self.scale, self.compute)
+                                                          self.scale, self.compute, tf32=self.dtype == torch.bfloat16)
         else:
             qkv = qkv[tokens].add_(bias) if table else qkv.view(batch, n_pos, -1) + bias
             q, k, v = (self.heads(t) for t in qkv.chunk(3, dim=-1))

@@ -184,14 +184,19 @@ def resolve_bos(info: models.ModelInfo, bos: str | None) -> int:
     return int(bos)
 
 
+def per_token_shard(cfg: RunConfig) -> tuple[int, int]:
+    """A per-token experiment's shard: how many whole tokens it holds, and how many of one token's
+    sequences at most (a shard smaller than --seqs splits each token's sequences instead)."""
+    return max(1, cfg.shard_size // cfg.seqs), min(cfg.seqs, cfg.shard_size)
+
+
 def count_shards(cfg: RunConfig) -> int:
     """len(plan_shards(cfg)), without planning them."""
     total = 0
     for experiment in cfg.experiment_specs:
         if experiment.per_token:
-            tokens_per_shard = max(1, cfg.shard_size // cfg.seqs)
-            per_token_range = -(-cfg.seqs // min(cfg.seqs, cfg.shard_size))
-            total += len(experiment.scenarios) * -(-cfg.tokens // tokens_per_shard) * per_token_range
+            tokens_per_shard, seqs_per_shard = per_token_shard(cfg)
+            total += len(experiment.scenarios) * -(-cfg.tokens // tokens_per_shard) * -(-cfg.seqs // seqs_per_shard)
         else:
             total += len(experiment.scenarios) * -(-cfg.pairs // cfg.shard_size)
     return total
@@ -204,8 +209,7 @@ def plan_shards(cfg: RunConfig) -> list[ShardSpec]:
         part = 0
         for scenario in experiment.scenarios:
             if experiment.per_token:  # a shard holds whole fixed tokens, or part of one token's sequences
-                tokens_per_shard = max(1, cfg.shard_size // cfg.seqs)
-                seqs_per_shard = min(cfg.seqs, cfg.shard_size)
+                tokens_per_shard, seqs_per_shard = per_token_shard(cfg)
                 for lo in range(FIRST_TOKEN, FIRST_TOKEN + cfg.tokens, tokens_per_shard):
                     hi = min(lo + tokens_per_shard, FIRST_TOKEN + cfg.tokens)
                     for s in range(0, cfg.seqs, seqs_per_shard):

@@ -102,15 +102,17 @@ def _instructions(sass: str) -> int:
 
 
 def _loops(sass: str) -> list[int]:
-    """Instructions in each block that branches back to its own label (a loop's body, per thread and
-    iteration; a lone BRA to itself ends every kernel and is left out)."""
-    loops = []
-    for block in re.split(r"\n(?=\.L_x_\d+:)", sass):
-        label = block.split(":", 1)[0]
-        body = [line for line in block.splitlines() if re.search(r"/\*[0-9a-f]{4,}\*/", line)]
-        if label.startswith(".L_x_") and any("BRA" in line and f"({label})" in line for line in body):  # BRA `(.L_x_1)
-            if (n := sum("NOP" not in line for line in body)) > 1:
-                loops.append(n)
+    """Instructions per thread and iteration of each loop: from a label to a branch back to it (an
+    outer loop's count holds its inner loops'). A lone BRA to itself ends every kernel: left out."""
+    seen, count, loops = {}, 0, []
+    for line in sass.splitlines():
+        if label := re.match(r"(\.L_x_\d+):", line):
+            seen[label.group(1)] = count
+        elif re.search(r"/\*[0-9a-f]{4,}\*/", line) and "NOP" not in line:
+            count += 1
+            back = re.search(r"BRA\W+\((\.L_x_\d+)\)", line)  # BRA `(.L_x_1)
+            if back and back.group(1) in seen and count - seen[back.group(1)] > 1:
+                loops.append(count - seen[back.group(1)])
     return loops
 
 

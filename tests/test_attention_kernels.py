@@ -99,6 +99,8 @@ def test_last_attention_matches_torch(layer_norm):
     assert got_pattern[0, 1, 9] > 1 - 1e-7
     assert (got_pattern.cpu().double() - pattern).abs().max() < 1e-6
     assert (got_mixed.cpu().double() - mixed).abs().max() < 1e-5
+    # eps 0 (a model may have it): the padding rows past 24 positions must not bring 0 × inf
+    assert torch.isfinite(last_attention(x.to(DEVICE), u.to(DEVICE), c.to(DEVICE), layer_norm, 0.0, 4.0)[0]).all()
 
 
 @pytest.mark.parametrize("compile", [False, True])
@@ -109,14 +111,35 @@ def test_scorer_with_triton_attention_matches_transformer_lens(toy_model, precis
     check_parity(toy_model, precision, n=12, attention="triton", compile=compile)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("shape", [dict(n_layers=3, positional_embedding_type="standard"),
                                    dict(n_layers=2, attn_only=False, d_mlp=256, act_fn="gelu_new",
                                         positional_embedding_type="standard"),
                                    dict(n_layers=1, normalization_type=None)])
-def test_other_shapes_through_triton_attention(shape):
-    """Q/K/V from projections (standard positions, a middle layer, MLPs), and no LayerNorm."""
+def test_other_shapes_through_triton_attention(shape, precision):
+    """Q/K/V from projections (standard positions, a middle layer, MLPs), and no LayerNorm; under bf16
+    every layer before the last takes TF32 products."""
     model = models.random_model(d_vocab=512, n_ctx=32, d_model=64, n_heads=4, d_head=16, seed=4, perturb=True, **shape)
-    check_parity(model, "fp32", n=8, attention="triton")
+    check_parity(model, precision, n=8, attention="triton")
+
+
+@pytest.mark.parametrize("precision,tf32", [("fp32", False), ("bf16", True)])
+def test_bf16_takes_tf32_products_before_the_last_layer(toy_model, monkeypatch, precision, tf32):
+    """What the scorer asks of the first kernel: TF32 products under bf16 (docs/PERFORMANCE.md), full
+    float32 under fp32 (tf32 reads the CUDA flag, off on a CPU)."""
+    import workers.attention_kernels
+
+    asked = []
+    real = workers.attention_kernels.causal_attention
+
+    def spy(*args, **kwargs):
+        asked.append(kwargs["tf32"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(workers.attention_kernels, "causal_attention", spy)
+    batch = seed_style(2, toy_model.cfg.d_vocab)
+    Scorer(toy_model, precision, compile=False, attention="triton").logodds(batch.tokens, batch.b[:, None])
+    assert asked and set(asked) == {tf32}
 
 
 def test_heads_trace_is_the_same(toy_model):
@@ -178,4 +201,6 @@ def test_kernels_compile_for_hopper_and_keep_their_tiles_in_registers():
     for c in kernels["logits_lse bf16"]:
         logits_per_thread = c["config"]["BLOCK_B"] * c["config"]["BLOCK_V"] // (32 * c["config"]["num_warps"])
         assert len(c["loop_instructions"]) == 1 and 0 < c["loop_instructions"][0] / logits_per_thread < 18, c
+    # three passes over d_model (mean, scores, mix), each a loop the estimate counts
+    assert all(len(c["loop_instructions"]) == 3 for c in kernels["last_attention"]), kernels["last_attention"]
     assert min(c["instructions_per_program"] for c in kernels["last_attention"]) < 1.2e6, kernels["last_attention"]

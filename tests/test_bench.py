@@ -103,4 +103,5 @@ def test_triton_kernels_of_a_variant_report_their_tiles(toy_model):
     scorer = Scorer(toy_model, "fp32", compile=False, **options)
     tokens = torch.randint(1, 2048, (4, 24))
     scorer.logodds(tokens, tokens[:, :1])
+    assert (scorer.options["lse"], scorer.options["attention"]) == ("triton", "triton")  # the kernels ran: no fallback
     assert all(isinstance(kernel.best_config, triton.Config) for kernel in kernels.values())

@@ -44,12 +44,20 @@ def _dot_precision(device: torch.device, tf32: bool) -> str:
     return "tf32" if tf32 or (device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32) else "ieee"
 
 
+RNA_IN_PTX = tl.constexpr(not INTERPRET)  # the interpreter runs no PTX
+
+
 @triton.jit
 def _tf32(x):
-    """``x`` rounded to TF32's 10-bit mantissa, to nearest (ties away from zero, as cvt.rna.tf32.f32):
-    a TF32 tensor core reads the top 19 bits of the float32 it is given, which alone rounds toward zero
-    (a shift of -0.004 nats in toy-2l's powers, emulated on a CPU). Finite values only."""
-    return ((x.to(tl.int32, bitcast=True) + 0x1000) & -0x2000).to(tl.float32, bitcast=True)
+    """``x`` rounded to TF32's 10-bit mantissa, to nearest (ties away from zero): a TF32 tensor core
+    reads the top 19 bits of the float32 it is given, which alone rounds toward zero (a shift of
+    -0.004 nats in toy-2l's powers, emulated on a CPU). On a GPU, PTX's own cvt.rna.tf32.f32; under
+    the interpreter the same rounding on the bits, where a NaN is kept apart (the sum would wrap some
+    NaNs to zeros)."""
+    if RNA_IN_PTX:
+        return tl.inline_asm_elementwise("cvt.rna.tf32.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
+    rounded = ((x.to(tl.int32, bitcast=True) + 0x1000) & -0x2000).to(tl.float32, bitcast=True)
+    return tl.where(x == x, rounded, x)
 
 
 # fewer than 4 warps spilled registers, compiled for sm_90
@@ -158,6 +166,7 @@ def _last_attention_kernel(
         squares += x * x
         dots += x[:, None, :] * u[None, :, :]
     rstd = tl.rsqrt(tl.sum(squares, axis=1) / D + eps) if LAYER_NORM else tl.full((BLOCK_P,), 1.0, tl.float32)
+    rstd = tl.where(ok_p, rstd, 0.0)  # padding rows: 1/√eps, infinite where eps is 0 (0 × inf in the mix)
     # score_ph = LN(x_p) · W_K^T q_h + q_h · (b_K + positions)_p (the second term made outside)
     c = tl.load(c_ptr + (b * N_HEADS + hs)[None, :] * P + pos[:, None], mask=ok_h[None, :] & ok_p[:, None], other=0.0)
     scores = tl.where(ok_p[:, None], (tl.sum(dots, axis=2) * rstd[:, None] + c) * scale_inv, float("-inf"))

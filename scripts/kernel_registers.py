@@ -96,9 +96,14 @@ KERNELS = {
 }
 
 
+def _is_instruction(line: str) -> bool:
+    """An instruction of nvdisasm's listing (``/*0730*/ ... ;``), NOPs (alignment padding) left out."""
+    return bool(re.search(r"/\*[0-9a-f]{4,}\*/", line)) and "NOP" not in line
+
+
 def _instructions(sass: str) -> int:
-    """The kernel's instructions per thread, as written (a loop's body counted once; NOPs left out)."""
-    return sum(bool(re.search(r"/\*[0-9a-f]{4,}\*/", line)) and "NOP" not in line for line in sass.splitlines())
+    """The kernel's instructions per thread, as written (a loop's body counted once)."""
+    return sum(map(_is_instruction, sass.splitlines()))
 
 
 def _loops(sass: str) -> list[int]:
@@ -108,7 +113,7 @@ def _loops(sass: str) -> list[int]:
     for line in sass.splitlines():
         if label := re.match(r"(\.L_x_\d+):", line):
             seen[label.group(1)] = count
-        elif re.search(r"/\*[0-9a-f]{4,}\*/", line) and "NOP" not in line:
+        elif _is_instruction(line):
             count += 1
             back = re.search(r"BRA\W+\((\.L_x_\d+)\)", line)  # BRA `(.L_x_1)
             if back and back.group(1) in seen and count - seen[back.group(1)] > 1:
@@ -128,13 +133,13 @@ def usage(case: Case, config: triton.Config, arch: int) -> dict:
     compiled = triton.compile(ASTSource(fn=case.kernel.fn, signature=signature, constexprs=consts, attrs=attrs),
                               target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+    ptxas = Path(get_ptxas(arch).path)  # Triton's own, nvdisasm beside it
     with tempfile.TemporaryDirectory() as tmp:
-        ptx = Path(tmp, "kernel.ptx")
+        ptx, cubin = Path(tmp, "kernel.ptx"), Path(tmp, "kernel.cubin")
         ptx.write_text(compiled.asm["ptx"])
-        report = subprocess.run([get_ptxas(arch).path, "-v", "--regAllocOptLevel=2", f"--gpu-name=sm_{arch}a", str(ptx), "-o",
-                                 str(Path(tmp, "kernel.cubin"))], capture_output=True, text=True, check=True).stderr
-        sass = subprocess.run([str(Path(get_ptxas(arch).path).with_name("nvdisasm")), "-c", str(Path(tmp, "kernel.cubin"))],
-                              capture_output=True, text=True, check=True).stdout
+        report = subprocess.run([ptxas, "-v", "--regAllocOptLevel=2", f"--gpu-name=sm_{arch}a", ptx, "-o", cubin],
+                                capture_output=True, text=True, check=True).stderr
+        sass = subprocess.run([ptxas.with_name("nvdisasm"), "-c", cubin], capture_output=True, text=True, check=True).stdout
     registers = int(re.search(r"Used (\d+) registers", report).group(1))
     spilled = int(re.search(r"(\d+) bytes spill stores", report).group(1))
     threads, loops = 32 * config.num_warps, _loops(sass)

@@ -69,8 +69,9 @@ class CompactForward(torch.nn.Module):
         Attention over the 24 positions (the last layer's query and ``W_K^T q`` included: one row
         per head), biases, the layer-0 table and the residual stream stay float32: they cost little
         and carry most of the bf16 error otherwise (the triton attention's products before the last
-        layer take TF32 inputs, rounded to nearest: no more error, and half the instructions). bf16 rounding with float32 compute gives bf16
-        tensor-core numerics on CPUs, where bf16 products are far slower than float32 (docs/PERFORMANCE.md).
+        layer take TF32 inputs, rounded to nearest: no more error, and half the instructions). bf16
+        rounding with float32 compute gives bf16 tensor-core numerics on CPUs, where bf16 products
+        are far slower than float32 (docs/PERFORMANCE.md).
         ``attention``: how the layers before the last attend over every position (ATTENTION; with
         triton, the last layer's folded attention too).
         ``align``: W_U's rows and columns padded to a multiple of it (64 on CUDA, see below)."""

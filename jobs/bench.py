@@ -221,16 +221,18 @@ def triton_kernels(options: dict) -> dict:
     return kernels
 
 
-def check(spec: str, device: torch.device) -> list[dict]:
+def check(spec: str, device: torch.device, only_precisions: list[str] | None = None,
+          only_attentions: list[str] | None = None) -> list[dict]:
     """Every variant's error on ``spec`` (toy-2l: sharp induction) against its float64 TransformerLens
-    forward, eager (the compiled graphs are the bench's own, checked there on the random shape)."""
+    forward, eager (the compiled graphs are the bench's own, checked there on the random shape); only
+    the precisions and attentions given, where given."""
     model = models.load_model(spec, device)
     d_vocab, bos = models.d_vocab(model), models.bos_id(model)
     sample = bench_batch(REFERENCE_SEQS, d_vocab, bos, device)
     reference = reference_strength(model, sample, device)
     out = []
-    for precision in precisions(device):
-        for attention in attentions(device):
+    for precision in only_precisions or precisions(device):
+        for attention in only_attentions or attentions(device):
             for unembedding in unembeddings(precision) if device.type == "cuda" else ({"fused": False},):
                 scorer = Scorer(model, precision, compile=False, attention=attention, **unembedding)
                 ind, shuf = scorer.strength(sample.tokens, sample.shuffled, sample.b[:, None])
@@ -359,7 +361,7 @@ def main(args) -> int:
         print(f"  fastest {precision}: compiled {best['compiled']}, attention {best['attention']}, fused {best['fused']}, "
               f"logits {best['logits']}, lse {best['lse']} ({'the default' if best['default'] else f'default is {default}'})", flush=True)
     if args.check:
-        report["checks"] = [r for spec in args.check for r in check(spec, device)]
+        report["checks"] = [r for spec in args.check for r in check(spec, device, args.precisions, args.attention)]
     if args.bias:
         from jobs.bench_bias import main as bias
 

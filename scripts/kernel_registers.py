@@ -62,14 +62,16 @@ def _causal(dot: str) -> Case:
                  stride_out="i32", scale_inv="fp32")
     consts = dict(GATHER=True, BIG_BATCH=True, DOT=dot, N_HEADS=HEADS, D_HEAD=D_HEAD, BLOCK_P=32, BLOCK_E=D_HEAD)
     return Case(attention_kernels._causal_attention_kernel, types, consts, {"HD", "stride_qkv", "stride_out"},
-                lambda c: 1, lambda c: ROWS * HEADS)
+                lambda c: c["GROUP"], lambda c: ROWS * HEADS // c["GROUP"])
 
 
 def _last() -> Case:
-    types = dict(x_ptr="*fp32", u_ptr="*fp32", c_ptr="*fp32", mixed_ptr="*fp32", pattern_ptr="*fp32", P="i32", D="i32", eps="fp32",
-                 scale_inv="fp32")
-    consts = dict(N_HEADS=HEADS, LAYER_NORM=True, BIG_BATCH=True, BLOCK_P=32, BLOCK_H=HEADS)
-    return Case(attention_kernels._last_attention_kernel, types, consts, {"D"}, lambda c: D_MODEL // c.get("CHUNK", D_MODEL),
+    types = dict(x_ptr="*fp32", tokens_ptr="*i64", added_ptr="*fp32", bias_ptr="*fp32", u_ptr="*fp32", c_ptr="*fp32", mixed_ptr="*fp32",
+                 pattern_ptr="*fp32", P="i32", D="i32", stride_ub="i32", stride_uh="i32", eps="fp32", scale_inv="fp32")
+    # as attn-only-2l runs it: the embedding's rows of the tokens + layer 0's output + b_O, summed as read
+    consts = dict(N_HEADS=HEADS, LAYER_NORM=True, BIG_BATCH=True, GATHER=True, ADD=True, BLOCK_P=32, BLOCK_H=HEADS)
+    return Case(attention_kernels._last_attention_kernel, types, consts, {"D", "stride_ub", "stride_uh"},
+                lambda c: D_MODEL // c.get("CHUNK", D_MODEL),
                 lambda c: ROWS)
 
 
@@ -132,7 +134,8 @@ def usage(case: Case, config: triton.Config, arch: int) -> dict:
              if t.startswith("*") or a in case.multiples_of_16}
     compiled = triton.compile(ASTSource(fn=case.kernel.fn, signature=signature, constexprs=consts, attrs=attrs),
                               target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+                              options={"num_warps": config.num_warps, "num_stages": config.num_stages,
+                                       **({"maxnreg": config.maxnreg} if config.maxnreg else {})})
     ptxas = Path(get_ptxas(arch).path)  # Triton's own, nvdisasm beside it
     with tempfile.TemporaryDirectory() as tmp:
         ptx, cubin = Path(tmp, "kernel.ptx"), Path(tmp, "kernel.cubin")

@@ -103,6 +103,30 @@ def test_last_attention_matches_torch(layer_norm):
     assert torch.isfinite(last_attention(x.to(DEVICE), u.to(DEVICE), c.to(DEVICE), layer_norm, 0.0, 4.0)[0]).all()
 
 
+@pytest.mark.parametrize("gather", [True, False])
+def test_last_attention_adds_up_a_stream_left_as_a_sum(gather):
+    """The stream before the last layer as fast.Stream leaves it: the embedding's rows of the tokens
+    (or dense rows) + (the layer before's output + its bias), added as the kernel reads them, equal to
+    the kernel on the sum written out (and on u laid out back to back)."""
+    g = torch.Generator().manual_seed(3)
+    batch, n_pos, d_model, n_heads, vocab = 4, 24, 84, 2, 30
+    table = torch.randn(vocab, d_model, generator=g) * 2
+    tokens = torch.randint(0, vocab, (batch, n_pos), generator=g)
+    added, bias = torch.randn(batch, n_pos, d_model, generator=g), torch.randn(d_model, generator=g)
+    # u heads first, as W_K^T q comes out of its product: read through its strides
+    u, c = torch.randn(n_heads, batch, d_model, generator=g).transpose(0, 1) / 10, torch.randn(batch, n_heads, n_pos, generator=g)
+    x = table[tokens] + (added + bias)
+    base = dict(x=table, tokens=tokens) if gather else dict(x=table[tokens])
+    parts = {k: v.to(DEVICE) for k, v in dict(**base, added=added, bias=bias, u=u, c=c).items()}
+    got = last_attention(layer_norm=True, eps=1e-5, scale=4.0, **parts)
+    want = last_attention(x.to(DEVICE), u.contiguous().to(DEVICE), c.to(DEVICE), True, 1e-5, 4.0)
+    for a, b in zip(got, want, strict=True):
+        assert torch.allclose(a, b, atol=1e-6), (a - b).abs().max()
+    # the parts do count: without the bias the result moves
+    parts["bias"] = torch.zeros_like(parts["bias"])
+    assert not torch.allclose(last_attention(layer_norm=True, eps=1e-5, scale=4.0, **parts)[0], want[0], atol=1e-3)
+
+
 @pytest.mark.parametrize("compile", [False, True])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_scorer_with_triton_attention_matches_transformer_lens(toy_model, precision, compile):

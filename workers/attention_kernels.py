@@ -1,22 +1,23 @@
-"""Attention over a sequence's few positions as Triton kernels, one program per sequence (and head):
-the compact forward's ``attention="triton"`` (workers/fast.py).
+"""Attention over a sequence's few positions as Triton kernels, a program per sequence (or a group
+of its heads): the compact forward's ``attention="triton"`` (workers/fast.py).
 
 At 24 positions every per-sequence matrix is tiny (24 × 24 scores, 24 × 512 residual rows), and
 torch's batched products of them ran at a few percent of an H200 (docs/PERFORMANCE.md, issue 11:
 12.4 of 34.5 ms of a bf16 step). Here each program keeps its sequence in registers:
 
-* ``causal_attention``: a layer before the last, for one sequence and head. It reads the Q/K/V
-  rows straight from the per-token table of layer 0 (``tokens`` as row indices: the
+* ``causal_attention``: a layer before the last, for one sequence and a group of heads in turn. It
+  reads the Q/K/V rows straight from the per-token table of layer 0 (``tokens`` as row indices: the
   ``[batch, pos, 3 × heads × d_head]`` gather is never written) or from a dense Q/K/V, adds the
   position rows, and writes ``softmax(QKᵀ/scale, causal) V`` in the dtype the next projection reads.
 * ``last_attention``: the last layer at the last position, keys and values folded into the query
   side (``u = W_Kᵀq`` per head, computed outside). One program LayerNorms its sequence's 24
   residual rows, scores them against every head's ``u`` and mixes them by the pattern: the
-  LayerNorm'd ``[batch, pos, d_model]`` is never written.
+  LayerNorm'd ``[batch, pos, d_model]`` is never written, nor (fast.Stream) the residual rows
+  themselves where they are the embedding's rows plus the layer before's output.
 
 Scores, softmax and mixes are float32 (``input_precision="ieee"``), as the torch path computes them,
 except the first kernel's two products under the tf32 and bf16 precisions: TF32 tensor cores, their
-inputs rounded to nearest (docs/PERFORMANCE.md: toy-2l's bf16 error and the powers' bias unchanged).
+inputs rounded to nearest (docs/PERFORMANCE.md: the powers' bias unchanged on an H200).
 Both are ``torch.library`` custom ops, so torch.compile treats them as one opaque call with known output
 shapes. Under ``TRITON_INTERPRET=1`` they run on the CPU (tests/test_attention_kernels.py).
 """
@@ -60,20 +61,36 @@ def _tf32(x):
     return tl.where(x == x, rounded, x)
 
 
-# fewer than 4 warps spilled registers, compiled for sm_90
-@triton.autotune(configs=[triton.Config({}, num_warps=w) for w in ([1] if INTERPRET else [4, 8])],
-                 key=["P", "N_HEADS", "D_HEAD", "GATHER", "BIG_BATCH", "DOT"], **AUTOTUNE_CACHE)
+def _head_groups(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """The configs whose heads per program divide the model's heads (the interpreter's: its largest)."""
+    heads = {**named_args, **kwargs}["N_HEADS"]  # a keyword at the launch
+    fits = [c for c in configs if heads % c.kwargs["GROUP"] == 0]
+    return fits[-1:] if INTERPRET else fits
+
+
+# A program takes GROUP heads of a sequence in turn; with 2 stages the next head's rows load (into
+# shared memory) while this one's products run. One head a program (GROUP 1, the first config) held 3
+# programs of 4 warps an SM: too few warps to hide a gather from memory (7.5 ms of a 26.8-ms bf16 step
+# on an H200, 4 times its issue time). maxnreg 128: 4 programs an SM for a few spilled bytes. Fewer than
+# 4 warps spilled registers (sm_90, scripts/kernel_registers.py).
+@triton.autotune(configs=[triton.Config({"GROUP": g}, num_warps=w, num_stages=s, maxnreg=m) for g, w, s, m in
+                          ([(1, 1, 1, None), (2, 1, 1, None)] if INTERPRET else
+                           [(1, 4, 1, None), (1, 8, 1, None), (2, 4, 2, None), (4, 4, 2, None), (4, 4, 2, 128),
+                            (8, 4, 2, None), (8, 4, 2, 128), (8, 8, 2, None)])],
+                 key=["P", "N_HEADS", "D_HEAD", "GATHER", "BIG_BATCH", "DOT"], prune_configs_by={"early_config_prune": _head_groups},
+                 **AUTOTUNE_CACHE)
 @triton.jit
 def _causal_attention_kernel(
     qkv_ptr, tokens_ptr, bias_ptr, out_ptr, P, HD, stride_qkv, stride_out, scale_inv,
     GATHER: tl.constexpr, BIG_BATCH: tl.constexpr, DOT: tl.constexpr, N_HEADS: tl.constexpr, D_HEAD: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr, GROUP: tl.constexpr,
 ):
-    # one flat axis with a sequence's heads side by side: they run together and read neighbouring
-    # 128-byte pieces of the same table rows (heads as a grid's first axis would put the batch on its
-    # second, which CUDA caps at 65535)
-    b = (tl.program_id(0) // N_HEADS).to(tl.int64)
-    head = tl.program_id(0) % N_HEADS
+    # one flat axis with a sequence's head groups side by side: they run together and read neighbouring
+    # pieces of the same table rows (heads as a grid's first axis would put the batch on its second,
+    # which CUDA caps at 65535)
+    groups: tl.constexpr = N_HEADS // GROUP
+    b = (tl.program_id(0) // groups).to(tl.int64)
+    first = (tl.program_id(0) % groups) * GROUP
     pos = tl.arange(0, BLOCK_P)
     e = tl.arange(0, BLOCK_E)
     ok_p = pos < P
@@ -82,22 +99,23 @@ def _causal_attention_kernel(
     else:
         rows = b * P + pos
     ok = ok_p[:, None] & (e < D_HEAD)[None, :]
-    col = head * D_HEAD + e[None, :]
-    src = qkv_ptr + rows[:, None] * stride_qkv + col
-    bias = bias_ptr + pos[:, None] * (3 * HD) + col  # b_Q/K/V and positions, per position
-    q = tl.load(src, mask=ok, other=0.0) + tl.load(bias, mask=ok, other=0.0)
-    k = tl.load(src + HD, mask=ok, other=0.0) + tl.load(bias + HD, mask=ok, other=0.0)
-    v = tl.load(src + 2 * HD, mask=ok, other=0.0) + tl.load(bias + 2 * HD, mask=ok, other=0.0)
-    if DOT == "tf32":
-        q, k, v = _tf32(q), _tf32(k), _tf32(v)
-    scores = tl.dot(q, tl.trans(k), input_precision=DOT) * scale_inv
-    scores = tl.where((pos[None, :] <= pos[:, None]) & ok_p[None, :], scores, float("-inf"))
-    p = tl.exp(scores - tl.max(scores, axis=1)[:, None])
-    p = p / tl.sum(p, axis=1)[:, None]
-    if DOT == "tf32":
-        p = _tf32(p)
-    z = tl.dot(p, v, input_precision=DOT)
-    tl.store(out_ptr + (b * P + pos)[:, None] * stride_out + col, z.to(out_ptr.dtype.element_ty), mask=ok)
+    causal = (pos[None, :] <= pos[:, None]) & ok_p[None, :]
+    for head in range(first, first + GROUP):
+        col = head * D_HEAD + e[None, :]
+        src = qkv_ptr + rows[:, None] * stride_qkv + col
+        bias = bias_ptr + pos[:, None] * (3 * HD) + col  # b_Q/K/V and positions, per position
+        q = tl.load(src, mask=ok, other=0.0) + tl.load(bias, mask=ok, other=0.0)
+        k = tl.load(src + HD, mask=ok, other=0.0) + tl.load(bias + HD, mask=ok, other=0.0)
+        v = tl.load(src + 2 * HD, mask=ok, other=0.0) + tl.load(bias + 2 * HD, mask=ok, other=0.0)
+        if DOT == "tf32":
+            q, k, v = _tf32(q), _tf32(k), _tf32(v)
+        scores = tl.where(causal, tl.dot(q, tl.trans(k), input_precision=DOT) * scale_inv, float("-inf"))
+        p = tl.exp(scores - tl.max(scores, axis=1)[:, None])
+        p = p / tl.sum(p, axis=1)[:, None]
+        if DOT == "tf32":
+            p = _tf32(p)
+        z = tl.dot(p, v, input_precision=DOT)
+        tl.store(out_ptr + (b * P + pos)[:, None] * stride_out + col, z.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 @torch.library.custom_op("induction_sweep::causal_attention", mutates_args=())
@@ -107,7 +125,7 @@ def _causal_attention(qkv: Tensor, tokens: Tensor, bias: Tensor, gather: bool, n
     # strides as the kernel assumes them (under torch.compile an input's layout is not guaranteed)
     qkv, tokens, bias = (qkv if qkv.stride(1) == 1 else qkv.contiguous()), tokens.contiguous(), bias.contiguous()
     out = torch.empty(batch * n_pos, n_heads * d_head, device=qkv.device, dtype=out_dtype)
-    _causal_attention_kernel[(batch * n_heads,)](
+    _causal_attention_kernel[lambda meta: (batch * n_heads // meta["GROUP"],)](
         qkv, tokens, bias, out, n_pos, n_heads * d_head, qkv.stride(0), out.stride(0), 1 / scale,
         GATHER=gather, BIG_BATCH=batch >= 8192, DOT=_dot_precision(qkv.device, tf32), N_HEADS=n_heads, D_HEAD=d_head,
         BLOCK_P=_block(n_pos), BLOCK_E=_block(d_head))
@@ -132,37 +150,51 @@ def causal_attention(
     return _causal_attention(qkv, tokens, bias, gather, n_heads, d_head, scale, out_dtype, tf32)
 
 
+@triton.jit
+def _residual(rows, added, bias_ptr, d0, dc, ok, D, ADD: tl.constexpr):
+    """A chunk of the residual rows: the base rows, plus the layer before's output and its bias where
+    the stream was left as that sum (ADD), in torch's order: base + (added + bias)."""
+    x = tl.load(rows + d0, mask=ok, other=0.0)
+    if ADD:
+        x += tl.load(added + d0, mask=ok, other=0.0) + tl.load(bias_ptr + d0 + dc, mask=d0 + dc < D, other=0.0)[None, :]
+    return x
+
+
 # d_model in chunks: a program's work per element is then a multiply-add per head, summed across
 # threads once per row (a head at a time over whole rows reduced across threads 16 times a head:
 # ~1.9 M instructions a sequence against ~0.9 M, compiled for sm_90 by scripts/kernel_registers.py)
 @triton.autotune(configs=[triton.Config({"CHUNK": c}, num_warps=w) for c, w in
-                          ([(16, 1)] if INTERPRET else [(64, 4), (64, 8), (32, 4), (32, 8)])],
-                 key=["P", "D", "N_HEADS", "LAYER_NORM", "BIG_BATCH"], **AUTOTUNE_CACHE)
+                          ([(16, 1)] if INTERPRET else [(64, 4), (64, 8), (32, 4), (32, 8), (16, 4)])],
+                 key=["P", "D", "N_HEADS", "LAYER_NORM", "BIG_BATCH", "GATHER", "ADD"], **AUTOTUNE_CACHE)
 @triton.jit
 def _last_attention_kernel(
-    x_ptr, u_ptr, c_ptr, mixed_ptr, pattern_ptr, P, D, eps, scale_inv,
-    N_HEADS: tl.constexpr, LAYER_NORM: tl.constexpr, BIG_BATCH: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr,
-    CHUNK: tl.constexpr,
+    x_ptr, tokens_ptr, added_ptr, bias_ptr, u_ptr, c_ptr, mixed_ptr, pattern_ptr, P, D, stride_ub, stride_uh, eps, scale_inv,
+    N_HEADS: tl.constexpr, LAYER_NORM: tl.constexpr, BIG_BATCH: tl.constexpr, GATHER: tl.constexpr, ADD: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr, CHUNK: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     pos, hs, dc = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_H), tl.arange(0, CHUNK)
     ok_p, ok_h = pos < P, hs < N_HEADS
-    rows = x_ptr + (b * P + pos)[:, None] * D + dc[None, :]  # the sequence's residual rows, a chunk at a time
-    heads = (b * N_HEADS + hs)[:, None] * D + dc[None, :]  # the heads' rows of u and of the mix
+    # the sequence's residual rows, a chunk at a time: dense, or the embedding's rows of its tokens
+    base = tl.load(tokens_ptr + b * P + pos, mask=ok_p, other=0).to(tl.int64) if GATHER else b * P + pos
+    rows = x_ptr + base[:, None] * D + dc[None, :]
+    added = added_ptr + (b * P + pos)[:, None] * D + dc[None, :]
+    u_rows = u_ptr + b * stride_ub + hs.to(tl.int64)[:, None] * stride_uh + dc[None, :]  # the heads' rows of u
+    heads = (b * N_HEADS + hs)[:, None] * D + dc[None, :]  # and of the mix
     # LNPre (as fast.layer_norm_pre): the mean first, then the centred rows' squares; 1/σ is applied to
     # the sums below, so the rows are read centred but never scaled
     mean = tl.zeros((BLOCK_P,), tl.float32)
     if LAYER_NORM:
         sums = tl.zeros((BLOCK_P, CHUNK), tl.float32)
         for d0 in range(0, D, CHUNK):
-            sums += tl.load(rows + d0, mask=ok_p[:, None] & (d0 + dc < D)[None, :], other=0.0)
+            sums += _residual(rows, added, bias_ptr, d0, dc, ok_p[:, None] & (d0 + dc < D)[None, :], D, ADD)
         mean = tl.sum(sums, axis=1) / D
     squares = tl.zeros((BLOCK_P, CHUNK), tl.float32)
     dots = tl.zeros((BLOCK_P, BLOCK_H, CHUNK), tl.float32)  # Σ_d x_pd u_hd, chunk by chunk, elementwise
     for d0 in range(0, D, CHUNK):
         ok = ok_p[:, None] & (d0 + dc < D)[None, :]
-        x = tl.where(ok, tl.load(rows + d0, mask=ok, other=0.0) - mean[:, None], 0.0)
-        u = tl.load(u_ptr + heads + d0, mask=ok_h[:, None] & (d0 + dc < D)[None, :], other=0.0)
+        x = tl.where(ok, _residual(rows, added, bias_ptr, d0, dc, ok, D, ADD) - mean[:, None], 0.0)
+        u = tl.load(u_rows + d0, mask=ok_h[:, None] & (d0 + dc < D)[None, :], other=0.0)
         squares += x * x
         dots += x[:, None, :] * u[None, :, :]
     rstd = tl.rsqrt(tl.sum(squares, axis=1) / D + eps) if LAYER_NORM else tl.full((BLOCK_P,), 1.0, tl.float32)
@@ -176,33 +208,45 @@ def _last_attention_kernel(
     weights = p * rstd[:, None]
     for d0 in range(0, D, CHUNK):  # Σ_p pattern_hp LN(x_p)
         ok = ok_p[:, None] & (d0 + dc < D)[None, :]
-        x = tl.where(ok, tl.load(rows + d0, mask=ok, other=0.0) - mean[:, None], 0.0)
+        x = tl.where(ok, _residual(rows, added, bias_ptr, d0, dc, ok, D, ADD) - mean[:, None], 0.0)
         mixed = tl.sum(weights[:, :, None] * x[:, None, :], axis=0)
         tl.store(mixed_ptr + heads + d0, mixed, mask=ok_h[:, None] & (d0 + dc < D)[None, :])
 
 
 @torch.library.custom_op("induction_sweep::last_attention", mutates_args=())
-def _last_attention(x: Tensor, u: Tensor, c: Tensor, layer_norm: bool, eps: float, scale: float) -> tuple[Tensor, Tensor]:
-    (batch, n_pos, d_model), n_heads = x.shape, u.shape[1]
+def _last_attention(x: Tensor, tokens: Tensor | None, added: Tensor | None, bias: Tensor | None, u: Tensor, c: Tensor,
+                    layer_norm: bool, eps: float, scale: float) -> tuple[Tensor, Tensor]:
+    batch, n_heads, n_pos = c.shape
+    d_model = x.shape[-1]
     mixed = x.new_empty(batch, n_heads, d_model)
     pattern = x.new_empty(batch, n_heads, n_pos)
-    x, u, c = x.contiguous(), u.contiguous(), c.contiguous()  # the kernel assumes rows laid out back to back
+    gather, add = tokens is not None, added is not None
+    # the kernel assumes rows laid out back to back, but for u's: as W_K^T q comes out of the
+    # product, heads first (a copy cost 0.5–0.9 ms of a bf16 step); absent parts are never read (x stands in)
+    x, u, c = x.contiguous(), (u if u.stride(2) == 1 else u.contiguous()), c.contiguous()
+    tokens, added, bias = (x if t is None else t.contiguous() for t in (tokens, added, bias))
     _last_attention_kernel[(batch,)](
-        x, u, c, mixed, pattern, n_pos, d_model, eps, 1 / scale, N_HEADS=n_heads, LAYER_NORM=layer_norm,
-        BIG_BATCH=batch >= 8192, BLOCK_P=_block(n_pos), BLOCK_H=triton.next_power_of_2(n_heads))
+        x, tokens, added, bias, u, c, mixed, pattern, n_pos, d_model, u.stride(0), u.stride(1), eps, 1 / scale, N_HEADS=n_heads,
+        LAYER_NORM=layer_norm, BIG_BATCH=batch >= 8192, GATHER=gather, ADD=add, BLOCK_P=_block(n_pos),
+        BLOCK_H=triton.next_power_of_2(n_heads))
     return mixed, pattern
 
 
 @_last_attention.register_fake
-def _(x, u, c, layer_norm, eps, scale):
-    return x.new_empty(x.shape[0], u.shape[1], x.shape[2]), x.new_empty(x.shape[0], u.shape[1], x.shape[1])
+def _(x, tokens, added, bias, u, c, layer_norm, eps, scale):
+    return x.new_empty(c.shape[0], c.shape[1], x.shape[-1]), x.new_empty(c.shape)
 
 
 def last_attention(
-    x: Float[Tensor, "batch pos d_model"], u: Float[Tensor, "batch heads d_model"], c: Float[Tensor, "batch heads pos"],
-    layer_norm: bool, eps: float, scale: float,
+    x: Float[Tensor, "batch pos d_model"] | Float[Tensor, "vocab d_model"], u: Float[Tensor, "batch heads d_model"],
+    c: Float[Tensor, "batch heads pos"], layer_norm: bool, eps: float, scale: float, tokens: Int[Tensor, "batch pos"] | None = None,
+    added: Float[Tensor, "batch pos d_model"] | None = None, bias: Float[Tensor, " d_model"] | None = None,
 ) -> tuple[Float[Tensor, "batch heads d_model"], Float[Tensor, "batch heads pos"]]:
     """(Σ_p pattern[h, p] LN(x_p), pattern) of the last position's query per head, whose scores are
-    ``LN(x_p) · u_h + c[h, p]``, divided by ``scale``; all float32. ``layer_norm``: LNPre, else ``x`` as it is."""
-    return _last_attention(x.float(), u.float(), c.float(), layer_norm, eps, scale)
-
+    ``LN(x_p) · u_h + c[h, p]``, divided by ``scale``; all float32. ``layer_norm``: LNPre, else ``x`` as it is.
+    The residual rows ``x_p``: ``x``'s, or with ``tokens`` the rows of a table (the token embedding) at
+    each position's token; with ``added`` and ``bias`` (the layer before's output and b_O, both or
+    neither), those rows + (added + bias), summed as they are read."""
+    assert (added is None) == (bias is None)
+    parts = (None if t is None else t.float() for t in (added, bias))
+    return _last_attention(x.float(), tokens, *parts, u.float(), c.float(), layer_norm, eps, scale)

@@ -17,6 +17,7 @@ It is checked against TransformerLens' own forward in tests/test_fast.py.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +50,22 @@ def attentions(device: torch.device) -> tuple[str, ...]:
     return ATTENTION if device.type == "cuda" else ("sdpa", "products")
 
 
+class Stream(NamedTuple):
+    """The residual stream before the last layer left as a sum, which the Triton kernel of the last
+    layer adds up as it reads it: ``base`` (dense rows, or with ``tokens`` the token embedding's rows of
+    each position's token) + (``added`` + ``bias``): the layer before's output and its b_O. Written out
+    and read back, the sum cost 2.1 ms of a 26.8-ms bf16 step on an H200 (docs/PERFORMANCE.md)."""
+    base: Float[Tensor, "batch pos d_model"] | Float[Tensor, "vocab d_model"]
+    tokens: Int[Tensor, "batch pos"] | None
+    added: Float[Tensor, "batch pos d_model"]
+    bias: Float[Tensor, " d_model"]
+
+    def last(self) -> Float[Tensor, "batch d_model"]:
+        """The stream at the last position."""
+        base = self.base[self.tokens[:, -1]] if self.tokens is not None else self.base[:, -1]
+        return base + (self.added[:, -1] + self.bias)
+
+
 def _solu(x: Float[Tensor, "rows d_mlp"]) -> Float[Tensor, "rows d_mlp"]:
     return x * x.softmax(-1)
 
@@ -69,7 +86,8 @@ class CompactForward(torch.nn.Module):
         Attention over the 24 positions (the last layer's query and ``W_K^T q`` included: one row
         per head), biases, the layer-0 table and the residual stream stay float32: they cost little
         and carry most of the bf16 error otherwise (the triton attention's products before the last
-        layer take TF32 inputs, rounded to nearest: no more error, and half the instructions). bf16
+        layer take TF32 inputs, rounded to nearest: half the instructions, the powers' bias unchanged,
+        toy-2l's max error 0.088 against 0.082 on an H200). bf16
         rounding with float32 compute gives bf16 tensor-core numerics on CPUs, where bf16 products
         are far slower than float32 (docs/PERFORMANCE.md).
         ``attention``: how the layers before the last attend over every position (ATTENTION; with
@@ -158,10 +176,17 @@ class CompactForward(torch.nn.Module):
         """
         x = self.W_E[tokens] if self.shortformer else self.W_E[tokens] + self.W_pos[: tokens.shape[1]]
         for i in range(self.n_layers - 1):
-            x = x + self.attend_all(i, x, tokens)
+            out, b_O = self.attend_all(i, x, tokens), getattr(self, f"b_O{i}")
+            if self.attention == "triton" and i == self.n_layers - 2 and not self.n_mlps:
+                # the last layer's kernel adds it up: layer 0 of a shortformer read the table alone
+                table = i == 0 and self.shortformer
+                x = Stream(self.W_E if table else x, tokens if table else None, out, b_O)
+            else:
+                x = x + (out + b_O)
             if self.n_mlps:
                 x = x + self.mlp(i, x)
-        x = x[:, -1] + self.attend_last(x, trace)
+        x_last = x.last() if isinstance(x, Stream) else x[:, -1]
+        x = x_last + self.attend_last(x, x_last, trace)
         if self.n_mlps:
             x = x + self.mlp(self.n_layers - 1, x)  # the last block's MLP at the last position only
         if trace is not None:
@@ -171,7 +196,7 @@ class CompactForward(torch.nn.Module):
     def attend_all(
         self, i: int, x: Float[Tensor, "batch pos d_model"], tokens: Int[Tensor, "batch pos"]
     ) -> Float[Tensor, "batch pos d_model"]:
-        """A causal attention layer's output at every position."""
+        """A causal attention layer's output at every position, before its bias b_O."""
         batch, n_pos = tokens.shape
         bias = getattr(self, f"pos_QKV{i}")[:n_pos]  # b_QKV + positions
         table = i == 0 and self.shortformer  # layer 0 reads the token embedding alone: a table lookup
@@ -183,8 +208,7 @@ class CompactForward(torch.nn.Module):
             qkv = qkv[tokens].add_(bias) if table else qkv.view(batch, n_pos, -1) + bias
             q, k, v = (self.heads(t) for t in qkv.chunk(3, dim=-1))
             z = self.causal_attention(q, k, v).transpose(1, 2).reshape(batch * n_pos, -1)
-        out = self.project(z, getattr(self, f"W_O{i}"))
-        return out.view(batch, n_pos, -1).add_(getattr(self, f"b_O{i}"))
+        return self.project(z, getattr(self, f"W_O{i}")).view(batch, n_pos, -1)
 
     def causal_attention(
         self, q: Float[Tensor, "batch heads pos d_head"], k: Float[Tensor, "batch heads pos d_head"],
@@ -204,15 +228,20 @@ class CompactForward(torch.nn.Module):
 
         return workers.attention_kernels
 
-    def attend_last(self, x: Float[Tensor, "batch pos d_model"], trace: dict | None) -> Float[Tensor, "batch d_model"]:
-        """The last layer's output at the last position, keys and values folded into the query side."""
-        batch, n_pos, _ = x.shape
-        q = self.ln(x[:, -1]) @ self.W_Q_last + self.q_bias[n_pos - 1]
+    def attend_last(
+        self, x: Float[Tensor, "batch pos d_model"] | Stream, x_last: Float[Tensor, "batch d_model"], trace: dict | None
+    ) -> Float[Tensor, "batch d_model"]:
+        """The last layer's output at the last position (``x_last``: the stream there), keys and values
+        folded into the query side."""
+        batch, n_pos = len(x_last), (x.added if isinstance(x, Stream) else x).shape[1]
+        q = self.ln(x_last) @ self.W_Q_last + self.q_bias[n_pos - 1]
         q = q.view(batch, self.n_heads, self.d_head)
         u = torch.einsum("bhe,hde->bhd", q, self.W_K_last)  # W_K^T q: what each position's h is scored by
         c = torch.einsum("bhe,phe->bhp", q, self.k_bias[:n_pos])  # what each position's key bias adds
         if self.attention == "triton":
-            mixed, pattern = self.attention_kernels().last_attention(x, u, c, self.layer_norm, self.eps, self.scale)
+            rows = dict(x=x.base, tokens=x.tokens, added=x.added, bias=x.bias) if isinstance(x, Stream) else dict(x=x)
+            mixed, pattern = self.attention_kernels().last_attention(u=u, c=c, layer_norm=self.layer_norm, eps=self.eps,
+                                                                     scale=self.scale, **rows)
         else:
             h = self.ln(x)
             # one row of attention per head (the last position sees every position): a plain softmax

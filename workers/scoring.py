@@ -39,9 +39,9 @@ def resolve_precision(precision: str, device: torch.device | str) -> str:
 # ``logits``: the dtype torch's unembedding writes where the kernel is not fused (LOGITS); ``lse``:
 # what reduces them (LSE).
 FASTEST = {
-    "cuda": {"fp32": {"attention": "products", "fused": False, "logits": "float32", "lse": "torch"},  # Triton LSE unmeasured
-             "tf32": {"attention": "products", "fused": False, "logits": "float32", "lse": "triton"},
-             "bf16": {"attention": "products", "fused": False, "logits": "bf16", "lse": "triton"}},
+    "cuda": {"fp32": {"attention": "products", "fused": False, "logits": "float32", "lse": "torch"},  # the others tie
+             "tf32": {"attention": "triton", "fused": False, "logits": "float32", "lse": "triton"},
+             "bf16": {"attention": "triton", "fused": False, "logits": "bf16", "lse": "triton"}},
     "cpu": {p: {"attention": "sdpa", "fused": False, "logits": "float32", "lse": "torch"} for p in PRECISIONS},
 }
 # bf16 logits (bf16 precision only): the product's float32 sums rounded once, as bf16 tensor cores

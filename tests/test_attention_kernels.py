@@ -103,6 +103,33 @@ def test_last_attention_matches_torch(layer_norm):
     assert torch.isfinite(last_attention(x.to(DEVICE), u.to(DEVICE), c.to(DEVICE), layer_norm, 0.0, 4.0)[0]).all()
 
 
+@pytest.mark.parametrize("shifted", [False, True])
+def test_last_attention_statistics_from_one_read_or_two(monkeypatch, shifted):
+    """Both ways to the LayerNorm's statistics, which the tuner picks between on a GPU (the interpreter
+    has one config): the mean read first, or each row shifted by its first chunk's mean and corrected.
+    On rows far from zero and with an outsized feature in the first chunk, the shift's hardest case."""
+    import triton
+
+    from workers import attention_kernels
+
+    kernel = attention_kernels._last_attention_kernel
+    monkeypatch.setattr(kernel, "configs", [triton.Config({"CHUNK": 16, "SHIFTED": shifted}, num_warps=1)])
+    monkeypatch.setattr(kernel, "cache", {})
+    g = torch.Generator().manual_seed(5)
+    batch, n_pos, d_model, n_heads = 3, 24, 84, 2
+    x = torch.randn(batch, n_pos, d_model, generator=g) + 300
+    x[0, :, 3] = 3e4  # one feature 100 times the others' spread, in the first chunk
+    u = torch.randn(batch, n_heads, d_model, generator=g)
+    c = torch.randn(batch, n_heads, n_pos, generator=g)
+    centred = x.double() - x.double().mean(-1, keepdim=True)
+    h = centred / (centred.pow(2).mean(-1, keepdim=True) + 1e-5).sqrt()
+    pattern = ((torch.einsum("bpd,bhd->bhp", h, u.double()) + c.double()) / 4).softmax(-1)
+    mixed = torch.einsum("bhp,bpd->bhd", pattern, h)
+    got_mixed, got_pattern = last_attention(x.to(DEVICE), u.to(DEVICE), c.to(DEVICE), True, 1e-5, 4.0)
+    assert (got_pattern.cpu().double() - pattern).abs().max() < 1e-4
+    assert (got_mixed.cpu().double() - mixed).abs().max() < 1e-4
+
+
 @pytest.mark.parametrize("gather", [True, False])
 def test_last_attention_adds_up_a_stream_left_as_a_sum(gather):
     """The stream before the last layer as fast.Stream leaves it: the embedding's rows of the tokens
@@ -225,6 +252,7 @@ def test_kernels_compile_for_hopper_and_keep_their_tiles_in_registers():
     for c in kernels["logits_lse bf16"]:
         logits_per_thread = c["config"]["BLOCK_B"] * c["config"]["BLOCK_V"] // (32 * c["config"]["num_warps"])
         assert len(c["loop_instructions"]) == 1 and 0 < c["loop_instructions"][0] / logits_per_thread < 18, c
-    # three passes over d_model (mean, scores, mix), each a loop the estimate counts
-    assert all(len(c["loop_instructions"]) == 3 for c in kernels["last_attention"]), kernels["last_attention"]
+    # passes over d_model, each a loop the estimate counts: mean, scores, mix; or, shifted, scores and mix
+    assert all(len(c["loop_instructions"]) == (2 if c["config"]["SHIFTED"] else 3) for c in kernels["last_attention"]), \
+        kernels["last_attention"]
     assert min(c["instructions_per_program"] for c in kernels["last_attention"]) < 1.2e6, kernels["last_attention"]

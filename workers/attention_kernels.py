@@ -162,15 +162,19 @@ def _residual(rows, added, bias_ptr, d0, dc, ok, D, ADD: tl.constexpr):
 
 # d_model in chunks: a program's work per element is then a multiply-add per head, summed across
 # threads once per row (a head at a time over whole rows reduced across threads 16 times a head:
-# ~1.9 M instructions a sequence against ~0.9 M, compiled for sm_90 by scripts/kernel_registers.py)
-@triton.autotune(configs=[triton.Config({"CHUNK": c}, num_warps=w) for c, w in
-                          ([(16, 1)] if INTERPRET else [(64, 4), (64, 8), (32, 4), (32, 8), (16, 4)])],
+# ~1.9 M instructions a sequence against ~0.9 M, compiled for sm_90 by scripts/kernel_registers.py).
+# SHIFTED: the LayerNorm's statistics and the scores from one read of the rows instead of two (below);
+# the tuner measures both on the GPU.
+@triton.autotune(configs=[triton.Config({"CHUNK": c, "SHIFTED": s}, num_warps=w) for c, w, s in
+                          ([(16, 1, True)] if INTERPRET else
+                           [(64, 4, False), (64, 8, False), (32, 4, False), (32, 8, False), (16, 4, False),
+                            (64, 8, True), (32, 4, True), (32, 8, True), (16, 4, True)])],
                  key=["P", "D", "N_HEADS", "LAYER_NORM", "BIG_BATCH", "GATHER", "ADD"], **AUTOTUNE_CACHE)
 @triton.jit
 def _last_attention_kernel(
     x_ptr, tokens_ptr, added_ptr, bias_ptr, u_ptr, c_ptr, mixed_ptr, pattern_ptr, P, D, stride_ub, stride_uh, eps, scale_inv,
     N_HEADS: tl.constexpr, LAYER_NORM: tl.constexpr, BIG_BATCH: tl.constexpr, GATHER: tl.constexpr, ADD: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr, CHUNK: tl.constexpr, SHIFTED: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     pos, hs, dc = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_H), tl.arange(0, CHUNK)
@@ -181,27 +185,46 @@ def _last_attention_kernel(
     added = added_ptr + (b * P + pos)[:, None] * D + dc[None, :]
     u_rows = u_ptr + b * stride_ub + hs.to(tl.int64)[:, None] * stride_uh + dc[None, :]  # the heads' rows of u
     heads = (b * N_HEADS + hs)[:, None] * D + dc[None, :]  # and of the mix
-    # LNPre (as fast.layer_norm_pre): the mean first, then the centred rows' squares; 1/σ is applied to
-    # the sums below, so the rows are read centred but never scaled
-    mean = tl.zeros((BLOCK_P,), tl.float32)
+    # LNPre (as fast.layer_norm_pre). The rows are read less a shift per row, and 1/σ is applied to the
+    # sums, so they are never scaled. Not SHIFTED: the shift is the mean, from a read of its own. SHIFTED:
+    # the mean of the row's first chunk; the sums of the shifted values then correct the mean, the
+    # squares and the scores. A mean of CHUNK of the row's own values is within √(D/CHUNK) σ of the
+    # row's mean, so E[(x - s)²] - (μ - s)² loses at most a factor 1 + D/CHUNK (33 at 16 of 512) of
+    # float32's precision on σ² to cancellation; with the mean read first it loses none.
+    shift = tl.zeros((BLOCK_P,), tl.float32)
     if LAYER_NORM:
-        sums = tl.zeros((BLOCK_P, CHUNK), tl.float32)
-        for d0 in range(0, D, CHUNK):
-            sums += _residual(rows, added, bias_ptr, d0, dc, ok_p[:, None] & (d0 + dc < D)[None, :], D, ADD)
-        mean = tl.sum(sums, axis=1) / D
+        if SHIFTED:
+            first = ok_p[:, None] & (dc < D)[None, :]
+            shift = tl.sum(_residual(rows, added, bias_ptr, 0, dc, first, D, ADD), axis=1) / tl.minimum(D, CHUNK)
+        else:
+            sums = tl.zeros((BLOCK_P, CHUNK), tl.float32)
+            for d0 in range(0, D, CHUNK):
+                sums += _residual(rows, added, bias_ptr, d0, dc, ok_p[:, None] & (d0 + dc < D)[None, :], D, ADD)
+            shift = tl.sum(sums, axis=1) / D
+    sums = tl.zeros((BLOCK_P, CHUNK), tl.float32)  # Σ_d (x_pd - shift_p), SHIFTED only
+    u_sums = tl.zeros((BLOCK_H, CHUNK), tl.float32)  # Σ_d u_hd, SHIFTED only
     squares = tl.zeros((BLOCK_P, CHUNK), tl.float32)
-    dots = tl.zeros((BLOCK_P, BLOCK_H, CHUNK), tl.float32)  # Σ_d x_pd u_hd, chunk by chunk, elementwise
+    dots = tl.zeros((BLOCK_P, BLOCK_H, CHUNK), tl.float32)  # Σ_d (x_pd - shift_p) u_hd, chunk by chunk, elementwise
     for d0 in range(0, D, CHUNK):
         ok = ok_p[:, None] & (d0 + dc < D)[None, :]
-        x = tl.where(ok, _residual(rows, added, bias_ptr, d0, dc, ok, D, ADD) - mean[:, None], 0.0)
+        x = tl.where(ok, _residual(rows, added, bias_ptr, d0, dc, ok, D, ADD) - shift[:, None], 0.0)
         u = tl.load(u_rows + d0, mask=ok_h[:, None] & (d0 + dc < D)[None, :], other=0.0)
+        if SHIFTED and LAYER_NORM:
+            sums += x
+            u_sums += u
         squares += x * x
         dots += x[:, None, :] * u[None, :, :]
-    rstd = tl.rsqrt(tl.sum(squares, axis=1) / D + eps) if LAYER_NORM else tl.full((BLOCK_P,), 1.0, tl.float32)
+    offset = tl.zeros((BLOCK_P,), tl.float32)  # the mean less the shift
+    if SHIFTED and LAYER_NORM:
+        offset = tl.sum(sums, axis=1) / D
+    mean = shift + offset
+    variance = tl.maximum(tl.sum(squares, axis=1) / D - offset * offset, 0.0)
+    rstd = tl.rsqrt(variance + eps) if LAYER_NORM else tl.full((BLOCK_P,), 1.0, tl.float32)
     rstd = tl.where(ok_p, rstd, 0.0)  # padding rows: 1/√eps, infinite where eps is 0 (0 × inf in the mix)
+    centred_dots = tl.sum(dots, axis=2) - offset[:, None] * tl.sum(u_sums, axis=1)[None, :]  # Σ_d (x_pd - mean_p) u_hd
     # score_ph = LN(x_p) · W_K^T q_h + q_h · (b_K + positions)_p (the second term made outside)
     c = tl.load(c_ptr + (b * N_HEADS + hs)[None, :] * P + pos[:, None], mask=ok_h[None, :] & ok_p[:, None], other=0.0)
-    scores = tl.where(ok_p[:, None], (tl.sum(dots, axis=2) * rstd[:, None] + c) * scale_inv, float("-inf"))
+    scores = tl.where(ok_p[:, None], (centred_dots * rstd[:, None] + c) * scale_inv, float("-inf"))
     p = tl.exp(scores - tl.max(scores, axis=0)[None, :])
     p = p / tl.sum(p, axis=0)[None, :]  # [pos, heads]: each head's softmax over positions
     tl.store(pattern_ptr + (b * N_HEADS + hs)[None, :] * P + pos[:, None], p, mask=ok_h[None, :] & ok_p[:, None])

@@ -182,7 +182,7 @@ class CompactForward(torch.nn.Module):
                 table = i == 0 and self.shortformer
                 x = Stream(self.W_E if table else x, tokens if table else None, out, b_O)
             else:
-                x = x + (out + b_O)
+                x = x + out.add_(b_O)  # out is this layer's own: in place, one pass fewer in eager
             if self.n_mlps:
                 x = x + self.mlp(i, x)
         x_last = x.last() if isinstance(x, Stream) else x[:, -1]

@@ -6,11 +6,14 @@
 #
 #   bench-shapes.sh          gelu-2l and gpt2-small (compact forward with MLPs against TransformerLens'
 #                            path, bf16) and attn-only-2l (every precision and unembedding), toy-2l
-#                            checked on the device against TransformerLens (call 3 of docs/PERFORMANCE.md)
+#                            checked on the device against TransformerLens in every products variant
+#                            (--check runs the precisions and attentions a part benches; call 3 of
+#                            docs/PERFORMANCE.md)
 #   bench-shapes.sh triton   the Triton attention (workers/attention_kernels.py) against torch's
 #                            products on the three shapes: bf16 with its fastest unembedding so far,
-#                            tf32 and fp32 with either log-sum-exp of float32 logits (fp32's Triton one
-#                            is unmeasured); toy-2l checked on the device in every variant, kernels included
+#                            tf32 and fp32 with either log-sum-exp of float32 logits; toy-2l checked on
+#                            the device in every bf16 variant of both attentions (tf32 and fp32 are not
+#                            checked here: bench.sh --precisions tf32,fp32 --attention triton --check toy-2l)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 root="${OUT:-bench-out}"

@@ -66,11 +66,11 @@ def _causal(dot: str) -> Case:
 
 
 def _last() -> Case:
-    types = dict(x_ptr="*fp32", tokens_ptr="*i64", added_ptr="*fp32", bias_ptr="*fp32", u_ptr="*fp32", c_ptr="*fp32", mixed_ptr="*fp32",
-                 pattern_ptr="*fp32", P="i32", D="i32", stride_ub="i32", stride_uh="i32", eps="fp32", scale_inv="fp32")
+    types = dict(x_ptr="*fp32", tokens_ptr="*i64", added_ptr="*fp32", bias_ptr="*fp32", u_ptr="*fp32", c_ptr="*fp32", mixed_ptr="*bf16",
+                 pattern_ptr="*fp32", B="i32", P="i32", D="i32", stride_ub="i32", stride_uh="i32", eps="fp32", scale_inv="fp32")
     # as attn-only-2l runs it: the embedding's rows of the tokens + layer 0's output + b_O, summed as read
     consts = dict(N_HEADS=HEADS, LAYER_NORM=True, BIG_BATCH=True, GATHER=True, ADD=True, BLOCK_P=32, BLOCK_H=HEADS)
-    return Case(attention_kernels._last_attention_kernel, types, consts, {"D", "stride_ub", "stride_uh"},
+    return Case(attention_kernels._last_attention_kernel, types, consts, {"B", "D", "stride_ub", "stride_uh"},
                 lambda c: D_MODEL // c.get("CHUNK", D_MODEL),
                 lambda c: ROWS)
 

@@ -96,6 +96,7 @@ def test_last_attention_matches_torch(layer_norm):
     pattern = ((torch.einsum("bpd,bhd->bhp", h.double(), u.double()) + c.double()) / 4).softmax(-1)
     mixed = torch.einsum("bhp,bpd->bhd", pattern, h.double())
     got_mixed, got_pattern = last_attention(x.to(DEVICE), u.to(DEVICE), c.to(DEVICE), layer_norm, 1e-5, 4.0)
+    got_mixed = got_mixed.transpose(0, 1)  # heads first, as W_V's product reads it
     assert got_pattern[0, 1, 9] > 1 - 1e-7
     assert (got_pattern.cpu().double() - pattern).abs().max() < 1e-6
     assert (got_mixed.cpu().double() - mixed).abs().max() < 1e-5
@@ -126,8 +127,26 @@ def test_last_attention_statistics_from_one_read_or_two(monkeypatch, shifted):
     pattern = ((torch.einsum("bpd,bhd->bhp", h, u.double()) + c.double()) / 4).softmax(-1)
     mixed = torch.einsum("bhp,bpd->bhd", pattern, h)
     got_mixed, got_pattern = last_attention(x.to(DEVICE), u.to(DEVICE), c.to(DEVICE), True, 1e-5, 4.0)
+    got_mixed = got_mixed.transpose(0, 1)
     assert (got_pattern.cpu().double() - pattern).abs().max() < 1e-4
     assert (got_mixed.cpu().double() - mixed).abs().max() < 1e-4
+
+
+def test_last_attention_writes_its_mix_as_w_v_reads_it():
+    """The mix heads first, rounded to the projection's dtype in the kernel: the float32 mix's bf16
+    rounding to nearest, as torch's cast before W_V's product makes it (and not truncated)."""
+    g = torch.Generator().manual_seed(4)
+    batch, n_pos, d_model, n_heads = 3, 24, 84, 2
+    x, u = torch.randn(batch, n_pos, d_model, generator=g) * 3, torch.randn(batch, n_heads, d_model, generator=g) / 10
+    c = torch.randn(batch, n_heads, n_pos, generator=g)
+    args = (x.to(DEVICE), u.to(DEVICE), c.to(DEVICE), True, 1e-5, 4.0)
+    mixed, pattern = last_attention(*args)
+    rounded, same_pattern = last_attention(*args, mixed_dtype=torch.bfloat16)
+    assert mixed.shape == rounded.shape == (n_heads, batch, d_model) and rounded.dtype == torch.bfloat16
+    assert torch.equal(pattern, same_pattern)
+    assert torch.equal(rounded, mixed.to(torch.bfloat16))
+    truncated = (mixed.contiguous().view(torch.int32) & -0x10000).view(torch.float32).to(torch.bfloat16)
+    assert not torch.equal(rounded, truncated)
 
 
 @pytest.mark.parametrize("gather", [True, False])

@@ -171,8 +171,8 @@ def test_compiled_scorer_builds_one_graph_for_every_batch_size(toy_model):
     for n in (64, 40, 17):
         scorer.logodds(batch.tokens[:n], batch.b[:n, None])
     Scorer(toy_model, "fp32", compile=True).logodds(batch.tokens[:30], batch.b[:30, None])  # another actor's scorer
-    # one graph for the forward, one for the unembedding + log-sum-exp
-    assert scorer.options["compiled"] and counters["stats"]["unique_graphs"] == 2
+    # one graph for the forward, one for the unembedding + log-sum-exp, one for the exact target logits
+    assert scorer.options["compiled"] and counters["stats"]["unique_graphs"] == 3
 
 
 def test_padded_unembedding_gives_the_same_logits():

@@ -86,3 +86,5 @@ def test_logits_lse_matches_softmax_parts(dtype):
 def test_scorer_with_triton_log_sum_exp_matches_transformer_lens(toy_model, logits):
     check_parity(toy_model, "bf16", n=64, lse="triton", logits=logits)
     check_parity(toy_model, "fp32", n=64, lse="triton")
+    if logits == "bf16":  # as on CUDA: the unembedding's input and the exact logits compiled around the kernel
+        check_parity(toy_model, "bf16", n=64, lse="triton", logits=logits, compile=True)

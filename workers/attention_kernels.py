@@ -61,6 +61,17 @@ def _tf32(x):
     return tl.where(x == x, rounded, x)
 
 
+@triton.jit
+def _store_rounded(ptr, x, mask):
+    """Store float32 ``x`` in ``ptr``'s dtype, a bf16 to nearest even as torch's cast rounds: Triton's
+    conversion on a GPU; under the interpreter, which truncates, the same rounding on the bits."""
+    if not RNA_IN_PTX and ptr.dtype.element_ty == tl.bfloat16:
+        bits = x.to(tl.int32, bitcast=True)
+        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) & -0x10000).to(tl.float32, bitcast=True)
+        x = tl.where(x == x, rounded, x)
+    tl.store(ptr, x.to(ptr.dtype.element_ty), mask=mask)
+
+
 def _head_groups(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
     """The configs whose heads per program divide the model's heads (the interpreter's: its largest)."""
     heads = {**named_args, **kwargs}["N_HEADS"]  # a keyword at the launch
@@ -115,7 +126,7 @@ def _causal_attention_kernel(
         if DOT == "tf32":
             p = _tf32(p)
         z = tl.dot(p, v, input_precision=DOT)
-        tl.store(out_ptr + (b * P + pos)[:, None] * stride_out + col, z.to(out_ptr.dtype.element_ty), mask=ok)
+        _store_rounded(out_ptr + (b * P + pos)[:, None] * stride_out + col, z, ok)
 
 
 @torch.library.custom_op("induction_sweep::causal_attention", mutates_args=())
@@ -172,7 +183,7 @@ def _residual(rows, added, bias_ptr, d0, dc, ok, D, ADD: tl.constexpr):
                  key=["P", "D", "N_HEADS", "LAYER_NORM", "BIG_BATCH", "GATHER", "ADD"], **AUTOTUNE_CACHE)
 @triton.jit
 def _last_attention_kernel(
-    x_ptr, tokens_ptr, added_ptr, bias_ptr, u_ptr, c_ptr, mixed_ptr, pattern_ptr, P, D, stride_ub, stride_uh, eps, scale_inv,
+    x_ptr, tokens_ptr, added_ptr, bias_ptr, u_ptr, c_ptr, mixed_ptr, pattern_ptr, B, P, D, stride_ub, stride_uh, eps, scale_inv,
     N_HEADS: tl.constexpr, LAYER_NORM: tl.constexpr, BIG_BATCH: tl.constexpr, GATHER: tl.constexpr, ADD: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr, CHUNK: tl.constexpr, SHIFTED: tl.constexpr,
 ):
@@ -184,7 +195,7 @@ def _last_attention_kernel(
     rows = x_ptr + base[:, None] * D + dc[None, :]
     added = added_ptr + (b * P + pos)[:, None] * D + dc[None, :]
     u_rows = u_ptr + b * stride_ub + hs.to(tl.int64)[:, None] * stride_uh + dc[None, :]  # the heads' rows of u
-    heads = (b * N_HEADS + hs)[:, None] * D + dc[None, :]  # and of the mix
+    heads = (hs.to(tl.int64) * B + b)[:, None] * D + dc[None, :]  # and of the mix, heads first as W_V's product reads it
     # LNPre (as fast.layer_norm_pre). The rows are read less a shift per row, and 1/σ is applied to the
     # sums, so they are never scaled. Not SHIFTED: the shift is the mean, from a read of its own. SHIFTED:
     # the mean of the row's first chunk; the sums of the shifted values then correct the mean, the
@@ -233,15 +244,15 @@ def _last_attention_kernel(
         ok = ok_p[:, None] & (d0 + dc < D)[None, :]
         x = tl.where(ok, _residual(rows, added, bias_ptr, d0, dc, ok, D, ADD) - mean[:, None], 0.0)
         mixed = tl.sum(weights[:, :, None] * x[:, None, :], axis=0)
-        tl.store(mixed_ptr + heads + d0, mixed, mask=ok_h[:, None] & (d0 + dc < D)[None, :])
+        _store_rounded(mixed_ptr + heads + d0, mixed, ok_h[:, None] & (d0 + dc < D)[None, :])
 
 
 @torch.library.custom_op("induction_sweep::last_attention", mutates_args=())
 def _last_attention(x: Tensor, tokens: Tensor | None, added: Tensor | None, bias: Tensor | None, u: Tensor, c: Tensor,
-                    layer_norm: bool, eps: float, scale: float) -> tuple[Tensor, Tensor]:
+                    layer_norm: bool, eps: float, scale: float, mixed_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     batch, n_heads, n_pos = c.shape
     d_model = x.shape[-1]
-    mixed = x.new_empty(batch, n_heads, d_model)
+    mixed = x.new_empty(n_heads, batch, d_model, dtype=mixed_dtype)
     pattern = x.new_empty(batch, n_heads, n_pos)
     gather, add = tokens is not None, added is not None
     # the kernel assumes rows laid out back to back, but for u's: as W_K^T q comes out of the
@@ -249,27 +260,32 @@ def _last_attention(x: Tensor, tokens: Tensor | None, added: Tensor | None, bias
     x, u, c = x.contiguous(), (u if u.stride(2) == 1 else u.contiguous()), c.contiguous()
     tokens, added, bias = (x if t is None else t.contiguous() for t in (tokens, added, bias))
     _last_attention_kernel[(batch,)](
-        x, tokens, added, bias, u, c, mixed, pattern, n_pos, d_model, u.stride(0), u.stride(1), eps, 1 / scale, N_HEADS=n_heads,
-        LAYER_NORM=layer_norm, BIG_BATCH=batch >= 8192, GATHER=gather, ADD=add, BLOCK_P=_block(n_pos),
+        x, tokens, added, bias, u, c, mixed, pattern, batch, n_pos, d_model, u.stride(0), u.stride(1), eps, 1 / scale,
+        N_HEADS=n_heads, LAYER_NORM=layer_norm, BIG_BATCH=batch >= 8192, GATHER=gather, ADD=add, BLOCK_P=_block(n_pos),
         BLOCK_H=triton.next_power_of_2(n_heads))
     return mixed, pattern
 
 
 @_last_attention.register_fake
-def _(x, tokens, added, bias, u, c, layer_norm, eps, scale):
-    return x.new_empty(c.shape[0], c.shape[1], x.shape[-1]), x.new_empty(c.shape)
+def _(x, tokens, added, bias, u, c, layer_norm, eps, scale, mixed_dtype):
+    return x.new_empty(c.shape[1], c.shape[0], x.shape[-1], dtype=mixed_dtype), x.new_empty(c.shape)
 
 
 def last_attention(
     x: Float[Tensor, "batch pos d_model"] | Float[Tensor, "vocab d_model"], u: Float[Tensor, "batch heads d_model"],
     c: Float[Tensor, "batch heads pos"], layer_norm: bool, eps: float, scale: float, tokens: Int[Tensor, "batch pos"] | None = None,
     added: Float[Tensor, "batch pos d_model"] | None = None, bias: Float[Tensor, " d_model"] | None = None,
-) -> tuple[Float[Tensor, "batch heads d_model"], Float[Tensor, "batch heads pos"]]:
+    mixed_dtype: torch.dtype = torch.float32,
+) -> tuple[Float[Tensor, "heads batch d_model"], Float[Tensor, "batch heads pos"]]:
     """(Σ_p pattern[h, p] LN(x_p), pattern) of the last position's query per head, whose scores are
-    ``LN(x_p) · u_h + c[h, p]``, divided by ``scale``; all float32. ``layer_norm``: LNPre, else ``x`` as it is.
+    ``LN(x_p) · u_h + c[h, p]``, divided by ``scale``. ``layer_norm``: LNPre, else ``x`` as it is.
     The residual rows ``x_p``: ``x``'s, or with ``tokens`` the rows of a table (the token embedding) at
     each position's token; with ``added`` and ``bias`` (the layer before's output and b_O, both or
-    neither), those rows + (added + bias), summed as they are read."""
+    neither), those rows + (added + bias), summed as they are read.
+    The mix comes heads first and rounded to ``mixed_dtype`` (to nearest), as W_V's batched product
+    reads it: a float32 [batch, heads, d_model] mix was written, read back and written again
+    transposed and rounded (1 GB, 1 GB and 0.5 GB at batch 65536 and 8 heads of 512, bf16); everything
+    else is float32."""
     assert (added is None) == (bias is None)
     parts = (None if t is None else t.float() for t in (added, bias))
-    return _last_attention(x.float(), tokens, *parts, u.float(), c.float(), layer_norm, eps, scale)
+    return _last_attention(x.float(), tokens, *parts, u.float(), c.float(), layer_norm, eps, scale, mixed_dtype)

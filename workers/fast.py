@@ -241,13 +241,13 @@ class CompactForward(torch.nn.Module):
         if self.attention == "triton":
             rows = dict(x=x.base, tokens=x.tokens, added=x.added, bias=x.bias) if isinstance(x, Stream) else dict(x=x)
             mixed, pattern = self.attention_kernels().last_attention(u=u, c=c, layer_norm=self.layer_norm, eps=self.eps,
-                                                                     scale=self.scale, **rows)
+                                                                     scale=self.scale, mixed_dtype=self.dtype, **rows)
         else:
             h = self.ln(x)
             # one row of attention per head (the last position sees every position): a plain softmax
             pattern = ((torch.einsum("bpd,bhd->bhp", h, u) + c) / self.scale).softmax(-1)
-            mixed = torch.einsum("bhp,bpd->bhd", pattern, h)  # Σ_j p_j h_j, so W_V is applied once per head
-        z = self.project(mixed.transpose(0, 1), self.W_V_last).transpose(0, 1) + self.b_V_last  # batch heads d_head
+            mixed = torch.einsum("bhp,bpd->hbd", pattern, h)  # Σ_j p_j h_j, so W_V is applied once per head
+        z = self.project(mixed, self.W_V_last).transpose(0, 1) + self.b_V_last  # batch heads d_head
         if trace is not None:
             W_O = self.W_O_last.float().view(self.n_heads, self.d_head, -1)
             trace["pattern"] = pattern
@@ -275,6 +275,12 @@ class CompactForward(torch.nn.Module):
             return self.project(self.unembed_input(h), self.W_U)[:, : self.d_vocab]
         return (self.unembed_input(h) @ self.W_U).to(dtype)[:, : self.d_vocab]
 
-    def target_logits(self, h: Float[Tensor, "batch d_model"], targets: Int[Tensor, "batch n_targets"]) -> Float[Tensor, "batch n_targets"]:
-        """The targets' logits recomputed in float32: accurate even when the rest is bf16."""
-        return torch.einsum("bd,btd->bt", h, self.W_U_rows[targets]) + self.b_U[targets]
+
+def target_logits(
+    h: Float[Tensor, "batch d_model"], W_U_rows: Float[Tensor, "vocab d_model"], b_U: Float[Tensor, " vocab"],
+    targets: Int[Tensor, "batch n_targets"],
+) -> Float[Tensor, "batch n_targets"]:
+    """The targets' logits recomputed in float32 (``CompactForward.W_U_rows`` and ``b_U``): accurate
+    even when the rest is bf16. A function of tensors alone, so that one compiled graph serves every
+    scorer (workers/scoring.py)."""
+    return torch.einsum("bd,btd->bt", h, W_U_rows[targets]) + b_U[targets]

@@ -18,7 +18,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from workers import models
-from workers.fast import CompactForward
+from workers.fast import CompactForward, target_logits
 from workers.sequences import SEQ_LEN
 
 PRECISIONS = ("fp32", "tf32", "bf16")
@@ -120,6 +120,16 @@ def logodds_from_parts(
     return torch.where(targets == top, target_logits - rest, lp - torch.log(-torch.expm1(lp)))
 
 
+def exact_logodds(
+    h: Float[Tensor, "batch d_model"], targets: Int[Tensor, "batch n_targets"], top: Int[Tensor, "batch 1"],
+    rest: Float[Tensor, "batch 1"], W_U_rows: Float[Tensor, "vocab d_model"], b_U: Float[Tensor, " vocab"],
+) -> Float[Tensor, "batch n_targets"]:
+    """``logodds_from_parts`` with the targets' logits and the top token's (it dominates the
+    log-sum-exp) recomputed in float32 from the final residual ``h``, whatever precision summed the rest."""
+    exact = functools.partial(target_logits, h, W_U_rows, b_U)
+    return logodds_from_parts(targets, exact(targets), top, exact(top), rest)
+
+
 def logodds(logits: Float[Tensor, "batch vocab"], targets: Int[Tensor, "batch n_targets"]) -> Float[Tensor, "batch n_targets"]:
     """log p/(1-p) of each target under softmax(logits), in float32 (float64 for float64 logits).
     ``logits`` is consumed."""
@@ -180,11 +190,18 @@ class Scorer:
             if not has_triton:
                 raise ValueError("attention 'triton' needs Triton, which is not installed")
             self._check_attention_kernels()
-        self._forward = self.compact
+        self._forward, self._logits, self._exact_logodds = self.compact, self.compact.logits, exact_logodds
         if use_compile:
             # emulated bf16 (rounded inputs, float32 products): Inductor would fuse the roundings away
-            compiled = _batch_dynamic(torch.compile(self.compact), emulate_casts=self.dtype != compute)
+            emulate = self.dtype != compute
+            compiled = _batch_dynamic(torch.compile(self.compact), emulate_casts=emulate)
             self._forward = FirstCallFallback(compiled, self.compact, "torch.compile")
+            # the unembedding's input and the exact logits: eager, ten kernels and two [batch, d_model]
+            # gathers of W_U's rows; compiled, two passes and gathers read where they are summed
+            compiled = _batch_dynamic(torch.compile(self.compact.logits), emulate_casts=emulate)
+            self._logits = FirstCallFallback(compiled, self.compact.logits, "torch.compile")
+            compiled = _batch_dynamic(torch.compile(exact_logodds), emulate_casts=False, batch_args=4)
+            self._exact_logodds = FirstCallFallback(compiled, exact_logodds, "torch.compile")
         if fused is None:
             fused = best["fused"] and has_triton
         self.fused = fused
@@ -229,7 +246,7 @@ class Scorer:
     def _triton_softmax_parts(self, h: Float[Tensor, "batch d_model"]):
         from workers.unembed_lse import logits_lse  # Triton: imported only where it runs
 
-        return logits_lse(self.compact.logits(h, self.logits_dtype))
+        return logits_lse(self._logits(h, self.logits_dtype))
 
     def _compiled_softmax_parts(self, h: Float[Tensor, "batch d_model"]):
         return softmax_parts(self.compact.logits(h, self.logits_dtype), in_place=False)
@@ -259,7 +276,8 @@ class Scorer:
         """What this scorer runs (after any fallback)."""
         if self.compact is None:
             return {"compiled": False, "fused": False, "attention": None, "logits": None, "lse": None}
-        compiled = isinstance(self._forward, FirstCallFallback) and self._forward.primary_ok is not False
+        compiled = all(isinstance(f, FirstCallFallback) and f.primary_ok is not False
+                       for f in (self._forward, self._logits, self._exact_logodds))
         fused = self.fused and self._softmax_parts.primary_ok is not False
         logits = None if fused else "bf16" if self.logits_dtype == torch.bfloat16 else "float32"
         triton_lse = not fused and self.lse == "triton" and self._softmax_parts.primary_ok is not False
@@ -275,10 +293,8 @@ class Scorer:
         with self._matmul_precision():
             if self.compact is not None:
                 h = self._forward(tokens)
-                top_value, top, rest = self._softmax_parts(h)
-                # the targets and the top token (it dominates the log-sum-exp) recomputed in float32
-                exact = functools.partial(self.compact.target_logits, h)
-                return logodds_from_parts(targets, exact(targets), top, exact(top), rest)
+                _, top, rest = self._softmax_parts(h)
+                return self._exact_logodds(h, targets, top, rest, self.compact.W_U_rows, self.compact.b_U)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
                 logits = models.last_logits(self.model, tokens)
             return logodds(logits.float(), targets)
@@ -291,19 +307,21 @@ class Scorer:
         return both[: len(tokens)], both[len(tokens) :]
 
 
-def _batch_dynamic(compiled: Callable, emulate_casts: bool) -> Callable:
+def _batch_dynamic(compiled: Callable, emulate_casts: bool, batch_args: int = 1) -> Callable:
     """One compiled graph for every batch size (a shard's last batch is smaller) and every scorer of
     the same precision; without it each new size recompiles, and Dynamo stops compiling after 8.
     ``emulate_casts`` keeps dtype round trips that Inductor would drop, for this scorer's
     compilations only (Inductor reads its config while it compiles, inside the call). Past Dynamo's
     recompile limit (graphs of one function, all scorers of a process together) the call raises
-    instead of silently running eager, so that FirstCallFallback says so and ``options`` tells."""
+    instead of silently running eager, so that FirstCallFallback says so and ``options`` tells.
+    ``batch_args``: how many leading arguments have the batch as their first dimension."""
 
-    def forward(tokens: Int[Tensor, "batch pos"]):
-        torch._dynamo.mark_dynamic(tokens, 0)
+    def forward(*args):
+        for batched in args[:batch_args]:
+            torch._dynamo.mark_dynamic(batched, 0)
         with torch._inductor.config.patch(emulate_precision_casts=emulate_casts), \
                 torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
-            return compiled(tokens)
+            return compiled(*args)
 
     return forward
 

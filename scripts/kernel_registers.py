@@ -88,11 +88,19 @@ def _fused() -> Case:
                 None, lambda c: ROWS // c["BLOCK_B"])
 
 
+def _query() -> Case:
+    types = dict(h_ptr="*fp32", w_q_ptr="*fp32", q_bias_ptr="*fp32", w_k_ptr="*fp32", k_bias_ptr="*fp32", u_ptr="*fp32", c_ptr="*fp32",
+                 B="i32", D="i32", P="i32")
+    consts = dict(N_HEADS=HEADS, D_HEAD=D_HEAD, BIG_BATCH=True, DOT="tf32x3", BLOCK_E=D_HEAD, BLOCK_P=32, BLOCK_K=64)
+    return Case(attention_kernels._query_kernel, types, consts, {"B", "D"}, None, lambda c: ROWS // c["BLOCK_M"] * HEADS)
+
+
 # what each kernel runs as in a bf16 step of attn-only-2l (fp32 for the float32 products)
 KERNELS = {
     "causal_attention table fp32": _causal("ieee"),
     "causal_attention table bf16/tf32": _causal("tf32"),
     "last_attention": _last(),
+    "query_side tf32x3": _query(),
     "logits_lse bf16": _lse(),
     "unembed_lse bf16": _fused(),
 }

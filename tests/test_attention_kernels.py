@@ -18,7 +18,7 @@ pytest.importorskip("triton")
 from test_fast import check_parity, seed_style  # noqa: E402
 
 from workers import models  # noqa: E402
-from workers.attention_kernels import causal_attention, last_attention  # noqa: E402
+from workers.attention_kernels import causal_attention, last_attention, query_side  # noqa: E402
 from workers.fast import layer_norm_pre  # noqa: E402
 from workers.scoring import Scorer  # noqa: E402
 
@@ -173,6 +173,30 @@ def test_last_attention_adds_up_a_stream_left_as_a_sum(gather):
     assert not torch.allclose(last_attention(layer_norm=True, eps=1e-5, scale=4.0, **parts)[0], want[0], atol=1e-3)
 
 
+@pytest.mark.parametrize("exact", [False, True])
+def test_query_side_matches_torch(exact):
+    """The last layer's query (a block of rows and a head a program, never written) and what it folds
+    into: W_Kᵀq heads first and the key bias's scores, on sizes that fill no tile (rows past the batch,
+    d_model past the last chunk, d_head and positions padded). Under the interpreter the products are
+    float32 either way; the device's --check measures tf32x3's."""
+    g = torch.Generator().manual_seed(6)
+    batch, d_model, n_heads, d_head, n_pos = 37, 84, 3, 20, 24
+    h = torch.randn(batch, d_model, generator=g)
+    W_Q, q_bias = torch.randn(d_model, n_heads * d_head, generator=g) / 9, torch.randn(n_heads * d_head, generator=g)
+    W_K, k_bias = torch.randn(n_heads, d_model, d_head, generator=g) / 4, torch.randn(n_pos, n_heads, d_head, generator=g)
+    q = (h.double() @ W_Q.double() + q_bias.double()).view(batch, n_heads, d_head)
+    u, c = query_side(*(t.to(DEVICE) for t in (h, W_Q, q_bias, W_K, k_bias)), exact=exact)
+    assert u.shape == (n_heads, batch, d_model) and c.shape == (batch, n_heads, n_pos)
+    assert (u.cpu().double() - torch.einsum("bhe,hde->hbd", q, W_K.double())).abs().max() < 1e-5
+    assert (c.cpu().double() - torch.einsum("bhe,phe->bhp", q, k_bias.double())).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_scorer_with_triton_query_matches_transformer_lens(toy_model, precision):
+    """toy-2l with the query side from its kernel too (compiled, as on CUDA: a custom op in the graph)."""
+    check_parity(toy_model, precision, n=12, attention="triton", query="triton", compile=True)
+
+
 @pytest.mark.parametrize("compile", [False, True])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_scorer_with_triton_attention_matches_transformer_lens(toy_model, precision, compile):
@@ -246,6 +270,22 @@ def test_a_kernel_that_fails_to_build_falls_back_to_products(toy_model, monkeypa
     assert torch.allclose(got, want, atol=1e-5)
 
 
+def test_a_query_kernel_that_fails_to_build_falls_back_to_torch(toy_model, monkeypatch):
+    """The same for the query side's kernel: torch's products instead, said in the warning and the options."""
+    import workers.attention_kernels
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of resources")
+
+    monkeypatch.setattr(workers.attention_kernels, "query_side", broken)
+    with pytest.warns(UserWarning, match="the Triton query failed .RuntimeError: out of resources.; using torch's query side"):
+        scorer = Scorer(toy_model, "fp32", compile=False, attention="products", query="triton")
+    assert (scorer.options["attention"], scorer.options["query"]) == ("products", "torch")
+    batch = seed_style(4, toy_model.cfg.d_vocab)
+    want = Scorer(toy_model, "fp32", compile=False, attention="products").logodds(batch.tokens, batch.b[:, None])
+    assert torch.equal(scorer.logodds(batch.tokens, batch.b[:, None]), want)
+
+
 def test_kernels_compile_for_hopper_and_keep_their_tiles_in_registers():
     """scripts/kernel_registers.py compiles every autotune config for sm_90 with Triton's own ptxas, no
     GPU needed. The attention kernels and the log-sum-exp hold a sequence (or a row's slots) in
@@ -261,8 +301,8 @@ def test_kernels_compile_for_hopper_and_keep_their_tiles_in_registers():
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     kernels = json.loads(done.stdout)
-    assert set(kernels) == {"causal_attention table fp32", "causal_attention table bf16/tf32", "last_attention", "logits_lse bf16",
-                            "unembed_lse bf16"}
+    assert set(kernels) == {"causal_attention table fp32", "causal_attention table bf16/tf32", "last_attention", "query_side tf32x3",
+                            "logits_lse bf16", "unembed_lse bf16"}
     for name, configs in kernels.items():
         assert min(c["spill_bytes"] for c in configs) == 0, (name, configs)
         assert all(0 < c["registers"] <= 255 for c in configs), (name, configs)

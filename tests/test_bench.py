@@ -57,13 +57,26 @@ def test_bench_of_a_shape_with_mlps_measures_transformer_lens_path_too():
     (["--shape", "gelu-9l"], "unknown --shape 'gelu-9l': choose from attn-only-2l, gelu-2l, gpt2-small"),
     (["--shape", "gelu-2l", "--model", "toy-2l"], "--shape benches random weights and --model a given model: give one of them"),
     (["--device", "cpu", "--only", "colour=red"],
-     "--only 'colour=red': give KEY=VALUE pairs of compile, attention, fused, logits, lse, fast"),
+     "--only 'colour=red': give KEY=VALUE pairs of compile, attention, query, fused, logits, lse, fast"),
     (["--device", "cpu", "--only", "lse=triton"], "--only lse=triton: no fp32, bf16 variant on cpu has these options"),
     (["--device", "cpu", "--attention", "triton"], "unknown triton for cpu: choose from sdpa, products"),
 ])
 def test_bad_options_are_one_line(argv, error):
     done = subprocess.run([sys.executable, "-m", "jobs.cli", "bench", *argv], capture_output=True, text=True, timeout=600)
     assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].endswith(error)
+
+
+def test_cuda_variants_try_the_query_kernel_where_torch_runs_float32_on_cuda_cores():
+    """What a device's bench measures (no GPU needed to list it): the Triton query side beside torch's
+    under bf16 with the Triton attention; every CUDA variant names its query, so --only can pick it."""
+    from jobs.bench import variants
+
+    cuda = torch.device("cuda")
+    bf16 = variants(cuda, "bf16")
+    assert {(v["attention"], v["query"]) for v in bf16} == {("sdpa", "torch"), ("products", "torch"), ("triton", "torch"),
+                                                            ("triton", "triton")}
+    assert len([v for v in bf16 if v["query"] == "triton"]) == len([v for v in bf16 if v["attention"] == "sdpa"])
+    assert {v["query"] for p in ("fp32", "tf32") for v in variants(cuda, p)} == {"torch"}
 
 
 def test_only_the_variants_asked_for():
@@ -110,11 +123,11 @@ def test_triton_kernels_of_a_variant_report_their_tiles(toy_model):
 
     assert triton_kernels({"fused": False, "lse": "torch", "attention": "products"}) == {}
     assert list(triton_kernels({"fused": True, "lse": "triton", "attention": "sdpa"})) == ["unembed_lse"]
-    options = {"fused": False, "lse": "triton", "attention": "triton"}
+    options = {"fused": False, "lse": "triton", "attention": "triton", "query": "triton"}
     kernels = triton_kernels(options)
-    assert list(kernels) == ["logits_lse", "causal_attention", "last_attention"]
+    assert list(kernels) == ["logits_lse", "causal_attention", "last_attention", "query_side"]
     scorer = Scorer(toy_model, "fp32", compile=False, **options)
     tokens = torch.randint(1, 2048, (4, 24))
     scorer.logodds(tokens, tokens[:, :1])
-    assert (scorer.options["lse"], scorer.options["attention"]) == ("triton", "triton")  # the kernels ran: no fallback
+    assert [scorer.options[k] for k in ("lse", "attention", "query")] == ["triton"] * 3  # the kernels ran: no fallback
     assert all(isinstance(kernel.best_config, triton.Config) for kernel in kernels.values())

@@ -289,3 +289,76 @@ def last_attention(
     assert (added is None) == (bias is None)
     parts = (None if t is None else t.float() for t in (added, bias))
     return _last_attention(x.float(), tokens, *parts, u.float(), c.float(), layer_norm, eps, scale, mixed_dtype)
+
+
+# The last layer's query side: q = LN(x_last) W_Q + b, then per head u = W_Kᵀq over d_model and
+# c = q · (b_K + positions) per position. In torch these are float32 products on CUDA cores under the bf16
+# precision: 1 of a forward's 65 MFLOP, yet the query's product took 1.05 ms of a 23.5-ms bf16 step on an
+# H200 and W_Kᵀq's is among 1.7 ms of bmm (docs/PERFORMANCE.md). Here tensor cores run them as three TF32
+# products of each value's high and low parts (``tf32x3``), near float32's error. A program takes a block
+# of rows and one head: q is made and used in registers, never written. Configs: none spills, compiled
+# for sm_90 (scripts/kernel_registers.py).
+@triton.autotune(configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in
+                          ([(16, 32, 1, 1)] if INTERPRET else
+                           [(64, 64, 4, 3), (64, 128, 4, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 2), (32, 64, 4, 3),
+                            (64, 64, 8, 3), (128, 64, 8, 2)])],
+                 key=["D", "P", "N_HEADS", "D_HEAD", "BIG_BATCH", "DOT"], **AUTOTUNE_CACHE)
+@triton.jit
+def _query_kernel(
+    h_ptr, w_q_ptr, q_bias_ptr, w_k_ptr, k_bias_ptr, u_ptr, c_ptr, B, D, P,
+    N_HEADS: tl.constexpr, D_HEAD: tl.constexpr, BIG_BATCH: tl.constexpr, DOT: tl.constexpr,
+    BLOCK_E: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    head = tl.program_id(1)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    e, k, pos, n = tl.arange(0, BLOCK_E), tl.arange(0, BLOCK_K), tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
+    ok_m, ok_e, ok_p = rows < B, e < D_HEAD, pos < P
+    columns = head * D_HEAD + e  # the head's columns of W_Q, b_Q and the key bias
+    q = tl.zeros((BLOCK_M, BLOCK_E), tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        ok_k = k0 + k < D
+        h = tl.load(h_ptr + rows[:, None] * D + (k0 + k)[None, :], mask=ok_m[:, None] & ok_k[None, :], other=0.0)
+        w = tl.load(w_q_ptr + (k0 + k)[:, None] * (N_HEADS * D_HEAD) + columns[None, :], mask=ok_k[:, None] & ok_e[None, :], other=0.0)
+        q = tl.dot(h, w, q, input_precision=DOT)
+    q += tl.load(q_bias_ptr + columns, mask=ok_e, other=0.0)[None, :]
+    key_bias = tl.load(k_bias_ptr + pos[None, :] * (N_HEADS * D_HEAD) + columns[:, None], mask=ok_e[:, None] & ok_p[None, :], other=0.0)
+    c = tl.dot(q, key_bias, input_precision=DOT)  # [rows, pos]
+    tl.store(c_ptr + (rows[:, None] * N_HEADS + head) * P + pos[None, :], c, mask=ok_m[:, None] & ok_p[None, :])
+    for n0 in range(0, D, BLOCK_N):  # u: heads first, as last_attention reads it
+        ok_n = n0 + n < D
+        w = tl.load(w_k_ptr + (head * D + n0 + n)[None, :] * D_HEAD + e[:, None], mask=ok_e[:, None] & ok_n[None, :], other=0.0)
+        u = tl.dot(q, w, input_precision=DOT)
+        tl.store(u_ptr + (head * B + rows)[:, None] * D + (n0 + n)[None, :], u, mask=ok_m[:, None] & ok_n[None, :])
+
+
+@torch.library.custom_op("induction_sweep::query_side", mutates_args=())
+def _query_side(h: Tensor, W_Q: Tensor, q_bias: Tensor, W_K: Tensor, k_bias: Tensor, exact: bool) -> tuple[Tensor, Tensor]:
+    batch, d_model = h.shape
+    n_heads, _, d_head = W_K.shape
+    n_pos = k_bias.shape[0]
+    h, W_Q, q_bias, W_K, k_bias = (t.contiguous() for t in (h, W_Q, q_bias, W_K, k_bias))
+    u = h.new_empty(n_heads, batch, d_model)
+    c = h.new_empty(batch, n_heads, n_pos)
+    _query_kernel[lambda meta: (triton.cdiv(batch, meta["BLOCK_M"]), n_heads)](
+        h, W_Q, q_bias, W_K, k_bias, u, c, batch, d_model, n_pos, N_HEADS=n_heads, D_HEAD=d_head, BIG_BATCH=batch >= 8192,
+        DOT=_dot_precision(h.device, False) if exact else "tf32x3", BLOCK_E=_block(d_head), BLOCK_P=_block(n_pos),
+        BLOCK_K=min(64, _block(d_model)))
+    return u, c
+
+
+@_query_side.register_fake
+def _(h, W_Q, q_bias, W_K, k_bias, exact):
+    return h.new_empty(W_K.shape[0], h.shape[0], h.shape[1]), h.new_empty(h.shape[0], W_K.shape[0], k_bias.shape[0])
+
+
+def query_side(
+    h: Float[Tensor, "batch d_model"], W_Q: Float[Tensor, "d_model heads_x_d_head"], q_bias: Float[Tensor, " heads_x_d_head"],
+    W_K: Float[Tensor, "heads d_model d_head"], k_bias: Float[Tensor, "pos heads d_head"], exact: bool = False,
+) -> tuple[Float[Tensor, "heads batch d_model"], Float[Tensor, "batch heads pos"]]:
+    """The last layer's query ``q = h W_Q + q_bias`` (``h``: the LayerNorm'd stream at the last
+    position) folded into its keys: ``u = W_Kᵀ q`` per head, heads first, and ``c[p] = q · k_bias[p]``.
+    Everything float32. The products: three TF32 products on tensor cores each (tf32x3), near float32's
+    error, where torch's are full float32 on CUDA cores (the bf16 precision); with ``exact`` (fp32, tf32)
+    the same products as torch's: full float32, or TF32 where torch's flag allows it."""
+    assert h.dtype == W_Q.dtype == W_K.dtype == k_bias.dtype == torch.float32
+    return _query_side(h, W_Q, q_bias, W_K, k_bias, exact)

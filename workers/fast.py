@@ -44,6 +44,11 @@ def _heads(w: Float[Tensor, "heads d_model d_head"]) -> Float[Tensor, "d_model h
 ATTENTION = ("sdpa", "products", "triton")
 
 
+# how the last layer's query side (q, W_Kᵀq and the key bias's scores) is made: torch's float32 products,
+# or one Triton kernel on tensor cores (attention_kernels.query_side: three TF32 products under bf16)
+QUERY = ("torch", "triton")
+
+
 def attentions(device: torch.device) -> tuple[str, ...]:
     """The attentions that run for real on ``device``: on a CPU Triton runs only under its
     interpreter (for tests), thousands of times slower."""
@@ -79,7 +84,7 @@ ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "gelu_new": _TANH
 
 class CompactForward(torch.nn.Module):
     def __init__(self, w: CompactWeights, dtype: torch.dtype = torch.float32, compute: torch.dtype | None = None,
-                 attention: str = "sdpa", align: int = 1):
+                 attention: str = "sdpa", align: int = 1, query: str = "torch"):
         """``dtype`` rounds the weights and inputs of the projections (Q/K/V, O, V and O of the last
         layer, the MLPs' W_in and W_out, unembedding); ``compute`` runs them (default ``dtype``);
         their sums, and the MLPs' hidden layer between its two products, are float32.
@@ -92,11 +97,14 @@ class CompactForward(torch.nn.Module):
         are far slower than float32 (docs/PERFORMANCE.md).
         ``attention``: how the layers before the last attend over every position (ATTENTION; with
         triton, the last layer's folded attention too).
-        ``align``: W_U's rows and columns padded to a multiple of it (64 on CUDA, see below)."""
+        ``align``: W_U's rows and columns padded to a multiple of it (64 on CUDA, see below).
+        ``query``: how the last layer's query side is made (QUERY)."""
         super().__init__()
         if attention not in ATTENTION:
             raise ValueError(f"unknown attention {attention!r}: choose {', '.join(ATTENTION)}")
-        self.attention = attention
+        if query not in QUERY:
+            raise ValueError(f"unknown query {query!r}: choose {', '.join(QUERY)}")
+        self.attention, self.query = attention, query
         self.n_layers, self.n_heads, self.d_head = len(w.W_Q), w.W_Q[0].shape[0], w.W_Q[0].shape[2]
         self.shortformer, self.layer_norm, self.eps, self.scale = w.shortformer, w.layer_norm, w.eps, w.attn_scale
         self.dtype, self.compute = dtype, compute or dtype
@@ -233,11 +241,8 @@ class CompactForward(torch.nn.Module):
     ) -> Float[Tensor, "batch d_model"]:
         """The last layer's output at the last position (``x_last``: the stream there), keys and values
         folded into the query side."""
-        batch, n_pos = len(x_last), (x.added if isinstance(x, Stream) else x).shape[1]
-        q = self.ln(x_last) @ self.W_Q_last + self.q_bias[n_pos - 1]
-        q = q.view(batch, self.n_heads, self.d_head)
-        u = torch.einsum("bhe,hde->bhd", q, self.W_K_last)  # W_K^T q: what each position's h is scored by
-        c = torch.einsum("bhe,phe->bhp", q, self.k_bias[:n_pos])  # what each position's key bias adds
+        n_pos = (x.added if isinstance(x, Stream) else x).shape[1]
+        u, c = self.query_side(self.ln(x_last), n_pos)
         if self.attention == "triton":
             rows = dict(x=x.base, tokens=x.tokens, added=x.added, bias=x.bias) if isinstance(x, Stream) else dict(x=x)
             mixed, pattern = self.attention_kernels().last_attention(u=u, c=c, layer_norm=self.layer_norm, eps=self.eps,
@@ -253,6 +258,19 @@ class CompactForward(torch.nn.Module):
             trace["pattern"] = pattern
             trace["head_out"] = torch.einsum("bhe,hed->bhd", z, W_O)
         return self.project(z.flatten(1), self.W_O_last) + self.b_O_last
+
+    def query_side(
+        self, h: Float[Tensor, "batch d_model"], n_pos: int
+    ) -> tuple[Float[Tensor, "batch heads d_model"], Float[Tensor, "batch heads pos"]]:
+        """(W_Kᵀq per head: what each position's LN'd stream is scored by, what each position's key bias
+        adds) of the last position's query ``q = h W_Q + b_Q + positions``, all float32."""
+        q_bias, k_bias = self.q_bias[n_pos - 1], self.k_bias[:n_pos]
+        if self.query == "triton":
+            u, c = self.attention_kernels().query_side(h, self.W_Q_last, q_bias, self.W_K_last, k_bias,
+                                                       exact=self.dtype == torch.float32)
+            return u.transpose(0, 1), c
+        q = (h @ self.W_Q_last + q_bias).view(len(h), self.n_heads, self.d_head)
+        return torch.einsum("bhe,hde->bhd", q, self.W_K_last), torch.einsum("bhe,phe->bhp", q, k_bias)
 
     def mlp(self, i: int, x: Float[Tensor, "*rows d_model"]) -> Float[Tensor, "*rows d_model"]:
         """Layer ``i``'s MLP: both products in the projection precision, the hidden layer float32 between them."""

@@ -18,7 +18,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from workers import models
-from workers.fast import CompactForward, target_logits
+from workers.fast import QUERY, CompactForward, target_logits
 from workers.sequences import SEQ_LEN
 
 PRECISIONS = ("fp32", "tf32", "bf16")
@@ -38,11 +38,12 @@ def resolve_precision(precision: str, device: torch.device | str) -> str:
 # (docs/PERFORMANCE.md, "GPU scorer"; ``bench`` measures every combination on the machine at hand).
 # ``logits``: the dtype torch's unembedding writes where the kernel is not fused (LOGITS); ``lse``:
 # what reduces them (LSE).
+# ``query``: how the last layer's query side is made (fast.QUERY; the Triton kernel not yet measured on a GPU).
 FASTEST = {
-    "cuda": {"fp32": {"attention": "products", "fused": False, "logits": "float32", "lse": "torch"},  # the others tie
-             "tf32": {"attention": "triton", "fused": False, "logits": "float32", "lse": "triton"},
-             "bf16": {"attention": "triton", "fused": False, "logits": "bf16", "lse": "triton"}},
-    "cpu": {p: {"attention": "sdpa", "fused": False, "logits": "float32", "lse": "torch"} for p in PRECISIONS},
+    "cuda": {"fp32": {"attention": "products", "fused": False, "logits": "float32", "lse": "torch", "query": "torch"},  # the others tie
+             "tf32": {"attention": "triton", "fused": False, "logits": "float32", "lse": "triton", "query": "torch"},
+             "bf16": {"attention": "triton", "fused": False, "logits": "bf16", "lse": "triton", "query": "torch"}},
+    "cpu": {p: {"attention": "sdpa", "fused": False, "logits": "float32", "lse": "torch", "query": "torch"} for p in PRECISIONS},
 }
 # bf16 logits (bf16 precision only): the product's float32 sums rounded once, as bf16 tensor cores
 # return them, so half the memory traffic of float32 logits. The top token and the targets are
@@ -66,9 +67,12 @@ def compiles_by_default(device: torch.device) -> bool:
 def runs_default(options: dict, device: torch.device) -> bool:
     """Whether a scorer's options (``Scorer.options`` with its precision, as ``bench`` reports them)
     are the path the scorer takes by default on ``device``: compiled on CUDA only, and FASTEST's
-    variant. Reports from before the logits and lse options ran float32 logits reduced by torch."""
+    variant. Reports from before the logits and lse options ran float32 logits reduced by torch, and
+    before the query option torch's query side."""
     default = fastest_path(device, options["precision"])
     if options.get("attention") != default["attention"] or bool(options.get("fused")) != default["fused"]:
+        return False
+    if (options.get("query") or "torch") != default["query"]:
         return False
     if "compiled" in options and options["compiled"] != compiles_by_default(device):
         return False
@@ -163,11 +167,12 @@ class Scorer:
 
     def __init__(self, model, precision: str = "auto", fast: bool = True, compile: bool | None = None,
                  fused: bool | None = None, attention: str | None = None, logits: str | None = None,
-                 lse: str | None = None):
+                 lse: str | None = None, query: str | None = None):
         """``model``: a HookedTransformer, or the compact forward's weights (models.load_weights).
         ``fused``: the Triton unembedding + log-sum-exp; ``attention``: CompactForward's; ``logits``:
         the dtype of torch's logits where not fused (LOGITS; bf16 only for bf16); ``lse``: what reduces
-        them (LSE). All default to what measured fastest for the device and precision (``fastest_path``)."""
+        them (LSE); ``query``: how the last layer's query side is made (fast.QUERY). All default to what
+        measured fastest for the device and precision (``fastest_path``)."""
         self.model = model
         self.device = model.W_E.device
         self.precision = resolve_precision(precision, self.device)
@@ -179,16 +184,19 @@ class Scorer:
         compute = self.dtype if native_bf16(self.device) else torch.float32
         best = fastest_path(self.device, self.precision)
         align = 64 if self.device.type == "cuda" else 1  # aligned unembedding for cuBLAS (workers/fast.py)
-        self.compact = (CompactForward(weights, self.dtype, compute, attention or best["attention"], align).to(self.device)
+        query = query or best["query"]
+        if query not in QUERY:
+            raise ValueError(f"unknown query {query!r}: choose {', '.join(QUERY)}")
+        self.compact = (CompactForward(weights, self.dtype, compute, attention or best["attention"], align, query).to(self.device)
                         if weights is not None else None)
         self.path = "compact" if self.compact is not None else "transformer_lens"
         if self.compact is None:
             return
         use_compile = compiles_by_default(self.device) if compile is None else compile
         has_triton = importlib.util.find_spec("triton") is not None
-        if self.compact.attention == "triton":
+        if "triton" in (self.compact.attention, self.compact.query):
             if not has_triton:
-                raise ValueError("attention 'triton' needs Triton, which is not installed")
+                raise ValueError("attention or query 'triton' needs Triton, which is not installed")
             self._check_attention_kernels()
         self._forward, self._logits, self._exact_logodds = self.compact, self.compact.logits, exact_logodds
         if use_compile:
@@ -229,16 +237,20 @@ class Scorer:
 
     @torch.inference_mode()
     def _check_attention_kernels(self):
-        """Build the Triton attention on one sequence, before anything is compiled around it: where it
-        fails to build (some machine's Triton or driver), the products attention computes the same
-        numbers, with a warning."""
-        n_pos = min(SEQ_LEN, len(self.compact.W_pos))
+        """Build the Triton kernels (attention, query side) on one sequence, before anything is compiled
+        around them: where they fail to build (some machine's Triton or driver), the products attention
+        and torch's query side compute the same numbers, with a warning."""
+        c = self.compact
+        n_pos = min(SEQ_LEN, len(c.W_pos))
         try:
             with self._matmul_precision():  # TF32 or not: another build of the kernel
-                self.compact(torch.zeros(1, n_pos, dtype=torch.long, device=self.device))
+                c(torch.zeros(1, n_pos, dtype=torch.long, device=self.device))
         except Exception as e:  # noqa: BLE001 - any compiler error; products compute the same
-            warn_fallback("the Triton attention", e, "products attention")
-            self.compact.attention = "products"
+            replaced = {"attention": "products attention", "query": "torch's query side"}
+            on_triton = [k for k in replaced if getattr(c, k) == "triton"]
+            warn_fallback(f"the Triton {' and '.join(on_triton)}", e, " and ".join(replaced[k] for k in on_triton))
+            c.attention = "products" if c.attention == "triton" else c.attention
+            c.query = "torch"
 
     def _torch_softmax_parts(self, h: Float[Tensor, "batch d_model"]):
         return softmax_parts(self.compact.logits(h, self.logits_dtype))
@@ -268,21 +280,22 @@ class Scorer:
         return {"path": self.path, "layers": c.n_layers, "heads": c.n_heads, "d_head": c.d_head,
                 "d_model": c.W_E.shape[1], "d_vocab": c.W_E.shape[0], "shortformer": c.shortformer,
                 "layer_norm": c.layer_norm, "fused": self.options["fused"], "attention": c.attention,
-                "logits": self.options["logits"], "lse": self.options["lse"],
+                "logits": self.options["logits"], "lse": self.options["lse"], "query": self.options["query"],
                 "act_fn": c.act_fn, "mlp_layer_norm": c.mlp_layer_norm, "d_mlp": c.d_mlp}
 
     @property
     def options(self) -> dict:
         """What this scorer runs (after any fallback)."""
         if self.compact is None:
-            return {"compiled": False, "fused": False, "attention": None, "logits": None, "lse": None}
+            return {"compiled": False, "fused": False, "attention": None, "logits": None, "lse": None, "query": None}
         compiled = all(isinstance(f, FirstCallFallback) and f.primary_ok is not False
                        for f in (self._forward, self._logits, self._exact_logodds))
         fused = self.fused and self._softmax_parts.primary_ok is not False
         logits = None if fused else "bf16" if self.logits_dtype == torch.bfloat16 else "float32"
         triton_lse = not fused and self.lse == "triton" and self._softmax_parts.primary_ok is not False
         lse = None if fused else "triton" if triton_lse else "torch"
-        return {"compiled": compiled, "fused": fused, "attention": self.compact.attention, "logits": logits, "lse": lse}
+        return {"compiled": compiled, "fused": fused, "attention": self.compact.attention, "logits": logits, "lse": lse,
+                "query": self.compact.query}
 
     def _matmul_precision(self):
         """TF32 only where asked for; fp32 means full float32 products on every device."""

@@ -21,7 +21,7 @@ import torch
 
 from jobs.errors import ConfigError
 from workers import experiments, models
-from workers.fast import QUERY, attentions
+from workers.fast import QUERY, TABLES, attentions
 from workers.scoring import LSE, PRECISIONS, Scorer, compiles_by_default, fastest_path, logodds, runs_default
 from workers.sequences import make_batch, sequence_keys
 
@@ -126,17 +126,20 @@ def variants(device: torch.device, precision: str, attention: list[str] | None =
     ``scoring.FASTEST`` holds the winners. ``transformer_lens``: also TransformerLens' path (a model
     with MLPs: what scored it before the compact forward took MLPs)."""
     if device.type == "cuda":
-        compact = [{"compile": True, "attention": a, "query": q, **u} for a in attention or attentions(device)
-                   for q in queries(precision, a) for u in unembeddings(precision)]
+        compact = [{"compile": True, "attention": a, **k, **u} for a in attention or attentions(device)
+                   for k in kernel_options(precision, a) for u in unembeddings(precision)]
     else:
         compact = [{"compile": c, "attention": a} for c in (False, True) for a in attention or attentions(device)]
     return compact + ([{"fast": False}] if transformer_lens else [])
 
 
-def queries(precision: str, attention: str) -> list[str]:
-    """CUDA's ways to the last layer's query side: torch's products, and with the Triton attention under
-    bf16 (where torch's are full float32 on CUDA cores) the Triton kernel's TF32 products."""
-    return list(QUERY) if precision == "bf16" and attention == "triton" else ["torch"]
+def kernel_options(precision: str, attention: str) -> list[dict]:
+    """CUDA's ways to the last layer's query side (torch's products; with the Triton attention under
+    bf16, where torch's are full float32 on CUDA cores, also the Triton kernel's TF32 products) and
+    layer 0's table (float32; with the Triton attention under bf16, also float16)."""
+    if precision == "bf16" and attention == "triton":
+        return [{"query": q, "table": t} for q in QUERY for t in TABLES]
+    return [{"query": "torch", "table": "float32"}]
 
 
 def only(options: list[dict], wanted: dict | None) -> list[dict]:
@@ -144,7 +147,7 @@ def only(options: list[dict], wanted: dict | None) -> list[dict]:
     return [o for o in options if all(k in o and o[k] == v for k, v in (wanted or {}).items())]
 
 
-ONLY_KEYS = ("compile", "attention", "query", "fused", "logits", "lse", "fast")  # the options of ``variants``
+ONLY_KEYS = ("compile", "attention", "query", "table", "fused", "logits", "lse", "fast")  # the options of ``variants``
 
 
 def parse_only(text: str) -> dict:
@@ -247,14 +250,15 @@ def check(spec: str, device: torch.device, only_precisions: list[str] | None = N
     for precision in only_precisions or precisions(device):
         for attention in only_attentions or attentions(device):
             cuda = device.type == "cuda"
-            for query, unembedding in itertools.product(queries(precision, attention) if cuda else ["torch"],
-                                                        unembeddings(precision) if cuda else ({"fused": False},)):
-                scorer = Scorer(model, precision, compile=False, attention=attention, query=query, **unembedding)
+            for kernels, unembedding in itertools.product(kernel_options(precision, attention) if cuda else [{}],
+                                                          unembeddings(precision) if cuda else ({"fused": False},)):
+                scorer = Scorer(model, precision, compile=False, attention=attention, **kernels, **unembedding)
                 ind, shuf = scorer.strength(sample.tokens, sample.shuffled, sample.b[:, None])
                 err = float(((ind - shuf)[:, 0].double() - reference).abs().max())
                 out.append({"model": spec, "precision": precision, **scorer.options, "max_abs_err_strength": err,
                             "within": err <= BOUNDS[precision]})
                 print(f"  check {spec} {precision:5} attention {scorer.options['attention']:8} query {scorer.options['query']:6} "
+                      f"table {scorer.options['table']!s:7} "
                       f"fused {unembedding['fused']!s:5} logits {scorer.options['logits']!s:7} lse {scorer.options['lse']!s:6}: "
                       f"err {err:.1e} {'within' if out[-1]['within'] else 'OUTSIDE'} {BOUNDS[precision]}", flush=True)
     return out
@@ -273,7 +277,7 @@ def fastest(results: list[dict], device: torch.device) -> dict:
               and r["path"] == "compact"]  # the variants are the compact forward's
         if ok:
             best = max(ok, key=lambda r: r["seq_per_s"])
-            out[precision] = {k: best.get(k) for k in ("compiled", "attention", "query", "fused", "logits", "lse", "seq_per_s")}
+            out[precision] = {k: best.get(k) for k in ("compiled", "attention", "query", "table", "fused", "logits", "lse", "seq_per_s")}
             out[precision]["default"] = runs_default(best, device)
     return out
 
@@ -374,6 +378,7 @@ def main(args) -> int:
     for precision, best in report["fastest"].items():
         default = report["defaults"][precision]
         print(f"  fastest {precision}: compiled {best['compiled']}, attention {best['attention']}, query {best['query']}, "
+              f"table {best['table']}, "
               f"fused {best['fused']}, "
               f"logits {best['logits']}, lse {best['lse']} ({'the default' if best['default'] else f'default is {default}'})", flush=True)
     if args.check:

@@ -106,7 +106,7 @@ def build_parser() -> Parser:
                    help="comma-separated attention variants to try (default: sdpa,products, and triton on CUDA)")
     p.add_argument("--only", default=None, metavar="KEY=VALUE,...",
                    help="only the scorer variants with these options, e.g. logits=bf16,lse=triton (keys: compile, "
-                        "attention, query, fused, logits, lse, fast)")
+                        "attention, query, table, fused, logits, lse, fast)")
     p.add_argument("--check", action="append", default=[], metavar="MODEL",
                    help="also check every scorer variant's error on MODEL (e.g. toy-2l) against TransformerLens "
                         "(of --precisions and --attention where given)")

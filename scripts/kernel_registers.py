@@ -57,8 +57,8 @@ class Case:
     programs: Callable[[dict], int]
 
 
-def _causal(dot: str) -> Case:
-    types = dict(qkv_ptr="*fp32", tokens_ptr="*i64", bias_ptr="*fp32", out_ptr="*bf16", P="i32", HD="i32", stride_qkv="i32",
+def _causal(dot: str, table: str = "fp32") -> Case:
+    types = dict(qkv_ptr=f"*{table}", tokens_ptr="*i64", bias_ptr="*fp32", out_ptr="*bf16", P="i32", HD="i32", stride_qkv="i32",
                  stride_out="i32", scale_inv="fp32")
     consts = dict(GATHER=True, BIG_BATCH=True, DOT=dot, N_HEADS=HEADS, D_HEAD=D_HEAD, BLOCK_P=32, BLOCK_E=D_HEAD)
     return Case(attention_kernels._causal_attention_kernel, types, consts, {"HD", "stride_qkv", "stride_out"},
@@ -99,6 +99,7 @@ def _query() -> Case:
 KERNELS = {
     "causal_attention table fp32": _causal("ieee"),
     "causal_attention table bf16/tf32": _causal("tf32"),
+    "causal_attention float16 table bf16": _causal("tf32", "fp16"),
     "last_attention": _last(),
     "query_side tf32x3": _query(),
     "logits_lse bf16": _lse(),

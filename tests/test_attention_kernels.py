@@ -53,6 +53,20 @@ def test_causal_attention_from_a_table_and_from_rows(n_pos, n_heads, d_head):
     assert torch.allclose(causal_attention(rows, tokens, bias, False, n_heads, d_head, d_head**0.5), got, atol=1e-6)
 
 
+def test_causal_attention_reads_a_float16_table():
+    """Layer 0's table kept in float16 (bf16's option): the same attention as the float32 table's rows
+    rounded to float16, the bias added in float32 after the read."""
+    g = torch.Generator().manual_seed(7)
+    n_pos, n_heads, d_head, vocab = 24, 2, 16, 30
+    table = torch.randn(vocab, 3 * n_heads * d_head, generator=g) * 3
+    bias = torch.randn(n_pos, 3 * n_heads * d_head, generator=g)
+    tokens = torch.randint(0, vocab, (5, n_pos), generator=g)
+    args = (tokens.to(DEVICE), bias.to(DEVICE), True, n_heads, d_head, 4.0)
+    got = causal_attention(table.half().to(DEVICE), *args)
+    assert torch.allclose(got, causal_attention(table.half().float().to(DEVICE), *args), rtol=0, atol=1e-6)
+    assert not torch.allclose(got, causal_attention(table.to(DEVICE), *args), rtol=0, atol=1e-5)  # float16 did round
+
+
 def tf32(t: torch.Tensor, nearest: bool = True) -> torch.Tensor:
     """float32 ``t`` with a 10-bit mantissa, rounded to nearest (ties away) or toward zero."""
     bits = t.float().contiguous().view(torch.int32)
@@ -270,6 +284,23 @@ def test_a_kernel_that_fails_to_build_falls_back_to_products(toy_model, monkeypa
     assert torch.allclose(got, want, atol=1e-5)
 
 
+@pytest.mark.parametrize("attention", ["products", "triton"])
+def test_scorer_with_a_float16_table_matches_transformer_lens(toy_model, attention):
+    """bf16 with layer 0's table in float16, through torch's attention and the kernel."""
+    check_parity(toy_model, "bf16", n=12, attention=attention, table="float16")
+
+
+def test_a_float16_table_needs_bf16_and_float16_range(toy_model):
+    """float16 rounds Q, K and V below what fp32 and tf32 promise; a table past float16's range stays float32."""
+    with pytest.raises(ValueError, match="table 'float16': float16 rounds Q, K and V below float32, with bf16 precision only"):
+        Scorer(toy_model, "fp32", table="float16")
+    weights = models.compact_weights(toy_model)
+    weights.W_Q[0] = weights.W_Q[0] * 1e5  # queries past 32752
+    with pytest.warns(UserWarning, match="layer 0's Q/K/V table exceeds float16's range; kept in float32"):
+        scorer = Scorer(weights, "bf16", table="float16")
+    assert scorer.options["table"] == "float32" and scorer.compact.tok_QKV0.dtype == torch.float32
+
+
 def test_a_query_kernel_that_fails_to_build_falls_back_to_torch(toy_model, monkeypatch):
     """The same for the query side's kernel: torch's products instead, said in the warning and the options."""
     import workers.attention_kernels
@@ -301,8 +332,8 @@ def test_kernels_compile_for_hopper_and_keep_their_tiles_in_registers():
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     kernels = json.loads(done.stdout)
-    assert set(kernels) == {"causal_attention table fp32", "causal_attention table bf16/tf32", "last_attention", "query_side tf32x3",
-                            "logits_lse bf16", "unembed_lse bf16"}
+    assert set(kernels) == {"causal_attention table fp32", "causal_attention table bf16/tf32", "causal_attention float16 table bf16",
+                            "last_attention", "query_side tf32x3", "logits_lse bf16", "unembed_lse bf16"}
     for name, configs in kernels.items():
         assert min(c["spill_bytes"] for c in configs) == 0, (name, configs)
         assert all(0 < c["registers"] <= 255 for c in configs), (name, configs)

@@ -57,7 +57,7 @@ def test_bench_of_a_shape_with_mlps_measures_transformer_lens_path_too():
     (["--shape", "gelu-9l"], "unknown --shape 'gelu-9l': choose from attn-only-2l, gelu-2l, gpt2-small"),
     (["--shape", "gelu-2l", "--model", "toy-2l"], "--shape benches random weights and --model a given model: give one of them"),
     (["--device", "cpu", "--only", "colour=red"],
-     "--only 'colour=red': give KEY=VALUE pairs of compile, attention, query, fused, logits, lse, fast"),
+     "--only 'colour=red': give KEY=VALUE pairs of compile, attention, query, table, fused, logits, lse, fast"),
     (["--device", "cpu", "--only", "lse=triton"], "--only lse=triton: no fp32, bf16 variant on cpu has these options"),
     (["--device", "cpu", "--attention", "triton"], "unknown triton for cpu: choose from sdpa, products"),
 ])
@@ -66,17 +66,20 @@ def test_bad_options_are_one_line(argv, error):
     assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].endswith(error)
 
 
-def test_cuda_variants_try_the_query_kernel_where_torch_runs_float32_on_cuda_cores():
-    """What a device's bench measures (no GPU needed to list it): the Triton query side beside torch's
-    under bf16 with the Triton attention; every CUDA variant names its query, so --only can pick it."""
+def test_cuda_variants_try_the_bf16_kernel_options_with_the_triton_attention():
+    """What a device's bench measures (no GPU needed to list it): under bf16 with the Triton attention
+    the Triton query side beside torch's, and the float16 table beside float32; every CUDA variant
+    names both, so --only can pick them."""
     from jobs.bench import variants
 
     cuda = torch.device("cuda")
     bf16 = variants(cuda, "bf16")
-    assert {(v["attention"], v["query"]) for v in bf16} == {("sdpa", "torch"), ("products", "torch"), ("triton", "torch"),
-                                                            ("triton", "triton")}
-    assert len([v for v in bf16 if v["query"] == "triton"]) == len([v for v in bf16 if v["attention"] == "sdpa"])
-    assert {v["query"] for p in ("fp32", "tf32") for v in variants(cuda, p)} == {"torch"}
+    kernels = {(v["attention"], v["query"], v["table"]) for v in bf16}
+    assert kernels == {("sdpa", "torch", "float32"), ("products", "torch", "float32")} | {
+        ("triton", q, t) for q in ("torch", "triton") for t in ("float32", "float16")}
+    both = [v for v in bf16 if v["query"] == "triton" and v["table"] == "float16"]
+    assert len(both) == len([v for v in bf16 if v["attention"] == "sdpa"])  # every unembedding
+    assert {(v["query"], v["table"]) for p in ("fp32", "tf32") for v in variants(cuda, p)} == {("torch", "float32")}
 
 
 def test_only_the_variants_asked_for():

@@ -43,6 +43,7 @@ def check_parity(model, precision: str, n: int = 128, scored=None, **scorer_opti
     assert scorer.options["logits"] == (None if scorer.options["fused"] else scorer_options.get("logits", default["logits"]))
     assert scorer.options["lse"] == (None if scorer.options["fused"] else scorer_options.get("lse", default["lse"]))
     assert scorer.options["query"] == scorer_options.get("query", default["query"])
+    assert scorer.options["table"] == (scorer_options.get("table", default["table"]) if hasattr(scorer.compact, "tok_QKV0") else None)
     return err
 
 

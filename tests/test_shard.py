@@ -36,7 +36,8 @@ def test_token_powers_shard_rows(runner):
     # each file says how it was computed
     scorer = json.loads(pq.read_schema(io.BytesIO(runner.store.get(spec.key))).metadata[b"induction_sweep.scorer"])
     assert scorer == {"path": "compact", "precision": "fp32", "compiled": False, "fused": False, "attention": "sdpa",
-                      "logits": "float32", "lse": "torch", "device": "cpu", "torch": torch.__version__}
+                      "logits": "float32", "lse": "torch", "query": "torch", "table": "float32", "device": "cpu",
+                      "torch": torch.__version__}
 
 
 def test_saved_tokens_reproduce_strength_through_transformer_lens(runner, toy_model):

@@ -115,9 +115,9 @@ def _causal_attention_kernel(
         col = head * D_HEAD + e[None, :]
         src = qkv_ptr + rows[:, None] * stride_qkv + col
         bias = bias_ptr + pos[:, None] * (3 * HD) + col  # b_Q/K/V and positions, per position
-        q = tl.load(src, mask=ok, other=0.0) + tl.load(bias, mask=ok, other=0.0)
-        k = tl.load(src + HD, mask=ok, other=0.0) + tl.load(bias + HD, mask=ok, other=0.0)
-        v = tl.load(src + 2 * HD, mask=ok, other=0.0) + tl.load(bias + 2 * HD, mask=ok, other=0.0)
+        q = tl.load(src, mask=ok, other=0.0).to(tl.float32) + tl.load(bias, mask=ok, other=0.0)
+        k = tl.load(src + HD, mask=ok, other=0.0).to(tl.float32) + tl.load(bias + HD, mask=ok, other=0.0)
+        v = tl.load(src + 2 * HD, mask=ok, other=0.0).to(tl.float32) + tl.load(bias + 2 * HD, mask=ok, other=0.0)
         if DOT == "tf32":
             q, k, v = _tf32(q), _tf32(k), _tf32(v)
         scores = tl.where(causal, tl.dot(q, tl.trans(k), input_precision=DOT) * scale_inv, float("-inf"))
@@ -155,9 +155,10 @@ def causal_attention(
 ) -> Float[Tensor, "batch_x_pos heads_x_d_head"]:
     """Causal attention of every position, heads side by side as W_O reads them. ``qkv``: Q, K and V
     (heads × d_head columns each) of every position (``rows`` = batch × pos), or with ``gather`` of
-    every token (a table indexed by ``tokens``); ``bias`` (float32) is added to each position's row.
+    every token (a table indexed by ``tokens``, float32 or float16); ``bias`` (float32) is added to each
+    position's row.
     ``tf32``: QKᵀ and PV from inputs rounded to TF32 (tensor cores), as under the tf32 precision."""
-    assert qkv.dtype == bias.dtype == torch.float32
+    assert bias.dtype == torch.float32 and (qkv.dtype == torch.float32 or gather and qkv.dtype == torch.float16)
     return _causal_attention(qkv, tokens, bias, gather, n_heads, d_head, scale, out_dtype, tf32)
 
 

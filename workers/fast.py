@@ -17,6 +17,7 @@ It is checked against TransformerLens' own forward in tests/test_fast.py.
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -47,6 +48,11 @@ ATTENTION = ("sdpa", "products", "triton")
 # how the last layer's query side (q, W_Kᵀq and the key bias's scores) is made: torch's float32 products,
 # or one Triton kernel on tensor cores (attention_kernels.query_side: three TF32 products under bf16)
 QUERY = ("torch", "triton")
+# the dtype layer 0's per-token Q/K/V table is kept in (shortformers): float32, or float16 under bf16, whose
+# 10-bit mantissa is TF32's, to which the Triton attention rounds Q, K and V anyway, at half the bytes
+# its gather reads (9.7 GB of a 65536-row step in float32). Where the table would overflow float16 it
+# stays float32.
+TABLES = ("float32", "float16")
 
 
 def attentions(device: torch.device) -> tuple[str, ...]:
@@ -84,7 +90,7 @@ ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "gelu_new": _TANH
 
 class CompactForward(torch.nn.Module):
     def __init__(self, w: CompactWeights, dtype: torch.dtype = torch.float32, compute: torch.dtype | None = None,
-                 attention: str = "sdpa", align: int = 1, query: str = "torch"):
+                 attention: str = "sdpa", align: int = 1, query: str = "torch", table: str = "float32"):
         """``dtype`` rounds the weights and inputs of the projections (Q/K/V, O, V and O of the last
         layer, the MLPs' W_in and W_out, unembedding); ``compute`` runs them (default ``dtype``);
         their sums, and the MLPs' hidden layer between its two products, are float32.
@@ -98,13 +104,15 @@ class CompactForward(torch.nn.Module):
         ``attention``: how the layers before the last attend over every position (ATTENTION; with
         triton, the last layer's folded attention too).
         ``align``: W_U's rows and columns padded to a multiple of it (64 on CUDA, see below).
-        ``query``: how the last layer's query side is made (QUERY)."""
+        ``query``: how the last layer's query side is made (QUERY); ``table``: layer 0's Q/K/V table's
+        dtype (TABLES; float16 with bf16 only; None once made where layer 0 has no table)."""
         super().__init__()
-        if attention not in ATTENTION:
-            raise ValueError(f"unknown attention {attention!r}: choose {', '.join(ATTENTION)}")
-        if query not in QUERY:
-            raise ValueError(f"unknown query {query!r}: choose {', '.join(QUERY)}")
-        self.attention, self.query = attention, query
+        for name, value, known in (("attention", attention, ATTENTION), ("query", query, QUERY), ("table", table, TABLES)):
+            if value not in known:
+                raise ValueError(f"unknown {name} {value!r}: choose {', '.join(known)}")
+        if table == "float16" and dtype != torch.bfloat16:
+            raise ValueError(f"table {table!r}: float16 rounds Q, K and V below float32, with bf16 precision only")
+        self.attention, self.query, self.table = attention, query, table
         self.n_layers, self.n_heads, self.d_head = len(w.W_Q), w.W_Q[0].shape[0], w.W_Q[0].shape[2]
         self.shortformer, self.layer_norm, self.eps, self.scale = w.shortformer, w.layer_norm, w.eps, w.attn_scale
         self.dtype, self.compute = dtype, compute or dtype
@@ -122,10 +130,16 @@ class CompactForward(torch.nn.Module):
                                  pos.new_zeros(len(pos), W_QKV.shape[1] // 3)], 1)
             self.register_buffer(f"W_QKV{i}", self.cast(W_QKV))
             if i == 0 and self.shortformer:  # layer 0 reads the token embedding alone: one Q/K/V row per token
-                self.register_buffer("tok_QKV0", self.ln(w.W_E) @ W_QKV.float())
+                table = self.ln(w.W_E) @ W_QKV.float()
+                if self.table == "float16" and table.abs().max() >= torch.finfo(torch.float16).max / 2:  # bias added after
+                    warnings.warn("layer 0's Q/K/V table exceeds float16's range; kept in float32", stacklevel=2)
+                    self.table = "float32"
+                self.register_buffer("tok_QKV0", table.to(getattr(torch, self.table)))
             self.register_buffer(f"pos_QKV{i}", (pos_QKV + b_QKV).float())
             self.register_buffer(f"W_O{i}", self.cast(w.W_O[i].flatten(0, 1)))
             self.register_buffer(f"b_O{i}", w.b_O[i].float())
+        if not hasattr(self, "tok_QKV0"):
+            self.table = None  # no table to keep
         last = self.n_layers - 1
         self.register_buffer("W_Q_last", _heads(w.W_Q[last]).float())  # float32: the query decides where induction looks
         self.register_buffer("q_bias", (pos @ _heads(w.W_Q_pos[last]) + w.b_Q[last].flatten()).float())  # pos heads_x_d_head
@@ -213,7 +227,7 @@ class CompactForward(torch.nn.Module):
             z = self.attention_kernels().causal_attention(qkv, tokens, bias, table, self.n_heads, self.d_head,
                                                           self.scale, self.compute, tf32=self.dtype == torch.bfloat16)
         else:
-            qkv = qkv[tokens].add_(bias) if table else qkv.view(batch, n_pos, -1) + bias
+            qkv = qkv[tokens].float().add_(bias) if table else qkv.view(batch, n_pos, -1) + bias
             q, k, v = (self.heads(t) for t in qkv.chunk(3, dim=-1))
             z = self.causal_attention(q, k, v).transpose(1, 2).reshape(batch * n_pos, -1)
         return self.project(z, getattr(self, f"W_O{i}")).view(batch, n_pos, -1)

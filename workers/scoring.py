@@ -18,7 +18,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from workers import models
-from workers.fast import QUERY, CompactForward, target_logits
+from workers.fast import QUERY, TABLES, CompactForward, target_logits
 from workers.sequences import SEQ_LEN
 
 PRECISIONS = ("fp32", "tf32", "bf16")
@@ -38,12 +38,14 @@ def resolve_precision(precision: str, device: torch.device | str) -> str:
 # (docs/PERFORMANCE.md, "GPU scorer"; ``bench`` measures every combination on the machine at hand).
 # ``logits``: the dtype torch's unembedding writes where the kernel is not fused (LOGITS); ``lse``:
 # what reduces them (LSE).
-# ``query``: how the last layer's query side is made (fast.QUERY; the Triton kernel not yet measured on a GPU).
+# ``query``: how the last layer's query side is made (fast.QUERY); ``table``: layer 0's Q/K/V table's dtype
+# (fast.TABLES). Their Triton kernel and float16 table are not yet measured on a GPU: torch and float32 until then.
+_ALONE = {"query": "torch", "table": "float32"}
 FASTEST = {
-    "cuda": {"fp32": {"attention": "products", "fused": False, "logits": "float32", "lse": "torch", "query": "torch"},  # the others tie
-             "tf32": {"attention": "triton", "fused": False, "logits": "float32", "lse": "triton", "query": "torch"},
-             "bf16": {"attention": "triton", "fused": False, "logits": "bf16", "lse": "triton", "query": "torch"}},
-    "cpu": {p: {"attention": "sdpa", "fused": False, "logits": "float32", "lse": "torch", "query": "torch"} for p in PRECISIONS},
+    "cuda": {"fp32": {"attention": "products", "fused": False, "logits": "float32", "lse": "torch", **_ALONE},  # the others tie
+             "tf32": {"attention": "triton", "fused": False, "logits": "float32", "lse": "triton", **_ALONE},
+             "bf16": {"attention": "triton", "fused": False, "logits": "bf16", "lse": "triton", **_ALONE}},
+    "cpu": {p: {"attention": "sdpa", "fused": False, "logits": "float32", "lse": "torch", **_ALONE} for p in PRECISIONS},
 }
 # bf16 logits (bf16 precision only): the product's float32 sums rounded once, as bf16 tensor cores
 # return them, so half the memory traffic of float32 logits. The top token and the targets are
@@ -68,11 +70,11 @@ def runs_default(options: dict, device: torch.device) -> bool:
     """Whether a scorer's options (``Scorer.options`` with its precision, as ``bench`` reports them)
     are the path the scorer takes by default on ``device``: compiled on CUDA only, and FASTEST's
     variant. Reports from before the logits and lse options ran float32 logits reduced by torch, and
-    before the query option torch's query side."""
+    from before the query and table options torch's query side and a float32 table."""
     default = fastest_path(device, options["precision"])
     if options.get("attention") != default["attention"] or bool(options.get("fused")) != default["fused"]:
         return False
-    if (options.get("query") or "torch") != default["query"]:
+    if (options.get("query") or "torch", options.get("table") or "float32") != (default["query"], default["table"]):
         return False
     if "compiled" in options and options["compiled"] != compiles_by_default(device):
         return False
@@ -167,12 +169,13 @@ class Scorer:
 
     def __init__(self, model, precision: str = "auto", fast: bool = True, compile: bool | None = None,
                  fused: bool | None = None, attention: str | None = None, logits: str | None = None,
-                 lse: str | None = None, query: str | None = None):
+                 lse: str | None = None, query: str | None = None, table: str | None = None):
         """``model``: a HookedTransformer, or the compact forward's weights (models.load_weights).
         ``fused``: the Triton unembedding + log-sum-exp; ``attention``: CompactForward's; ``logits``:
         the dtype of torch's logits where not fused (LOGITS; bf16 only for bf16); ``lse``: what reduces
-        them (LSE); ``query``: how the last layer's query side is made (fast.QUERY). All default to what
-        measured fastest for the device and precision (``fastest_path``)."""
+        them (LSE); ``query``: how the last layer's query side is made (fast.QUERY); ``table``: layer 0's
+        Q/K/V table's dtype (fast.TABLES; float16 with bf16 only). All default to what measured fastest
+        for the device and precision (``fastest_path``)."""
         self.model = model
         self.device = model.W_E.device
         self.precision = resolve_precision(precision, self.device)
@@ -184,10 +187,11 @@ class Scorer:
         compute = self.dtype if native_bf16(self.device) else torch.float32
         best = fastest_path(self.device, self.precision)
         align = 64 if self.device.type == "cuda" else 1  # aligned unembedding for cuBLAS (workers/fast.py)
-        query = query or best["query"]
-        if query not in QUERY:
-            raise ValueError(f"unknown query {query!r}: choose {', '.join(QUERY)}")
-        self.compact = (CompactForward(weights, self.dtype, compute, attention or best["attention"], align, query).to(self.device)
+        query, table = query or best["query"], table or best["table"]
+        for name, value, known in (("query", query, QUERY), ("table", table, TABLES)):  # checked with no compact forward too
+            if value not in known:
+                raise ValueError(f"unknown {name} {value!r}: choose {', '.join(known)}")
+        self.compact = (CompactForward(weights, self.dtype, compute, attention or best["attention"], align, query, table).to(self.device)
                         if weights is not None else None)
         self.path = "compact" if self.compact is not None else "transformer_lens"
         if self.compact is None:
@@ -281,13 +285,14 @@ class Scorer:
                 "d_model": c.W_E.shape[1], "d_vocab": c.W_E.shape[0], "shortformer": c.shortformer,
                 "layer_norm": c.layer_norm, "fused": self.options["fused"], "attention": c.attention,
                 "logits": self.options["logits"], "lse": self.options["lse"], "query": self.options["query"],
+                "table": self.options["table"],
                 "act_fn": c.act_fn, "mlp_layer_norm": c.mlp_layer_norm, "d_mlp": c.d_mlp}
 
     @property
     def options(self) -> dict:
         """What this scorer runs (after any fallback)."""
         if self.compact is None:
-            return {"compiled": False, "fused": False, "attention": None, "logits": None, "lse": None, "query": None}
+            return {"compiled": False, "fused": False, "attention": None, "logits": None, "lse": None, "query": None, "table": None}
         compiled = all(isinstance(f, FirstCallFallback) and f.primary_ok is not False
                        for f in (self._forward, self._logits, self._exact_logodds))
         fused = self.fused and self._softmax_parts.primary_ok is not False
@@ -295,7 +300,7 @@ class Scorer:
         triton_lse = not fused and self.lse == "triton" and self._softmax_parts.primary_ok is not False
         lse = None if fused else "triton" if triton_lse else "torch"
         return {"compiled": compiled, "fused": fused, "attention": self.compact.attention, "logits": logits, "lse": lse,
-                "query": self.compact.query}
+                "query": self.compact.query, "table": self.compact.table}
 
     def _matmul_precision(self):
         """TF32 only where asked for; fp32 means full float32 products on every device."""

@@ -14,6 +14,9 @@
 #                            tf32 and fp32 with either log-sum-exp of float32 logits; toy-2l checked on
 #                            the device in every bf16 variant of both attentions (tf32 and fp32 are not
 #                            checked here: bench.sh --precisions tf32,fp32 --attention triton --check toy-2l)
+#   bench-shapes.sh query    the Triton attention's default path with the query side from torch's float32
+#                            products or from its Triton kernel (tf32x3) under bf16, toy-2l checked in both;
+#                            tf32 and fp32 through the Triton attention, checked on toy-2l; gelu-2l bf16
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 root="${OUT:-bench-out}"
@@ -30,6 +33,13 @@ if [ "${1:-}" = triton ]; then
     part attn-only-2l-tf32-fp32 170 --precisions tf32,fp32 --batches 65536 --only fused=false,logits=float32 "${both[@]}"
     part gelu-2l 120 --shape gelu-2l --precisions bf16 --batches 32768,65536 --only logits=bf16,lse=triton "${both[@]}"
     part gpt2-small 140 --shape gpt2-small --precisions bf16 --batches 8192,16384 --only logits=bf16,lse=triton "${both[@]}"
+    exit 0
+fi
+if [ "${1:-}" = query ]; then
+    triton=(--attention triton --batches 65536 --seconds 1 --profile)
+    part attn-only-2l-bf16 170 --precisions bf16 --only logits=bf16,lse=triton "${triton[@]}" --check toy-2l
+    part attn-only-2l-tf32-fp32 200 --precisions tf32,fp32 --only logits=float32,lse=triton "${triton[@]}" --check toy-2l
+    part gelu-2l 130 --shape gelu-2l --precisions bf16 --only logits=bf16,lse=triton "${triton[@]}"
     exit 0
 fi
 part gelu-2l 150 --shape gelu-2l --precisions bf16 --attention products --batches 16384,65536 --seconds 1 --profile

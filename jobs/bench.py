@@ -10,7 +10,6 @@ same tokens. A "sequence" is one 24-token forward (a strength needs two). Needs 
 from __future__ import annotations
 
 import copy
-import itertools
 import json
 import os
 import threading
@@ -237,30 +236,26 @@ def triton_kernels(options: dict) -> dict:
     return kernels
 
 
-def check(spec: str, device: torch.device, only_precisions: list[str] | None = None,
-          only_attentions: list[str] | None = None) -> list[dict]:
-    """Every variant's error on ``spec`` (toy-2l: sharp induction) against its float64 TransformerLens
-    forward, eager (the compiled graphs are the bench's own, checked there on the random shape); only
-    the precisions and attentions given, where given."""
+def check(spec: str, device: torch.device, plan: dict[str, list[dict]]) -> list[dict]:
+    """The error of each variant the bench runs (``plan``: per precision, narrowed as the bench is) on
+    ``spec`` (toy-2l: sharp induction) against its float64 TransformerLens forward, eager (the compiled
+    graphs are the bench's own, checked there on the random shape)."""
     model = models.load_model(spec, device)
     d_vocab, bos = models.d_vocab(model), models.bos_id(model)
     sample = bench_batch(REFERENCE_SEQS, d_vocab, bos, device)
     reference = reference_strength(model, sample, device)
     out = []
-    for precision in only_precisions or precisions(device):
-        for attention in only_attentions or attentions(device):
-            cuda = device.type == "cuda"
-            for kernels, unembedding in itertools.product(kernel_options(precision, attention) if cuda else [{}],
-                                                          unembeddings(precision) if cuda else ({"fused": False},)):
-                scorer = Scorer(model, precision, compile=False, attention=attention, **kernels, **unembedding)
-                ind, shuf = scorer.strength(sample.tokens, sample.shuffled, sample.b[:, None])
-                err = float(((ind - shuf)[:, 0].double() - reference).abs().max())
-                out.append({"model": spec, "precision": precision, **scorer.options, "max_abs_err_strength": err,
-                            "within": err <= BOUNDS[precision]})
-                print(f"  check {spec} {precision:5} attention {scorer.options['attention']:8} query {scorer.options['query']:6} "
-                      f"table {scorer.options['table']!s:7} "
-                      f"fused {unembedding['fused']!s:5} logits {scorer.options['logits']!s:7} lse {scorer.options['lse']!s:6}: "
-                      f"err {err:.1e} {'within' if out[-1]['within'] else 'OUTSIDE'} {BOUNDS[precision]}", flush=True)
+    for precision, chosen in plan.items():
+        eager = [{k: v for k, v in options.items() if k != "compile"} for options in chosen]
+        for options in [o for i, o in enumerate(eager) if o not in eager[:i]]:  # a CPU benches each eager and compiled
+            scorer = Scorer(model, precision, compile=False, **options)
+            ind, shuf = scorer.strength(sample.tokens, sample.shuffled, sample.b[:, None])
+            err = float(((ind - shuf)[:, 0].double() - reference).abs().max())
+            ran = {k: v for k, v in scorer.options.items() if k != "compiled"}
+            out.append({"model": spec, "precision": precision, **scorer.options, "max_abs_err_strength": err,
+                        "within": err <= BOUNDS[precision]})
+            print(f"  check {spec} {precision:5} {json.dumps(ran)}: err {err:.1e} "
+                  f"{'within' if out[-1]['within'] else 'OUTSIDE'} {BOUNDS[precision]}", flush=True)
     return out
 
 
@@ -382,7 +377,7 @@ def main(args) -> int:
               f"fused {best['fused']}, "
               f"logits {best['logits']}, lse {best['lse']} ({'the default' if best['default'] else f'default is {default}'})", flush=True)
     if args.check:
-        report["checks"] = [r for spec in args.check for r in check(spec, device, args.precisions, args.attention)]
+        report["checks"] = [r for spec in args.check for r in check(spec, device, plan)]
     if args.bias:
         from jobs.bench_bias import main as bias
 

@@ -108,8 +108,8 @@ def build_parser() -> Parser:
                    help="only the scorer variants with these options, e.g. logits=bf16,lse=triton (keys: compile, "
                         "attention, query, table, fused, logits, lse, fast)")
     p.add_argument("--check", action="append", default=[], metavar="MODEL",
-                   help="also check every scorer variant's error on MODEL (e.g. toy-2l) against TransformerLens "
-                        "(of --precisions and --attention where given)")
+                   help="also check the error of every scorer variant the bench runs (narrowed by --precisions, "
+                        "--attention and --only), eager, on MODEL (e.g. toy-2l) against TransformerLens")
     p.add_argument("--bias", type=int, default=0, metavar="TOKENS",
                    help="also measure the bias of bf16 (and tf32 on CUDA) A and B power against fp32 over TOKENS "
                         "tokens x 256 sequences, on toy-2l and the random shape (or --model)")

@@ -294,6 +294,10 @@ def test_a_float16_table_needs_bf16_and_float16_range(toy_model):
     """float16 rounds Q, K and V below what fp32 and tf32 promise; a table past float16's range stays float32."""
     with pytest.raises(ValueError, match="table 'float16': float16 rounds Q, K and V below float32, with bf16 precision only"):
         Scorer(toy_model, "fp32", table="float16")
+    with pytest.raises(ValueError, match="unknown table 'bfloat16': choose float32, float16"):
+        Scorer(toy_model, "bf16", table="bfloat16")
+    with pytest.raises(ValueError, match="unknown query 'cublas': choose torch, triton"):
+        Scorer(toy_model, "bf16", query="cublas")
     weights = models.compact_weights(toy_model)
     weights.W_Q[0] = weights.W_Q[0] * 1e5  # queries past 32752
     with pytest.warns(UserWarning, match="layer 0's Q/K/V table exceeds float16's range; kept in float32"):

@@ -18,7 +18,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from workers import models
-from workers.fast import QUERY, TABLES, CompactForward, target_logits
+from workers.fast import CompactForward, target_logits
 from workers.sequences import SEQ_LEN
 
 PRECISIONS = ("fp32", "tf32", "bf16")
@@ -187,12 +187,8 @@ class Scorer:
         compute = self.dtype if native_bf16(self.device) else torch.float32
         best = fastest_path(self.device, self.precision)
         align = 64 if self.device.type == "cuda" else 1  # aligned unembedding for cuBLAS (workers/fast.py)
-        query, table = query or best["query"], table or best["table"]
-        for name, value, known in (("query", query, QUERY), ("table", table, TABLES)):  # checked with no compact forward too
-            if value not in known:
-                raise ValueError(f"unknown {name} {value!r}: choose {', '.join(known)}")
-        self.compact = (CompactForward(weights, self.dtype, compute, attention or best["attention"], align, query, table).to(self.device)
-                        if weights is not None else None)
+        self.compact = (CompactForward(weights, self.dtype, compute, attention or best["attention"], align, query or best["query"],
+                                       table or best["table"]).to(self.device) if weights is not None else None)
         self.path = "compact" if self.compact is not None else "transformer_lens"
         if self.compact is None:
             return

@@ -342,7 +342,7 @@ def _query_side(h: Tensor, W_Q: Tensor, q_bias: Tensor, W_K: Tensor, k_bias: Ten
     c = h.new_empty(batch, n_heads, n_pos)
     _query_kernel[lambda meta: (triton.cdiv(batch, meta["BLOCK_M"]), n_heads)](
         h, W_Q, q_bias, W_K, k_bias, u, c, batch, d_model, n_pos, N_HEADS=n_heads, D_HEAD=d_head, BIG_BATCH=batch >= 8192,
-        DOT=_dot_precision(h.device, False) if exact else "tf32x3", BLOCK_E=_block(d_head), BLOCK_P=_block(n_pos),
+        DOT="ieee" if exact and _dot_precision(h.device, False) == "ieee" else "tf32x3", BLOCK_E=_block(d_head), BLOCK_P=_block(n_pos),
         BLOCK_K=min(64, _block(d_model)))
     return u, c
 
@@ -359,7 +359,7 @@ def query_side(
     """The last layer's query ``q = h W_Q + q_bias`` (``h``: the LayerNorm'd stream at the last
     position) folded into its keys: ``u = W_Kᵀ q`` per head, heads first, and ``c[p] = q · k_bias[p]``.
     Everything float32. The products: three TF32 products on tensor cores each (tf32x3), near float32's
-    error, where torch's are full float32 on CUDA cores (the bf16 precision); with ``exact`` (fp32, tf32)
-    the same products as torch's: full float32, or TF32 where torch's flag allows it."""
+    error, where torch's are full float32 on CUDA cores (the bf16 precision) or TF32 (tf32); with
+    ``exact`` and torch's TF32 flag off (fp32) full float32, as torch's."""
     assert h.dtype == W_Q.dtype == W_K.dtype == k_bias.dtype == torch.float32
     return _query_side(h, W_Q, q_bias, W_K, k_bias, exact)

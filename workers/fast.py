@@ -46,7 +46,8 @@ ATTENTION = ("sdpa", "products", "triton")
 
 
 # how the last layer's query side (q, W_Kᵀq and the key bias's scores) is made: torch's float32 products,
-# or one Triton kernel on tensor cores (attention_kernels.query_side: three TF32 products under bf16)
+# or one Triton kernel on tensor cores (attention_kernels.query_side: three TF32 products a product,
+# near float32, under bf16 and tf32)
 QUERY = ("torch", "triton")
 # the dtype layer 0's per-token Q/K/V table is kept in (shortformers): float32, or float16 under bf16, whose
 # 10-bit mantissa is TF32's, to which the Triton attention rounds Q, K and V anyway, at half the bytes

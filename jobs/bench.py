@@ -373,9 +373,8 @@ def main(args) -> int:
     for precision, best in report["fastest"].items():
         default = report["defaults"][precision]
         print(f"  fastest {precision}: compiled {best['compiled']}, attention {best['attention']}, query {best['query']}, "
-              f"table {best['table']}, "
-              f"fused {best['fused']}, "
-              f"logits {best['logits']}, lse {best['lse']} ({'the default' if best['default'] else f'default is {default}'})", flush=True)
+              f"table {best['table']}, fused {best['fused']}, logits {best['logits']}, lse {best['lse']} "
+              f"({'the default' if best['default'] else f'default is {default}'})", flush=True)
     if args.check:
         report["checks"] = [r for spec in args.check for r in check(spec, device, plan)]
     if args.bias:

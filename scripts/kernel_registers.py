@@ -6,7 +6,7 @@ instructions of one program and an H200's time to issue a whole step's (65536 ro
 
     .venv/bin/python scripts/kernel_registers.py [--arch 90] [--json]
 
-Shapes are attn-only-2l's (8 heads of 64, d_model 512, 24 positions, W_U 576 × 48320 in bf16).
+Shapes are attn-only-2l's (8 heads of 64, d_model 512, 24 positions, W_U 512 × 48320 in bf16).
 Triton's own ptxas assembles each kernel with Triton's options, so the figures are what this Triton
 would load on the card; another Triton (a CUDA torch's own) may allocate differently. The issue time
 is a floor, not a forecast: it leaves out stalls on memory, barriers and the tensor cores. What to
@@ -82,8 +82,8 @@ def _lse() -> Case:
 
 
 def _fused() -> Case:
-    types = dict(h_ptr="*bf16", w_ptr="*bf16", top_value_ptr="*fp32", top_ptr="*i32", rest_ptr="*fp32", B="i32", K="i32", V="i32",
-                 stride_h="i32", stride_w="i32")
+    types = dict(h_ptr="*bf16", w_ptr="*bf16", b_ptr="*fp32", top_value_ptr="*fp32", top_ptr="*i32", rest_ptr="*fp32", B="i32", K="i32",
+                 V="i32", stride_h="i32", stride_w="i32")
     return Case(unembed_lse._unembed_lse_kernel, types, dict(PRECISION="tf32", BIG_BATCH=True), {"B", "K", "stride_h", "stride_w"},
                 None, lambda c: ROWS // c["BLOCK_B"])
 

@@ -182,7 +182,7 @@ def test_padded_unembedding_gives_the_same_logits():
     model = models.random_model(d_vocab=1000, n_ctx=32, d_model=64, n_heads=4, d_head=16, seed=5)
     batch = seed_style(32, 1000)
     plain, padded = (CompactForward(models.compact_weights(model), align=a) for a in (1, 64))
-    assert padded.W_U.shape == (128, 1024) and plain.W_U.shape == (65, 1000)
+    assert padded.W_U.shape == (64, 1024) and plain.W_U.shape == (64, 1000) and padded.b_U_padded.shape == (1024,)
     h = plain(batch.tokens)
     assert torch.equal(h, padded(batch.tokens))
     assert padded.logits(h).shape == (32, 1000)

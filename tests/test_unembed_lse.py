@@ -15,8 +15,8 @@ from workers.unembed_lse import FusedUnembedLSE, aligned, logits_lse, unembed_ls
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def reference(h: torch.Tensor, W: torch.Tensor):
-    return softmax_parts(h.double() @ W.double())
+def reference(h: torch.Tensor, W: torch.Tensor, b: torch.Tensor):
+    return softmax_parts(h.double() @ W.double() + b.double())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -28,16 +28,19 @@ def test_matches_materialised_logits(dtype):
     W = torch.randn(k, vocab, generator=g) / k**0.5
     W[:, 700] = h[0] * 60 / h[0].dot(h[0])  # row 0: one token 50 nats above the rest (their mass ~1e-22 of it)
     W[:, 3] = W[:, 5] = h[1] * 30 / h[1].dot(h[1])  # row 1: a tie for the top
-    h, W = h.to(dtype).to(DEVICE), W.to(dtype).to(DEVICE)
-    top_value, top, rest = unembed_lse(h, W)
-    ref_value, ref_top, ref_rest = reference(h.cpu(), W.cpu())
+    b = torch.randn(vocab, generator=g)
+    b[[3, 5, 700]] = 0.0
+    b[999] = float("-inf")  # a banned token, in the last, partial tile
+    h, W, b = h.to(dtype).to(DEVICE), W.to(dtype).to(DEVICE), b.to(DEVICE)
+    top_value, top, rest = unembed_lse(h, W, b)
+    ref_value, ref_top, ref_rest = reference(h.cpu(), W.cpu(), b.cpu())
     assert top[0, 0] == 700 and (top_value[0] - rest[0]).item() > 40
     assert top[1, 0] in (3, 5)
     assert torch.equal(top.cpu(), ref_top)
     assert (top_value.cpu().double() - ref_value).abs().max() < 1e-4
     assert (rest.cpu().double() - ref_rest).abs().max() < 1e-4  # exact even where the rest is 1e-20 of the top
     # the aligned copies the scorer uses (padded strides, zero rows and columns) give the same
-    fused = FusedUnembedLSE(W)
+    fused = FusedUnembedLSE(W, b)
     assert fused.W_U.shape == (128, 1000) and fused.W_U.stride(0) == 1024
     for got, want in zip(fused(h), (top_value, top, rest)):
         assert torch.allclose(got, want, atol=1e-5)

@@ -152,14 +152,16 @@ class CompactForward(torch.nn.Module):
         self.register_buffer("b_O_last", w.b_O[last].float())
         self.register_buffer("W_E", w.W_E.float())
         self.register_buffer("W_pos", w.W_pos.float())
-        # b_U as one more row of W_U: the bias rides in the product instead of a pass over [batch, vocab].
-        # On CUDA both sides are padded to multiples of 64 (zero rows; zero columns, sliced off the
-        # logits): cuBLAS takes its Hopper kernels only for aligned leading dimensions, which 513 and
-        # 48262 are not (docs/PERFORMANCE.md: 145 TFLOP/s unaligned on an H200, 540 aligned). On a CPU
-        # the padding would only add arithmetic.
-        W_U = torch.cat([w.W_U, w.b_U[None]])
-        self.d_vocab = W_U.shape[1]
-        self.register_buffer("W_U", self.cast(F.pad(W_U, (0, -W_U.shape[1] % align, 0, -W_U.shape[0] % align))))
+        # b_U is added by the unembedding's product (torch.addmm; cuBLASLt's bias epilogue on CUDA), in the
+        # product's dtype. As one more row of W_U it took the 512 rows to 513, and 576 once aligned: 11 % more
+        # products, a compute-bound 0.6 ms of a 23.5-ms bf16 step on an H200 (docs/PERFORMANCE.md). On CUDA
+        # W_U is padded to multiples of 64 (zero rows; zero columns, sliced off the logits): cuBLAS takes its
+        # Hopper kernels only for aligned leading dimensions, which 48262 is not (145 TFLOP/s unaligned on an
+        # H200, 540 aligned). On a CPU the padding would only add arithmetic.
+        self.d_vocab = w.W_U.shape[1]
+        columns = (0, -self.d_vocab % align)
+        self.register_buffer("W_U", self.cast(F.pad(w.W_U, columns + (0, -w.W_U.shape[0] % align))))
+        self.register_buffer("b_U_padded", self.cast(F.pad(w.b_U, columns)))
         self.register_buffer("W_U_rows", w.W_U.T.float().contiguous())  # float32 target logits
         self.register_buffer("b_U", w.b_U.float())
         self.act_fn, self.mlp_layer_norm, self.n_mlps = w.act_fn, w.mlp_layer_norm, len(w.W_in)
@@ -297,16 +299,17 @@ class CompactForward(torch.nn.Module):
         return (self.project(post, getattr(self, f"W_out{i}")) + getattr(self, f"b_out{i}")).view(*rows, -1)
 
     def unembed_input(self, h: Float[Tensor, "batch d_model"]) -> Float[Tensor, "batch k_padded"]:
-        """``h`` with a 1 appended (b_U is W_U's row d_model) and zeros up to W_U's rows, in the projection precision."""
-        one = h.new_ones(len(h), 1)
-        return self.cast(F.pad(torch.cat([h, one], dim=1), (0, self.W_U.shape[0] - h.shape[1] - 1)))
+        """``h`` in the projection precision, with zero columns up to W_U's rows."""
+        return self.cast(F.pad(h, (0, self.W_U.shape[0] - h.shape[1])))
 
     def logits(self, h: Float[Tensor, "batch d_model"], dtype: torch.dtype = torch.float32) -> Float[Tensor, "batch vocab"]:
         """Every logit of the last position (for the log-sum-exp): float32, or bf16 (the float32 sums
-        rounded once, as a bf16 tensor-core product without out_dtype returns them)."""
-        if dtype == torch.float32:
-            return self.project(self.unembed_input(h), self.W_U)[:, : self.d_vocab]
-        return (self.unembed_input(h) @ self.W_U).to(dtype)[:, : self.d_vocab]
+        rounded once, as a bf16 tensor-core product without out_dtype returns them). The product adds
+        b_U to its sums before it rounds them, wherever it returns the logits' dtype."""
+        x = self.unembed_input(h)
+        if self.compute in (torch.float32, dtype):
+            return torch.addmm(self.b_U_padded, x, self.W_U).to(dtype)[:, : self.d_vocab]
+        return (self.matmul(x, self.W_U) + self.b_U_padded)[:, : self.d_vocab]  # bf16 products, float32 sums
 
 
 def target_logits(

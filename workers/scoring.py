@@ -99,7 +99,7 @@ def softmax_parts(
     The mass is summed without the top token, so it is exact even when it is 1e-30 of the top.
     ``in_place`` (eager): no new [batch, vocab] tensor, ``logits`` is consumed. Otherwise (under
     torch.compile) the top is masked out instead of scattered, so that the exp-sum fuses into one
-    read of the logits. The fused kernel (workers/unembed_lse.py) returns the same from ``h`` and ``W_U``.
+    read of the logits. The fused kernel (workers/unembed_lse.py) returns the same from ``h``, ``W_U`` and ``b_U``.
     """
     if logits.dtype == torch.bfloat16:  # bf16 logits, summed in float32 (under torch.compile the cast fuses into the reads)
         logits = logits.float()
@@ -232,7 +232,8 @@ class Scorer:
         if fused:
             from workers.unembed_lse import FusedUnembedLSE  # Triton: imported only where it runs
 
-            self._unembed_lse = FusedUnembedLSE(self.compact.W_U[:, : self.compact.d_vocab])
+            c = self.compact
+            self._unembed_lse = FusedUnembedLSE(c.W_U[:, : c.d_vocab], c.b_U_padded[: c.d_vocab])
             self._softmax_parts = FirstCallFallback(self._fused_softmax_parts, eager, "the Triton kernel")
 
     @torch.inference_mode()

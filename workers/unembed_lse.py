@@ -32,8 +32,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 if INTERPRET:  # numpy emulation: one small tile, no tuning
     CONFIGS = [triton.Config({"BLOCK_B": 16, "BLOCK_V": 64, "BLOCK_K": 32})]
 else:
-    # Hopper's wgmma wants 4-warp groups and tiles of at least 64; K (d_model + 1 padded: 576 for
-    # attn-only-2l) is short, so deeper K tiles with fewer stages are tried too
+    # Hopper's wgmma wants 4-warp groups and tiles of at least 64; K (d_model: 512 for attn-only-2l) is
+    # short, so deeper K tiles with fewer stages are tried too
     CONFIGS = [
         triton.Config({"BLOCK_B": b, "BLOCK_V": v, "BLOCK_K": k}, num_warps=w, num_stages=s)
         for b, v, k, w, s in [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
@@ -68,7 +68,7 @@ AUTOTUNE_CACHE = {"cache_results": True} if "cache_results" in inspect.signature
 @triton.autotune(configs=CONFIGS, key=["K", "V", "PRECISION", "BIG_BATCH"], **AUTOTUNE_CACHE)
 @triton.jit
 def _unembed_lse_kernel(
-    h_ptr, w_ptr, top_value_ptr, top_ptr, rest_ptr, B, K, V, stride_h, stride_w,
+    h_ptr, w_ptr, b_ptr, top_value_ptr, top_ptr, rest_ptr, B, K, V, stride_h, stride_w,
     PRECISION: tl.constexpr, BIG_BATCH: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # int64 offsets: k × vocab can pass 2^31
@@ -78,7 +78,8 @@ def _unembed_lse_kernel(
     s = tl.zeros((BLOCK_B,), tl.float32)  # Σ exp(logit - m) over every other token seen
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
-        acc = tl.zeros((BLOCK_B, BLOCK_V), tl.float32)
+        # the sums start from b_U (read once a tile of BLOCK_B rows)
+        acc = tl.zeros((BLOCK_B, BLOCK_V), tl.float32) + tl.load(b_ptr + cols, mask=cols < V, other=0.0)[None, :]
         for k0 in range(0, K, BLOCK_K):
             ks = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
             h = tl.load(h_ptr + rows[:, None] * stride_h + ks[None, :],
@@ -106,18 +107,18 @@ def _parts(B: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def unembed_lse(
-    h: Float[Tensor, "batch k"], W_U: Float[Tensor, "k vocab"], tf32: bool = False
+    h: Float[Tensor, "batch k"], W_U: Float[Tensor, "k vocab"], b_U: Float[Tensor, " vocab"], tf32: bool = False
 ) -> tuple[Float[Tensor, "batch 1"], Int[Tensor, "batch 1"], Float[Tensor, "batch 1"]]:
-    """(top logit, its token, log Σ exp over every other token) of ``h @ W_U``, accumulated in
-    float32. float32 inputs multiply in full float32 unless ``tf32``."""
+    """(top logit, its token, log Σ exp over every other token) of ``h @ W_U + b_U``, accumulated in
+    float32 (``b_U`` float32). float32 inputs multiply in full float32 unless ``tf32``."""
     h, W_U = _interpretable(h), _interpretable(W_U)
-    assert h.stride(1) == 1 and W_U.stride(1) == 1, "rows must be contiguous"
+    assert h.stride(1) == 1 and W_U.stride(1) == 1 and b_U.dtype == torch.float32 and b_U.stride(0) == 1
     (B, K), V = h.shape, W_U.shape[1]
     top_value, top, rest = _parts(B, h.device)
     # "tf32" is Triton's default; only float32 inputs read it
     precision = "ieee" if h.dtype == torch.float32 and not tf32 else "tf32"
     _unembed_lse_kernel[lambda meta: (triton.cdiv(B, meta["BLOCK_B"]),)](
-        h, W_U, top_value, top, rest, B, K, V, h.stride(0), W_U.stride(0), PRECISION=precision,
+        h, W_U, b_U, top_value, top, rest, B, K, V, h.stride(0), W_U.stride(0), PRECISION=precision,
         BIG_BATCH=B >= 8192)
     return top_value, top.long(), rest
 
@@ -189,8 +190,7 @@ def aligned(t: Float[Tensor, "rows k"], pad_rows: bool = False) -> Float[Tensor,
     """``t`` with a row stride of a multiple of 64 elements (rows 128-byte aligned on CUDA, whose
     allocations are), and with ``pad_rows`` zero rows up to a multiple of 64 too; same values.
     ``t`` itself where it is laid out so already (the scorer's W_U on CUDA), else a copy. Triton
-    specialises on pointers and strides divisible by 16, which the vocabulary (48262) and
-    d_model + 1 (513) are not."""
+    specialises on pointers and strides divisible by 16, which the vocabulary (48262) is not."""
     rows, cols = t.shape
     if t.stride(1) == 1 and t.stride(0) % 64 == 0 and t.data_ptr() % 16 == 0 and not (pad_rows and rows % 64):
         return t
@@ -198,11 +198,12 @@ def aligned(t: Float[Tensor, "rows k"], pad_rows: bool = False) -> Float[Tensor,
 
 
 class FusedUnembedLSE:
-    """``unembed_lse`` against one unembedding, kept in an aligned copy (made once)."""
+    """``unembed_lse`` against one unembedding, kept in an aligned copy (made once), and its bias in float32."""
 
-    def __init__(self, W_U: Float[Tensor, "k vocab"]):
+    def __init__(self, W_U: Float[Tensor, "k vocab"], b_U: Float[Tensor, " vocab"]):
         self.W_U = aligned(W_U, pad_rows=True)  # the extra rows are zero: they add nothing
+        self.b_U = b_U.float().contiguous()
 
     def __call__(self, h: Float[Tensor, "batch k"], tf32: bool = False):
         padded = F.pad(h, (0, self.W_U.shape[0] - h.shape[1]))  # zero columns meet the zero rows
-        return unembed_lse(padded, self.W_U, tf32)
+        return unembed_lse(padded, self.W_U, self.b_U, tf32)

@@ -76,6 +76,9 @@ class PeakMemory:
         return (self.peak - self.base) / 2**20
 
 
+TIMING = "back to back, one sync at the end"  # in bench --json: earlier reports synced after every step
+
+
 def throughput(step: Callable[[], None], n_seqs: int, device: torch.device, seconds: float) -> tuple[float, float]:
     """(sequences per second, peak MB) of ``step`` (``n_seqs`` forwards) repeated back to back, as a shard
     runs its batches: one sync at the end, so that Python launches each step while the GPU still runs the
@@ -364,6 +367,7 @@ def main(args) -> int:
                 print(best["profile"], flush=True)
 
     report = {"model": name, "device": gpu or str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "timing": TIMING,
               "plain_seq_per_s": plain_rate, "plain_max_abs_err_strength": plain_err, "plain_peak_mem_mb": plain_mem,
               "results": [{k: v for k, v in r.items() if k != "profile"} for r in results],
               "targets": targets(shape, device, results), "fastest": fastest(results, device),

@@ -76,14 +76,16 @@ class PeakMemory:
         return (self.peak - self.base) / 2**20
 
 
-TIMING = "back to back, one sync at the end"  # in bench --json: earlier reports synced after every step
+# in bench --json: earlier reports synced after every step (``synced_seq_per_s``: one step timed so)
+TIMING = "back to back, one sync at the end"
 
 
-def throughput(step: Callable[[], None], n_seqs: int, device: torch.device, seconds: float) -> tuple[float, float]:
-    """(sequences per second, peak MB) of ``step`` (``n_seqs`` forwards) repeated back to back, as a shard
-    runs its batches: one sync at the end, so that Python launches each step while the GPU still runs the
-    one before. (Synced after every step, call 7's bf16 step took 24.7 ms against 23.5 ms of kernels on an
-    H200.) How many steps fill ``seconds`` comes from one synced step after the warm-up."""
+def throughput(step: Callable[[], None], n_seqs: int, device: torch.device, seconds: float) -> tuple[float, float, float]:
+    """(sequences per second, peak MB, sequences per second of one step synced on its own) of ``step``
+    (``n_seqs`` forwards) repeated back to back, as a shard runs its batches: one sync at the end, so that
+    Python launches each step while the GPU still runs the one before. (Synced after every step, call 7's
+    bf16 step took 24.7 ms against 23.5 ms of kernels on an H200.) The synced step, after the warm-up,
+    says how many steps fill ``seconds``."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     step()  # warm-up (and compilation)
     sync()
@@ -91,13 +93,14 @@ def throughput(step: Callable[[], None], n_seqs: int, device: torch.device, seco
         start = time.perf_counter()
         step()
         sync()
-        count = max(2, math.ceil(seconds / (time.perf_counter() - start)))
+        once = time.perf_counter() - start
+        count = max(2, math.ceil(seconds / once))
         start = time.perf_counter()
         for _ in range(count):
             step()
         sync()
         elapsed = time.perf_counter() - start
-    return count * n_seqs / elapsed, mem.mb
+    return count * n_seqs / elapsed, mem.mb, n_seqs / once
 
 
 def reference_strength(model, batch, device) -> torch.Tensor:
@@ -204,12 +207,12 @@ def measure(model, precision: str, options: dict, sample, reference, batches, de
             scorer.strength(data.tokens, data.shuffled, data.b[:, None])
 
         try:
-            rate, mem = throughput(step, batch, device, seconds)
+            rate, mem, synced = throughput(step, batch, device, seconds)
         except torch.OutOfMemoryError:
             break
         if best is None or rate > best["seq_per_s"]:
             best, best_step = {"precision": precision, **options, "path": scorer.path, "batch": batch, "seq_per_s": rate,
-                               "ratio": rate / plain_rate, "max_abs_err_strength": err, "peak_mem_mb": mem,
+                               "ratio": rate / plain_rate, "synced_seq_per_s": synced, "max_abs_err_strength": err, "peak_mem_mb": mem,
                                "token_powers_s": TOKEN_POWERS_SEQS / rate}, step
     if best is None:
         raise ConfigError(f"--batches {batches[0]}: out of memory on {device} for {precision} {options}; give smaller batches")
@@ -342,13 +345,13 @@ def main(args) -> int:
     def plain_step():
         models.full_logits(model, plain_tokens)[:, -1].log_softmax(-1)
 
-    plain_rate, plain_mem = throughput(plain_step, PLAIN_BATCH, device, seconds)
+    plain_rate, plain_mem, plain_synced = throughput(plain_step, PLAIN_BATCH, device, seconds)
     with torch.inference_mode():
         plain_lp = [torch.log_softmax(models.full_logits(model, t)[:, -1], -1) for t in (sample.tokens, sample.shuffled)]
         plain_strength = logodds(plain_lp[0], sample.b[:, None])[:, 0] - logodds(plain_lp[1], sample.b[:, None])[:, 0]
     plain_err = float((plain_strength.double() - reference).abs().max())
     print(f"  plain loop  fp32  batch {PLAIN_BATCH:6d}: {plain_rate:12,.0f} seq/s   1.0x   err {plain_err:.1e}   "
-          f"{plain_mem:8.0f} MB", flush=True)
+          f"{plain_mem:8.0f} MB   (one step synced: {plain_synced:,.0f} seq/s)", flush=True)
 
     batches = args.batches or ([8192, 32768, 65536] if device.type == "cuda" else [256, 1024, 4096])
     results = []
@@ -360,7 +363,8 @@ def main(args) -> int:
             ran = {k: best["compiled"] if k == "compile" else best.get(k, v) for k, v in options.items()}  # after any fallback
             print(f"  scorer {best['path']:>8} {precision:5} {json.dumps(ran):60} batch {best['batch']:6d}: "
                   f"{best['seq_per_s']:12,.0f} seq/s {best['ratio']:6.1f}x   err {best['max_abs_err_strength']:.1e}   "
-                  f"{best['peak_mem_mb']:8.0f} MB   token-powers {best['token_powers_s']:,.1f} s", flush=True)
+                  f"{best['peak_mem_mb']:8.0f} MB   token-powers {best['token_powers_s']:,.1f} s   "
+                  f"(one step synced: {best['synced_seq_per_s']:,.0f} seq/s)", flush=True)
             if "triton_configs" in best:
                 print(f"    Triton tiles: {best['triton_configs']}", flush=True)
             if args.profile:
@@ -369,6 +373,7 @@ def main(args) -> int:
     report = {"model": name, "device": gpu or str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
               "timing": TIMING,
               "plain_seq_per_s": plain_rate, "plain_max_abs_err_strength": plain_err, "plain_peak_mem_mb": plain_mem,
+              "plain_synced_seq_per_s": plain_synced,
               "results": [{k: v for k, v in r.items() if k != "profile"} for r in results],
               "targets": targets(shape, device, results), "fastest": fastest(results, device),
               "defaults": {p: {"compiled": compiles_by_default(device), **fastest_path(device, p)} for p in precisions(device)}}

@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+from jobs import bench
 from workers.fast import attentions
 
 
@@ -18,13 +19,15 @@ def test_bench_reports_every_precision_with_errors_against_float64():
     ).stdout
     report = json.loads(out.strip().splitlines()[-1])  # the JSON object is the last line (README.md, "Running")
     assert report["model"] == "toy-2l" and report["device"] == "cpu" and report["plain_seq_per_s"] > 0
+    # timed back to back, with the rate of one synced step beside it (docs/PERFORMANCE.md)
+    assert report["timing"] == bench.TIMING and report["plain_synced_seq_per_s"] > 0
     rows = {(r["precision"], r["compile"], r["attention"]): r for r in report["results"]}
     assert set(rows) == {(p, c, a) for p in ("fp32", "bf16") for c in (False, True)
                          for a in attentions(torch.device("cpu"))}  # no tf32 on a CPU; Triton's attention only on CUDA
     for (precision, compiled, attention), r in rows.items():
         assert r["attention"] == attention
         assert r["path"] == "compact" and r["batch"] == 64 and r["compiled"] == compiled and not r["fused"]
-        assert r["ratio"] == r["seq_per_s"] / report["plain_seq_per_s"]
+        assert r["ratio"] == r["seq_per_s"] / report["plain_seq_per_s"] and r["synced_seq_per_s"] > 0
         assert r["max_abs_err_strength"] <= (1e-4 if precision == "fp32" else 0.1)
     # bf16 rounding shows in the error: a path that silently ran float32 would not
     assert rows[("bf16", False, "sdpa")]["max_abs_err_strength"] > 10 * rows[("fp32", False, "sdpa")]["max_abs_err_strength"]

@@ -177,13 +177,17 @@ def test_compiled_scorer_builds_one_graph_for_every_batch_size(toy_model):
     assert scorer.options["compiled"] and counters["stats"]["unique_graphs"] == 3
 
 
-def test_padded_unembedding_gives_the_same_logits():
-    """CUDA's aligned W_U (zero rows and columns up to multiples of 64) against the unpadded one."""
-    model = models.random_model(d_vocab=1000, n_ctx=32, d_model=64, n_heads=4, d_head=16, seed=5)
+@pytest.mark.parametrize("d_model", [64, 48])
+def test_padded_unembedding_gives_the_same_logits(d_model):
+    """CUDA's aligned W_U (zero rows and columns up to multiples of 64; b_U added by the product) against
+    the unpadded one."""
+    model = models.random_model(d_vocab=1000, n_ctx=32, d_model=d_model, n_heads=4, d_head=d_model // 4, seed=5)
     batch = seed_style(32, 1000)
     plain, padded = (CompactForward(models.compact_weights(model), align=a) for a in (1, 64))
-    assert padded.W_U.shape == (64, 1024) and plain.W_U.shape == (64, 1000) and padded.b_U_padded.shape == (1024,)
+    assert padded.W_U.shape == (64, 1024) and plain.W_U.shape == (d_model, 1000) and padded.b_U_padded.shape == (1024,)
     h = plain(batch.tokens)
     assert torch.equal(h, padded(batch.tokens))
     assert padded.logits(h).shape == (32, 1000)
     assert torch.allclose(plain.logits(h), padded.logits(h), rtol=0, atol=1e-5)
+    w = models.compact_weights(model)
+    assert w.b_U.abs().min() > 0 and torch.allclose(padded.logits(h).double(), h.double() @ w.W_U.double() + w.b_U, atol=1e-5)

@@ -153,8 +153,8 @@ class CompactForward(torch.nn.Module):
         self.register_buffer("W_E", w.W_E.float())
         self.register_buffer("W_pos", w.W_pos.float())
         # b_U is added by the unembedding's product (torch.addmm; cuBLASLt's bias epilogue on CUDA), in the
-        # product's dtype. As one more row of W_U it took the 512 rows to 513, and 576 once aligned: 11 % more
-        # products, a compute-bound 0.6 ms of a 23.5-ms bf16 step on an H200 (docs/PERFORMANCE.md). On CUDA
+        # product's dtype. As one more row of W_U it took the 512 rows to 513, and 576 once aligned: 11 % of the
+        # products on zeros, a compute-bound 0.55 ms of a 23.5-ms bf16 step on an H200 (docs/PERFORMANCE.md). On CUDA
         # W_U is padded to multiples of 64 (zero rows; zero columns, sliced off the logits): cuBLAS takes its
         # Hopper kernels only for aligned leading dimensions, which 48262 is not (145 TFLOP/s unaligned on an
         # H200, 540 aligned). On a CPU the padding would only add arithmetic.

@@ -112,7 +112,8 @@ def unembed_lse(
     """(top logit, its token, log Σ exp over every other token) of ``h @ W_U + b_U``, accumulated in
     float32 (``b_U`` float32). float32 inputs multiply in full float32 unless ``tf32``."""
     h, W_U = _interpretable(h), _interpretable(W_U)
-    assert h.stride(1) == 1 and W_U.stride(1) == 1 and b_U.dtype == torch.float32 and b_U.stride(0) == 1
+    assert h.stride(1) == 1 and W_U.stride(1) == 1 and b_U.stride(0) == 1, "rows must be contiguous"
+    assert b_U.dtype == torch.float32, "b_U is added to float32 sums"
     (B, K), V = h.shape, W_U.shape[1]
     top_value, top, rest = _parts(B, h.device)
     # "tf32" is Triton's default; only float32 inputs read it

@@ -22,7 +22,7 @@ import torch
 from jobs.errors import ConfigError
 from workers import experiments, models
 from workers.fast import QUERY, TABLES, attentions
-from workers.scoring import LSE, PRECISIONS, Scorer, compiles_by_default, fastest_path, logodds, runs_default
+from workers.scoring import ACCURACY_BOUNDS, LSE, PRECISIONS, Scorer, compiles_by_default, fastest_path, logodds, runs_default
 from workers.sequences import make_batch, sequence_keys
 
 PLAIN_BATCH = 256
@@ -125,7 +125,7 @@ DEFAULT_SHAPE = "attn-only-2l"
 # per shape and device: × plain on a CPU, seq/s on CUDA (issues 11 and 13)
 TARGETS = {"attn-only-2l": {"cpu": {"fp32": 10.0, "bf16": 25.0}, "cuda": {"tf32": 1.5e6, "bf16": 3.0e6}},
            "gelu-2l": {"cuda": {"bf16": 8.0e5}}, "gpt2-small": {"cuda": {"bf16": 6.5e4}}}
-BOUNDS = {"fp32": 1e-3, "tf32": 0.1, "bf16": 0.1}
+BOUNDS = ACCURACY_BOUNDS
 
 
 def variants(device: torch.device, precision: str, attention: list[str] | None = None,
@@ -157,11 +157,11 @@ def only(options: list[dict], wanted: dict | None) -> list[dict]:
     return [o for o in options if all(k in o and o[k] == v for k, v in (wanted or {}).items())]
 
 
-ONLY_KEYS = ("compile", "attention", "query", "table", "fused", "logits", "lse", "fast")  # the options of ``variants``
+ONLY_KEYS = ("compile", "attention", "query", "table", "logits", "lse", "fast")  # the options of ``variants``
 
 
 def parse_only(text: str) -> dict:
-    """``--only logits=bf16,lse=triton,fused=false`` as options (true/false as booleans)."""
+    """``--only logits=bf16,lse=triton,compile=false`` as options (true/false as booleans)."""
     out = {}
     for item in text.split(","):
         key, sep, value = item.partition("=")
@@ -172,10 +172,10 @@ def parse_only(text: str) -> dict:
 
 
 def unembeddings(precision: str) -> list[dict]:
-    """CUDA's ways to the log-sum-exp: the fused kernel, or torch's logits (float32, and bf16 for bf16)
-    reduced by torch (compiled) or by the Triton kernel."""
+    """CUDA's ways to the log-sum-exp: torch's logits (float32, and bf16 for bf16) reduced by torch
+    (compiled) or by the Triton kernel."""
     logits = ["float32"] + (["bf16"] if precision == "bf16" else [])
-    return [{"fused": True}] + [{"fused": False, "logits": x, "lse": r} for x in logits for r in LSE]
+    return [{"logits": x, "lse": r} for x in logits for r in LSE]
 
 
 def profile_step(step: Callable[[], None], device: torch.device, rows: int = 24) -> str:
@@ -228,11 +228,7 @@ def measure(model, precision: str, options: dict, sample, reference, batches, de
 def triton_kernels(options: dict) -> dict:
     """The Triton kernels (autotuners) a scorer with these options runs, by name."""
     kernels = {}
-    if options.get("fused"):
-        from workers.unembed_lse import _unembed_lse_kernel
-
-        kernels["unembed_lse"] = _unembed_lse_kernel
-    elif options.get("lse") == "triton":
+    if options.get("lse") == "triton":
         from workers.unembed_lse import _lse_kernel
 
         kernels["logits_lse"] = _lse_kernel
@@ -276,14 +272,14 @@ def precisions(device: torch.device) -> list[str]:
 
 def fastest(results: list[dict], device: torch.device) -> dict:
     """Per precision, the fastest variant within its accuracy bound, and whether the scorer defaults to it
-    (``logits`` and ``lse`` None for the fused kernel, which writes no logits)."""
+"""
     out = {}
     for precision in {r["precision"] for r in results}:
         ok = [r for r in results if r["precision"] == precision and r["max_abs_err_strength"] <= BOUNDS[precision]
               and r["path"] == "compact"]  # the variants are the compact forward's
         if ok:
             best = max(ok, key=lambda r: r["seq_per_s"])
-            out[precision] = {k: best.get(k) for k in ("compiled", "attention", "query", "table", "fused", "logits", "lse", "seq_per_s")}
+            out[precision] = {k: best.get(k) for k in ("compiled", "attention", "query", "table", "logits", "lse", "seq_per_s")}
             out[precision]["default"] = runs_default(best, device)
     return out
 
@@ -387,7 +383,7 @@ def main(args) -> int:
     for precision, best in report["fastest"].items():
         default = report["defaults"][precision]
         print(f"  fastest {precision}: compiled {best['compiled']}, attention {best['attention']}, query {best['query']}, "
-              f"table {best['table']}, fused {best['fused']}, logits {best['logits']}, lse {best['lse']} "
+              f"table {best['table']}, logits {best['logits']}, lse {best['lse']} "
               f"({'the default' if best['default'] else f'default is {default}'})", flush=True)
     if args.check:
         report["checks"] = [r for spec in args.check for r in check(spec, device, plan)]

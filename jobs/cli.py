@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 
 PROG = "induction-sweep"
@@ -106,7 +108,7 @@ def build_parser() -> Parser:
                    help="comma-separated attention variants to try (default: sdpa,products, and triton on CUDA)")
     p.add_argument("--only", default=None, metavar="KEY=VALUE,...",
                    help="only the scorer variants with these options, e.g. logits=bf16,lse=triton (keys: compile, "
-                        "attention, query, table, fused, logits, lse, fast)")
+                        "attention, query, table, logits, lse, fast)")
     p.add_argument("--check", action="append", default=[], metavar="MODEL",
                    help="also check the error of every scorer variant the bench runs (narrowed by --precisions, "
                         "--attention and --only), eager, on MODEL (e.g. toy-2l) against TransformerLens")
@@ -244,21 +246,28 @@ COMMANDS = {"run": cmd_run, "plan": cmd_plan, "submit": cmd_submit, "status": cm
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from jobs.errors import ConfigError, RunFailed
+    from jobs.errors import ConfigError, RunFailed, Terminated
     from storage import StorageError, StorageInputError
     from workers.models import ModelInputError
 
+    def terminate(signum, frame):
+        raise Terminated("terminated by SIGTERM")
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, terminate)
     try:
         return COMMANDS[args.command](args)
     except (ConfigError, ModelInputError, StorageInputError) as exc:
         sys.stderr.write(f"{PROG}: error: {exc}\n")
         return 2
     except (RunFailed, StorageError) as exc:
-        sys.stderr.write(f"{PROG}: run failed: {exc}; rerunning the same command resumes\n")
+        resumes = "; rerunning the same command resumes" if getattr(exc, "resumable", True) else ""
+        sys.stderr.write(f"{PROG}: run failed: {exc}{resumes}\n")
         return 1
-    except KeyboardInterrupt:
-        sys.stderr.write(f"{PROG}: interrupted; rerunning the same command resumes\n")
-        return 130
+    except (KeyboardInterrupt, Terminated) as exc:
+        sys.stderr.write(f"{PROG}: {'interrupted' if isinstance(exc, KeyboardInterrupt) else exc}; "
+                         "rerunning the same command resumes\n")
+        return 130 if isinstance(exc, KeyboardInterrupt) else 143
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import io
 import os
+import signal
 import socket
 import sys
 import threading
@@ -22,7 +23,7 @@ import pandas as pd
 
 from jobs import aggregate, manifest
 from jobs.config import RunConfig, plan_shards
-from jobs.errors import ConfigError, RunFailed
+from jobs.errors import ConfigError, RunFailed, Terminated
 from jobs.phases import Phases
 from jobs.pool import ActorPool, failure, plan_actors, reachable_resources
 from storage import Store, open_store
@@ -56,6 +57,7 @@ def run(cfg: RunConfig, info: models.ModelInfo | None = None, progress: bool = T
     # the report's plotting library loads while the driver waits on the actors (ray.wait frees the GIL)
     threading.Thread(target=importlib.import_module, args=("jobs.report",), daemon=True).start()
 
+    specs: list[ShardSpec] = []
     try:
         with phases.phase("plan"):
             specs = plan_shards(cfg)
@@ -70,6 +72,8 @@ def run(cfg: RunConfig, info: models.ModelInfo | None = None, progress: bool = T
         if todo or circuits:  # each shard's partials are decoded as it completes, merged at the end
             for summary in pool.execute(todo, phases, requested, progress, len(states.done), len(specs)):
                 partials[summary.key] = Accumulator.from_bytes(summary.partials)
+                if summary.nonfinite:  # fails now: the rest of the run cannot make it valid
+                    raise nonfinite_failure(summary.nonfinite, summary.nonfinite_example, summary.key)
         scores = None
         if circuits:
             with phases.phase("circuits"):
@@ -77,29 +81,69 @@ def run(cfg: RunConfig, info: models.ModelInfo | None = None, progress: bool = T
                     scores = ray.get(pool.any_ready().circuit_scores.remote(circuit_tokens(cfg)))
                 except Exception as exc:  # an actor lost here, or its error: rerunning resumes
                     raise RunFailed(failure(exc)) from None
-    finally:
         pool.kill()
-    return finish(store, cfg, [partials[s.key] for s in specs], scores, phases, token_strings,
-                  model_loading=phases.model_loading or (existing or {}).get("model_loading"))
+        return finish(store, cfg, [partials[s.key] for s in specs], scores, phases, token_strings,
+                      model_loading=phases.model_loading or (existing or {}).get("model_loading"),
+                      load_checks=phases.load_checks or (existing or {}).get("load_checks"))
+    except BaseException as exc:
+        pool.kill()
+        if specs:  # the manifest says "running": it says what stopped it instead
+            mark_failed(store, cfg, len(specs), exc, phases, existing)
+        raise
+
+
+def mark_failed(store: Store, cfg: RunConfig, n_shards: int, exc: BaseException, phases: Phases, existing: dict | None) -> None:
+    """The manifest of a run the driver stopped on ``exc``: status "failed" and the reason (status shows
+    it; rerunning the same command resumes). A store that cannot take it leaves the "running" one."""
+    reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc) if isinstance(exc, Terminated | ConfigError | RunFailed) \
+        else f"{type(exc).__name__}: {exc}"
+    failed = {"reason": reason.splitlines()[0][:500] if reason else type(exc).__name__, **getattr(exc, "details", {})}
+    try:
+        manifest.write(store, cfg, n_shards, "failed", failure=failed, phases=phases.as_dict(),
+                       model_loading=phases.model_loading or (existing or {}).get("model_loading"),
+                       load_checks=phases.load_checks or (existing or {}).get("load_checks"))
+    except Exception:  # noqa: BLE001 - storage down: the original error is the one to report
+        pass
+
+
+def nonfinite_failure(count: int, example: dict | None, where: str) -> RunFailed:
+    """A run with strengths that are not finite: it fails, naming how many and the first, in the message
+    and (``details``) the manifest. Rerunning gives the same numbers."""
+    first = ", ".join(f"{k} {v}" for k, v in (example or {}).items())
+    exc = RunFailed(f"{count} strength(s) are not finite ({where}; the first: {first}); no aggregate is written. Rerunning "
+                    "gives the same: score in fp32 (--precision fp32) or report the model", resumable=False)
+    exc.details = {"nonfinite": {"count": count, "example": example, "where": where}}
+    return exc
 
 
 def finish(store: Store, cfg: RunConfig, partials: list[Accumulator], circuit_scores: dict | None, phases: Phases,
-           token_strings: list[str] | None = None, model_loading: dict | None = None) -> aggregate.Summary:
+           token_strings: list[str] | None = None, model_loading: dict | None = None,
+           load_checks: list | None = None) -> aggregate.Summary:
     """Merge the shards' partials (in plan order, so a resumed run equals an undisturbed one), derive
     and write the aggregates, draw the report; mark the run complete with its phase breakdown."""
     with phases.phase("aggregation"):
         merged = Accumulator.merge(partials)
+        count, example = merged.nonfinite()
+        if count:
+            raise nonfinite_failure(count, example, "the stored shards")
         agg = aggregate.derive(merged, cfg, token_strings or read_vocab(store))
         if circuit_scores is not None:
             aggregate.add_circuits(agg, circuit_scores)
         agg.write(store)
+    extra = {"model_loading": model_loading, "load_checks": load_checks, **neighbors_definition(cfg)}
     with phases.phase("report"):
         from jobs import report  # matplotlib (already imported in the background during a run)
 
-        report.render(store, manifest.build(cfg, len(partials), "complete", model_loading=model_loading,
-                                            phases=phases.as_dict()), agg)
-    manifest.write(store, cfg, len(partials), "complete", model_loading=model_loading, phases=phases.as_dict())
+        report.render(store, manifest.build(cfg, len(partials), "complete", phases=phases.as_dict(), **extra), agg)
+    manifest.write(store, cfg, len(partials), "complete", phases=phases.as_dict(), **extra)
     return agg.summary
+
+
+def neighbors_definition(cfg: RunConfig) -> dict:
+    """The manifest's record of how neighbours were found, where the run scores them."""
+    if not cfg.n_neighbors:
+        return {}
+    return {"neighbors": {"k": cfg.n_neighbors, "definition": experiments.NEIGHBORS_DEFINITION}}
 
 
 def report(store: Store, from_rows: bool = False, phases: Phases | None = None) -> aggregate.Summary:
@@ -107,7 +151,6 @@ def report(store: Store, from_rows: bool = False, phases: Phases | None = None) 
     with ``from_rows`` recomputed from every row, as a check of the partials."""
     phases = phases or Phases()
     found, cfg = manifest.read_run(store)
-    loading = found.get("model_loading")
     with phases.phase("read shards"):
         specs = plan_shards(cfg)
         states = manifest.shard_states(store, cfg, specs)
@@ -121,7 +164,8 @@ def report(store: Store, from_rows: bool = False, phases: Phases | None = None) 
 
         with phases.phase("circuits"):
             scores = model_scores(models.load_for_scoring(cfg.model, "cpu", cfg.processing)[0], circuit_tokens(cfg))
-    return finish(store, cfg, partials, scores, phases, model_loading=loading)
+    return finish(store, cfg, partials, scores, phases, model_loading=found.get("model_loading"),
+                  load_checks=found.get("load_checks"))
 
 
 def rows_partials(store: Store, cfg: RunConfig, spec: ShardSpec) -> Accumulator:
@@ -174,6 +218,14 @@ def connect(address: str | None):
 
     if ray.is_initialized():
         return ray
+    ours = signal.getsignal(signal.SIGTERM)  # ray.init installs a handler that aborts the process: ours stops cleanly
+    _connect(ray, address)
+    if callable(ours) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, ours)
+    return ray
+
+
+def _connect(ray, address: str | None) -> None:
     inherited = os.environ.get("RAY_ADDRESS", "")
     if address or (inherited and "://" not in inherited):  # an http:// RAY_ADDRESS is the Jobs API, for submit
         ray.init(address=address or inherited, log_to_driver=True)
@@ -182,7 +234,6 @@ def connect(address: str | None):
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private in-process cluster needs no token
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True)
         _embedded.append(ray)
-    return ray
 
 
 _embedded: list = []  # the local cluster this process started, if any

@@ -29,6 +29,7 @@ class Phases:
         self.shards = {"count": 0, "compute_s": 0.0, "write_s": 0.0}
         self.completions: list[tuple[float, int]] = []  # (time, sequences) of each finished shard
         self.model_loading: dict | None = None  # how the first ready actor loaded the model (workers/models.py)
+        self.load_checks: list[dict] = []  # each ready actor's load-time check (workers/load_check.py)
         if process_age() > 0:
             self.rows.append({"phase": "python start-up", "start_s": 0.0, "seconds": round(time.time() - self.origin, 3)})
 
@@ -50,6 +51,9 @@ class Phases:
         """One actor's start-up: its constructor's timed steps, and when it was ready."""
         steps = {k: round(v, 3) for k, v in info.items() if isinstance(v, float) and k != "started"}
         self.model_loading = self.model_loading or info.get("loading")
+        if info.get("check") is not None:
+            self.load_checks.append({"host": info.get("host"), "pid": info.get("pid"), "device": info.get("device"),
+                                     **info["check"]})
         self.actors.append({"host": info.get("host"), "device": info.get("device"), "requested_s": round(requested, 3),
                             "ready_s": round(self.now(), 3), **steps})
 
@@ -67,8 +71,10 @@ class Phases:
         lines = [f"time: {self.now():.1f} s in all"]
         lines += [f"  {r['phase']:<16} {r['seconds']:7.2f} s  (from {r['start_s']:.2f} s)" for r in self.rows]
         for i, a in enumerate(self.actors):
-            steps = ", ".join(f"{k} {a[k]:.2f}" for k in ("import", "load", "neighbors", "cache load", "warm-up", "cache save")
-                              if k in a)
+            steps = ", ".join(f"{k} {a[k]:.2f}" for k in ("import", "load", "neighbors", "cache load", "warm-up", "cache save",
+                                                          "check") if k in a)
+            if "reference" in a:
+                steps += f"; the check's reference built in {a['reference']:.2f} s alongside"
             lines.append(f"  actor {i} ({a['device']}): ready {a['ready_s'] - a['requested_s']:.2f} s after its request ({steps})")
         s = self.shards
         if s["count"]:

@@ -24,6 +24,7 @@ from jobs.manifest import PROGRESS
 from jobs.phases import Phases
 from storage import StorageError, Store, open_store
 from storage.store import FORWARDED_ENV
+from workers.models import ModelInputError
 from workers.shard import ShardRunner, ShardSpec, ShardSummary
 
 IN_FLIGHT_PER_ACTOR = 2  # one shard computing while the previous one encodes and uploads
@@ -103,12 +104,39 @@ def _fit(custom: dict[str, float], gpus_per_actor: float, resources: dict) -> in
     return min(slots)
 
 
+class Runner(ShardRunner):
+    """ShardRunner as a Ray actor. A model its actor refuses (ModelInputError: a checkpoint or a scorer that
+    fails the load-time check) is raised by ``ready``, a task, so that the driver gets the error itself: an
+    actor constructor's error reaches it only as text."""
+
+    def __init__(self, *args):
+        self.refusal = None
+        try:
+            super().__init__(*args)
+        except ModelInputError as exc:
+            self.refusal = exc
+
+    def ready(self) -> dict:
+        if self.refusal is not None:
+            raise self.refusal
+        return super().ready()
+
+
+def refused_or(get, ref):
+    """``get(ref)`` of an actor's ``ready``; a refusal it raised is bad input for the whole run (every actor
+    would refuse the same model): ConfigError, with the actor's one line."""
+    try:
+        return get(ref)
+    except ModelInputError as exc:  # Ray's task error is an instance of the cause's class too
+        raise ConfigError(str(getattr(exc, "cause", None) or exc)) from None
+
+
 class ActorPool:
     """``plan.count`` ShardRunner actors, asked for at once; they import and load while the driver plans."""
 
     def __init__(self, ray, cfg: RunConfig, plan: ActorPlan):
         self.ray, self.plan = ray, plan
-        self._runner = ray.remote(ShardRunner).options(
+        self._runner = ray.remote(Runner).options(
             num_gpus=plan.num_gpus, num_cpus=plan.num_cpus, resources=plan.resources or None,
             max_restarts=0, max_task_retries=0, max_concurrency=IN_FLIGHT_PER_ACTOR,
             runtime_env={"env_vars": {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}})
@@ -152,7 +180,7 @@ class ActorPool:
             ready, _ = self.ray.wait(list(self.starting), num_returns=1)
             actor = self.starting.pop(ready[0])
             try:
-                self.ray.get(ready[0])
+                refused_or(self.ray.get, ready[0])
                 self.live.append(actor)
             except RayActorError as exc:
                 self.lose(actor, exc)
@@ -161,6 +189,7 @@ class ActorPool:
     def kill(self) -> None:
         for actor in [*self.live, *self.starting.values()]:
             self.ray.kill(actor)
+        self.live, self.starting = [], {}
 
     def execute(self, todo: list[ShardSpec], phases: Phases, requested: float, progress: bool,
                 already: int, total: int) -> Iterator[ShardSummary]:
@@ -186,7 +215,7 @@ class ActorPool:
                 if ref in self.starting:  # an actor has loaded its model
                     actor = self.starting.pop(ref)
                     try:
-                        info = self.ray.get(ref)
+                        info = refused_or(self.ray.get, ref)
                     except RayActorError as exc:
                         self.lose(actor, exc)
                         continue
@@ -210,7 +239,7 @@ class ActorPool:
                 phases.shard_done(result.sequences, result.compute_s, result.write_s)
                 feed(actor)
                 yield result
-        except RunFailed:
+        except (RunFailed, ConfigError):
             raise
         except Exception as exc:
             raise RunFailed(failure(exc)) from None

@@ -54,6 +54,8 @@ def status(uri: str) -> dict:
     out = {"uri": store.uri, "status": found["status"], "model": cfg.model, "config_hash": cfg.config_hash,
            "shards_done": len(states.done), "shards_total": states.total,
            "corrupt": [s.key for s in states.corrupt], "missing": len(states.missing)}
+    if found["status"] == "failed" and isinstance(found.get("failure"), dict):
+        out["failure"] = found["failure"]
     if found["status"] == "running" and store.exists(manifest.PROGRESS):
         try:
             progress = json.loads(store.get(manifest.PROGRESS))
@@ -68,6 +70,8 @@ def status_text(uri: str) -> str:
     s = status(uri)
     lines = [f"{s['uri']}: {s['status']}, shards {s['shards_done']}/{s['shards_total']} done"
              f" (model {s['model']}, config {s['config_hash']})"]
+    if "failure" in s:
+        lines.append(f"failed: {s['failure'].get('reason', 'unknown')}")
     if "seq_per_s" in s:
         lines.append(f"{s['seq_per_s']:,.0f} seq/s on {s['actors']} actor(s), ETA {format_eta(s['eta_s'])} "
                      f"(as of {s['progress_age_s']:.0f} s ago)")

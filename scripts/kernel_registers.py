@@ -81,13 +81,6 @@ def _lse() -> Case:
                 lambda c: ROWS // c["BLOCK_B"])
 
 
-def _fused() -> Case:
-    types = dict(h_ptr="*bf16", w_ptr="*bf16", b_ptr="*fp32", top_value_ptr="*fp32", top_ptr="*i32", rest_ptr="*fp32", B="i32", K="i32",
-                 V="i32", stride_h="i32", stride_w="i32")
-    return Case(unembed_lse._unembed_lse_kernel, types, dict(PRECISION="tf32", BIG_BATCH=True), {"B", "K", "stride_h", "stride_w"},
-                None, lambda c: ROWS // c["BLOCK_B"])
-
-
 def _query() -> Case:
     types = dict(h_ptr="*fp32", w_q_ptr="*fp32", q_bias_ptr="*fp32", w_k_ptr="*fp32", k_bias_ptr="*fp32", u_ptr="*fp32", c_ptr="*fp32",
                  B="i32", D="i32", P="i32")
@@ -103,7 +96,6 @@ KERNELS = {
     "last_attention": _last(),
     "query_side tf32x3": _query(),
     "logits_lse bf16": _lse(),
-    "unembed_lse bf16": _fused(),
 }
 
 

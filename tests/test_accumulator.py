@@ -74,3 +74,31 @@ def test_footer_round_trip():
                               Accumulator.counts("h", "e", "s", np.array([3, 3, 1]))])
     back = Accumulator.from_bytes(acc.to_bytes())
     pd.testing.assert_frame_equal(back.frame, acc.frame, check_exact=True)
+
+
+def test_a_value_that_is_not_finite_is_never_averaged_away():
+    """A NaN in one part keeps its key's merged mean NaN, and n counts every value that went in (a
+    merge once skipped NaN: mean 0.0, sem 0.0 and a full n for a run of NaN rows)."""
+    clean = Accumulator.of("x", "e", "s", np.arange(10.0), target="B")
+    dirty = Accumulator.of("x", "e", "s", np.array([1.0, np.nan, 2.0]), target="B")
+    merged = moments(Accumulator.merge([clean, dirty]))
+    assert merged.n == 13 and np.isnan(merged["mean"]) and np.isnan(merged.m2)
+    only_nan = moments(Accumulator.merge([Accumulator.of("x", "e", "s", np.full(64, np.nan), target="B")]))
+    assert only_nan.n == 64 and np.isnan(only_nan["mean"]) and np.isnan(only_nan["sem"])
+
+
+def test_a_shards_strengths_that_are_not_finite_are_counted_with_an_example():
+    from workers import experiments
+    from workers.accumulator import shard_partials
+    from workers.rows import ScoredBatch
+
+    n = 8
+    induction = np.zeros((n, 1), np.float32)
+    induction[[2, 5], 0] = [np.inf, np.nan]
+    batch = ScoredBatch(fixed=np.full(n, 57), seq=np.arange(100, 100 + n), a=np.zeros(n), b=np.full(n, 57),
+                        targets=np.full((n, 1), 57), induction=induction, shuffled=np.zeros((n, 1), np.float32))
+    acc = shard_partials(experiments.get("token-powers"), "B", batch, ("B",))
+    count, example = Accumulator.merge([acc, acc]).nonfinite()
+    assert count == 4  # two shards' worth
+    assert example == {"experiment": "token-powers", "scenario": "B", "target": "B", "token": 57, "sequence": 102}
+    assert Accumulator.merge([Accumulator.of("x", "e", "s", np.ones(3))]).nonfinite() == (0, None)

@@ -326,10 +326,9 @@ def test_kernels_compile_for_hopper_and_keep_their_tiles_in_registers():
     GPU needed. The attention kernels and the log-sum-exp hold a sequence (or a row's slots) in
     registers: a change that makes them spill (a tl.dot over d_model spilled 13-27 KB per thread)
     fails here rather than on a device. The tuner picks among configs, so each kernel needs one that
-    spills nothing, and none may spill more than a few words; the fused unembedding's larger tiles
-    may spill in some. Two kernels sum elementwise and reduce across threads once, which is what keeps
-    their instructions near the arithmetic (docs/PERFORMANCE.md): logits_lse's loop stays near 15
-    instructions a logit (per-tile reductions took ~24), and last_attention's best config under 1.2 M
+    spills nothing, and none may spill more than a few words. Two kernels sum elementwise and reduce
+    across threads once, which is what keeps their instructions near the arithmetic (docs/PERFORMANCE.md):
+    logits_lse's loop stays under 18 instructions a logit (per-tile reductions took ~24), and last_attention's best config under 1.2 M
     instructions a sequence (a head at a time over whole rows took 1.8 M to 2.0 M)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "kernel_registers.py"), "--json"], env=env,
@@ -337,12 +336,11 @@ def test_kernels_compile_for_hopper_and_keep_their_tiles_in_registers():
     assert done.returncode == 0, done.stderr[-2000:]
     kernels = json.loads(done.stdout)
     assert set(kernels) == {"causal_attention table fp32", "causal_attention table bf16/tf32", "causal_attention float16 table bf16",
-                            "last_attention", "query_side tf32x3", "logits_lse bf16", "unembed_lse bf16"}
+                            "last_attention", "query_side tf32x3", "logits_lse bf16"}
     for name, configs in kernels.items():
         assert min(c["spill_bytes"] for c in configs) == 0, (name, configs)
         assert all(0 < c["registers"] <= 255 for c in configs), (name, configs)
-        if not name.startswith("unembed_lse"):
-            assert max(c["spill_bytes"] for c in configs) <= 64, (name, configs)
+        assert max(c["spill_bytes"] for c in configs) <= 64, (name, configs)
     for c in kernels["logits_lse bf16"]:
         logits_per_thread = c["config"]["BLOCK_B"] * c["config"]["BLOCK_V"] // (32 * c["config"]["num_warps"])
         assert len(c["loop_instructions"]) == 1 and 0 < c["loop_instructions"][0] / logits_per_thread < 18, c

@@ -26,7 +26,7 @@ def test_bench_reports_every_precision_with_errors_against_float64():
                          for a in attentions(torch.device("cpu"))}  # no tf32 on a CPU; Triton's attention only on CUDA
     for (precision, compiled, attention), r in rows.items():
         assert r["attention"] == attention
-        assert r["path"] == "compact" and r["batch"] == 64 and r["compiled"] == compiled and not r["fused"]
+        assert r["path"] == "compact" and r["batch"] == 64 and r["compiled"] == compiled
         assert r["ratio"] == r["seq_per_s"] / report["plain_seq_per_s"] and r["synced_seq_per_s"] > 0
         assert r["max_abs_err_strength"] <= (1e-4 if precision == "fp32" else 0.1)
     # bf16 rounding shows in the error: a path that silently ran float32 would not
@@ -60,7 +60,7 @@ def test_bench_of_a_shape_with_mlps_measures_transformer_lens_path_too():
     (["--shape", "gelu-9l"], "unknown --shape 'gelu-9l': choose from attn-only-2l, gelu-2l, gpt2-small"),
     (["--shape", "gelu-2l", "--model", "toy-2l"], "--shape benches random weights and --model a given model: give one of them"),
     (["--device", "cpu", "--only", "colour=red"],
-     "--only 'colour=red': give KEY=VALUE pairs of compile, attention, query, table, fused, logits, lse, fast"),
+     "--only 'colour=red': give KEY=VALUE pairs of compile, attention, query, table, logits, lse, fast"),
     (["--device", "cpu", "--only", "lse=triton"], "--only lse=triton: no fp32, bf16 variant on cpu has these options"),
     (["--device", "cpu", "--attention", "triton"], "unknown triton for cpu: choose from sdpa, products"),
 ])
@@ -129,9 +129,9 @@ def test_triton_kernels_of_a_variant_report_their_tiles(toy_model):
     from jobs.bench import triton_kernels
     from workers.scoring import Scorer
 
-    assert triton_kernels({"fused": False, "lse": "torch", "attention": "products"}) == {}
-    assert list(triton_kernels({"fused": True, "lse": "triton", "attention": "sdpa"})) == ["unembed_lse"]
-    options = {"fused": False, "lse": "triton", "attention": "triton", "query": "triton"}
+    assert triton_kernels({"lse": "torch", "attention": "products"}) == {}
+    assert list(triton_kernels({"lse": "triton", "attention": "sdpa"})) == ["logits_lse"]
+    options = {"lse": "triton", "attention": "triton", "query": "triton"}
     kernels = triton_kernels(options)
     assert list(kernels) == ["logits_lse", "causal_attention", "last_attention", "query_side"]
     scorer = Scorer(toy_model, "fp32", compile=False, **options)

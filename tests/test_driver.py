@@ -186,3 +186,45 @@ def test_tl_default_processing_is_its_own_config_and_is_recorded(ray_cluster, tm
     loading = run.manifest["model_loading"]
     assert loading["loader"] == "transformer_lens" and loading["max_abs_diff_log_prob"] < 1e-4  # toy-2l: LNPre, centred W_pos
     assert "<b>tl-default</b> processing" in open_store(out).get("report.html").decode()
+
+
+def test_strengths_that_are_not_finite_fail_the_run_loudly(ray_cluster, tmp_path, capsys):
+    """A model that gives half its vocabulary no probability at all (a bias of -inf): their log-odds are
+    -inf after both sequences and their strength NaN. The run stops: exit 1, one line with the count
+    and the first (experiment, scenario, token, sequence), status "failed" with the same in the
+    manifest, no aggregate, and a rerun says the same (it cannot help)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from jobs.cli import main
+
+    path = tmp_path / "banned"
+    shutil.copytree(models.TOY_DIR, path)
+    state = load_file(str(path / "model.safetensors"))
+    state["unembed.b_U"][1000:] = float("-inf")
+    save_file(state, str(path / "model.safetensors"))
+    out = str(tmp_path / "run")
+    argv = ["run", "--model", str(path), "--out", out, "--experiment", "token-powers", "--tokens", "8", "--seqs", "8",
+            "--shard-size", "16", "--actors", "1", "--quiet"]
+    for _ in range(2):
+        assert main(argv) == 1
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and "strength(s) are not finite" in err and "rerunning the same command resumes" not in err
+        assert "the first: experiment token-powers, scenario A, target B, token " in err and "--precision fp32" in err
+        found = manifest.read(open_store(out))
+        assert found["status"] == "failed" and found["failure"]["nonfinite"]["count"] > 0
+        assert found["failure"]["nonfinite"]["example"]["experiment"] == "token-powers"
+        assert not open_store(out).list("aggregates/")
+    assert results.status(out)["failure"]["reason"].startswith(f"{found['failure']['nonfinite']['count']} strength(s)")
+
+
+def test_the_manifest_records_every_actors_load_check_and_the_neighbours(s3_run):
+    uri, _ = s3_run
+    found = results.open_run(uri).manifest
+    checks = found["load_checks"]
+    assert 1 <= len(checks) <= SMALL["actors"]
+    for check in checks:
+        assert check["path"] == "compact" and 0 < check["max_abs_diff_logodds"] <= check["bound"] == 1e-3
+        assert set(check["per_experiment"]) == set(experiments.group("all"))
+    assert found["neighbors"] == {"k": SMALL["neighbors"], "definition": experiments.NEIGHBORS_DEFINITION}

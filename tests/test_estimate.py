@@ -71,7 +71,7 @@ def test_rates_from_a_bench_of_the_reference_shape(capsys, tmp_path):
     assert abs(measured / built_in - eager[0]["seq_per_s"] / MEASURED_RATES[("cpu", "fp32")]) < 1e-9
 
     old = {"model": "random-2l-v48262", "device": "cpu", "results": [
-        {"precision": "fp32", "attention": "sdpa", "fused": False, "compiled": False, "path": "compact", "seq_per_s": 500.0,
+        {"precision": "fp32", "attention": "sdpa", "compiled": False, "path": "compact", "seq_per_s": 500.0,
          "max_abs_err_strength": 3e-6}]}
     (tmp_path / "old.json").write_text(json.dumps(old) + "\n")
     assert main([*base, "--rates", str(tmp_path / "old.json")]) == 0

@@ -38,10 +38,9 @@ def check_parity(model, precision: str, n: int = 128, scored=None, **scorer_opti
     on_cuda = scorer.device.type == "cuda"  # where both default to on
     assert scorer.options["compiled"] == scorer_options.get("compile", on_cuda)
     default = fastest_path(scorer.device, precision)
-    assert scorer.options["fused"] == scorer_options.get("fused", default["fused"] and on_cuda)
     assert scorer.options["attention"] == scorer_options.get("attention", default["attention"])
-    assert scorer.options["logits"] == (None if scorer.options["fused"] else scorer_options.get("logits", default["logits"]))
-    assert scorer.options["lse"] == (None if scorer.options["fused"] else scorer_options.get("lse", default["lse"]))
+    assert scorer.options["logits"] == scorer_options.get("logits", default["logits"])
+    assert scorer.options["lse"] == scorer_options.get("lse", default["lse"])
     assert scorer.options["query"] == scorer_options.get("query", default["query"])
     assert scorer.options["table"] == (scorer_options.get("table", default["table"]) if hasattr(scorer.compact, "tok_QKV0") else None)
     return err

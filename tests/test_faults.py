@@ -98,6 +98,55 @@ def test_driver_killed_mid_run_resumes_to_identical_aggregates(baseline, tmp_pat
     assert_same_aggregates(baseline, results.open_run(out).aggregates)
 
 
+def test_a_stopped_run_says_so_and_the_rerun_resumes(baseline, tmp_path, short_tmp):
+    """SIGTERM (a scheduler's stop, `ray job stop`) mid-run: exit 143 with one line, the manifest says
+    "failed" with the reason and `status` shows it; the same command resumes to identical aggregates."""
+    out = str(tmp_path / "run")
+    env = {**os.environ, "RAY_TMPDIR": str(short_tmp)}
+    proc = subprocess.Popen(cli(out), env=env, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    store = open_store(out)
+    wait_for_shards(store, 2)
+    os.kill(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert err.strip().splitlines()[-1] == "induction-sweep: terminated by SIGTERM; rerunning the same command resumes"
+    found = manifest.read(store)
+    assert found["status"] == "failed" and found["failure"]["reason"] == "terminated by SIGTERM"
+    assert "failed: terminated by SIGTERM" in results.status_text(out)
+    rerun = subprocess.run(cli(out), env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert manifest.read(store)["status"] == "complete" and "failure" not in manifest.read(store)
+    assert_same_aggregates(baseline, results.open_run(out).aggregates)
+
+
+def test_a_scorer_that_fails_its_load_check_refuses_the_run(ray_cluster, tmp_path, capsys):
+    """The actors' load-time check refuses bf16 for a model whose logits bf16 moves by nats: one line
+    naming the model, the figure and the cure, exit 2, and the manifest says why the run stopped."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from jobs.cli import main
+    from workers import models
+
+    path = tmp_path / "loud"
+    shutil.copytree(models.TOY_DIR, path)
+    state = load_file(str(path / "model.safetensors"))
+    state["unembed.W_U"].mul_(30)
+    save_file(state, str(path / "model.safetensors"))
+    out = str(tmp_path / "run")
+    code = main(["run", "--model", str(path), "--out", out, "--experiment", "token-powers", "--tokens", "8", "--seqs", "4",
+                 "--actors", "1", "--precision", "bf16", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err, err
+    assert f"{path}: the compact scorer (bf16) differs from TransformerLens' float64 forward" in err
+    assert "likely cause: bf16 rounding is too coarse for this model: run with --precision fp32" in err
+    found = json.loads(open_store(out).get("manifest.json"))
+    assert found["status"] == "failed" and "--precision fp32" in found["failure"]["reason"]
+
+
 class Switch:
     """A TCP forwarder in front of the moto server that can be switched off (connections refused)."""
 

@@ -35,7 +35,7 @@ def test_token_powers_shard_rows(runner):
     np.testing.assert_allclose(rows.strength, rows.logodds_induction - rows.logodds_shuffled, atol=1e-6)
     # each file says how it was computed
     scorer = json.loads(pq.read_schema(io.BytesIO(runner.store.get(spec.key))).metadata[b"induction_sweep.scorer"])
-    assert scorer == {"path": "compact", "precision": "fp32", "compiled": False, "fused": False, "attention": "sdpa",
+    assert scorer == {"path": "compact", "precision": "fp32", "compiled": False, "attention": "sdpa",
                       "logits": "float32", "lse": "torch", "query": "torch", "table": "float32", "device": "cpu",
                       "torch": torch.__version__}
 

@@ -27,6 +27,10 @@ VALUES = ("n", "mean", "m2")
 FOOTER_KEY = b"induction_sweep.partials"
 
 STRENGTH = "strength"
+# strengths that are not finite: one entry per shard and scenario with their count (bin -1), and the first
+# NONFINITE_EXAMPLES of them, each keyed by its target, fixed token and sequence index (bin)
+NONFINITE = "nonfinite"
+NONFINITE_EXAMPLES = 5
 HIST_STRENGTH = "hist:strength"  # strength on B, per scenario
 HIST_LOGODDS = "hist2d:logodds"  # (shuffled, induction) log-odds of B, per scenario; bin = x * bins + y
 # Fixed bin edges, so that every shard counts into the same bins (the post's figures).
@@ -94,17 +98,24 @@ class Accumulator:
     def merge(parts: Sequence[Accumulator]) -> Accumulator:
         """Combine entries with equal keys: n adds, means weight by n, M2 adds plus n·(mean - merged mean)²
         (Chan et al.'s combination, for any number of parts at once: no sum of squares cancels).
-        Deterministic for a given order of ``parts``."""
+        Sums run in the order of ``parts`` (deterministic), and a NaN stays NaN: a mean that met a
+        non-finite value is not finite, and n counts every value that went in."""
         df = Accumulator.concat(parts).frame
         if df.empty:
             return Accumulator()
-        keys = list(KEYS)
-        df = df.assign(nm=df.n * df["mean"])
-        totals = df.groupby(keys, sort=False)[["n", "nm"]].transform("sum")
-        df["m2"] = df.m2 + df.n * (df["mean"] - totals.nm / totals.n) ** 2
-        out = df.groupby(keys, sort=True).agg(n=("n", "sum"), nm=("nm", "sum"), m2=("m2", "sum")).reset_index()
-        out["mean"] = out.nm / out.n
-        return Accumulator(out[list(KEYS + VALUES)])
+        group = df.groupby(list(KEYS), sort=True).ngroup().to_numpy()
+        n_groups = int(group.max()) + 1
+        n = df.n.to_numpy()
+
+        def total(weights: np.ndarray) -> np.ndarray:  # bincount adds in order, and NaN + x is NaN
+            return np.bincount(group, weights=weights, minlength=n_groups)
+
+        count = total(n.astype(np.float64))
+        mean = total(n * df["mean"].to_numpy()) / count
+        m2 = total(df.m2.to_numpy() + n * (df["mean"].to_numpy() - mean[group]) ** 2)
+        first = np.unique(group, return_index=True)[1]
+        keys = df.iloc[first][list(KEYS)].reset_index(drop=True)
+        return Accumulator(keys.assign(n=count.astype(np.int64), mean=mean, m2=m2))
 
     def select(self, stat: str, experiment: str | None = None) -> pd.DataFrame:
         """Entries of one statistic (of one experiment), with the standard error of each mean."""
@@ -114,6 +125,16 @@ class Accumulator:
         with np.errstate(invalid="ignore", divide="ignore"):
             sem = np.sqrt(f.m2 / (f.n - 1) / f.n)
         return f.assign(sem=sem).reset_index(drop=True)
+
+    def nonfinite(self) -> tuple[int, dict | None]:
+        """How many strengths that went in were not finite, and the first recorded one (experiment,
+        scenario, target, fixed token, sequence index), from the NONFINITE entries."""
+        f = self.frame[self.frame.stat == NONFINITE]
+        examples = f[f.bin >= 0]
+        first = None if examples.empty else {
+            "experiment": str(examples.experiment.iloc[0]), "scenario": str(examples.scenario.iloc[0]),
+            "target": str(examples.target.iloc[0]), "token": int(examples.token.iloc[0]), "sequence": int(examples.bin.iloc[0])}
+        return int(f[f.bin < 0].n.sum()), first
 
     def to_bytes(self) -> bytes:
         """Arrow IPC (zstd), base64: a Parquet footer value."""
@@ -135,6 +156,13 @@ def shard_partials(experiment: Experiment, scenario: str, batch: ScoredBatch, na
     token = batch.fixed.astype(np.int64) if "token" in experiment.key else -1
     parts = [Accumulator.of(STRENGTH, name, scenario, strength[:, j], target=target, token=token)
              for j, target in enumerate(names)]
+    bad_seq, bad_target = np.nonzero(~np.isfinite(strength))
+    if len(bad_seq):
+        parts.append(Accumulator.of(NONFINITE, name, scenario, np.zeros(len(bad_seq)), target="", token=-1, bin=-1))
+        first = slice(0, NONFINITE_EXAMPLES)
+        parts.append(Accumulator.of(NONFINITE, name, scenario, np.zeros(len(bad_seq[first])),
+                                    target=np.asarray(names)[bad_target[first]], token=batch.fixed[bad_seq[first]].astype(np.int64),
+                                    bin=batch.seq[bad_seq[first]].astype(np.int64)))
     if experiment.histograms:
         on_b = names.index("B")
         parts.append(Accumulator.counts(HIST_STRENGTH, name, scenario, bin_index(strength[:, on_b], STRENGTH_BINS)))

@@ -23,6 +23,11 @@ from workers import sequences
 from workers.sequences import SequenceBatch
 
 FIXED_PAIR_NEIGHBORS = 3  # the post's fixed-pair study scores N1..N3
+# how Nk are found (docs/DESIGN.md §1), recorded in the manifest of every run that scores them
+NEIGHBORS_DEFINITION = ("the k tokens (ids >= 4, B excluded) of highest cosine similarity to B between columns of the "
+                        "effective unembedding: W_U with the final LayerNorm's (or RMSNorm's) weight folded in, as the "
+                        "model reads its normalised residual stream (W_U as stored where there is no final weight), "
+                        "centred across the vocabulary; computed from the stored weights whatever the loader or processing")
 
 # How the report shows an experiment (jobs/report.py has one renderer per view).
 POWERS, PAIR, NEIGHBORS, CONTROL = "powers", "pair", "neighbors", "control"

@@ -18,17 +18,20 @@ import dataclasses
 import json
 import re
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from workers.sequences import FIRST_TOKEN
+from workers import config_fields
+from workers.config_fields import ConfigFieldError
+from workers.layout import FIRST_TOKEN
 
 TOY_MODEL = "toy-2l"
 TOY_DIR = Path(__file__).with_name("toy_2l")
@@ -73,21 +76,27 @@ def is_hub_name(spec: str) -> bool:
         return False
 
 
+_DOWNLOADS: dict[str, tempfile.TemporaryDirectory] = {}  # s3:// checkpoints this process fetched, fetched once
+_DOWNLOADING = threading.Lock()  # the loader and the load-time check's reference ask at the same time
+
+
 @contextlib.contextmanager
 def checkpoint_dir(spec: str) -> Iterator[Path | None]:
-    """The local checkpoint directory of ``spec`` (an ``s3://`` one downloaded to a temporary
-    directory for the duration), or None where ``spec`` is not a checkpoint."""
+    """The local checkpoint directory of ``spec`` (an ``s3://`` one downloaded once per process to a
+    temporary directory, removed when the process ends), or None where ``spec`` is not a checkpoint."""
     if spec == TOY_MODEL:
         yield TOY_DIR
     elif spec.startswith("s3://"):
-        from storage import open_store
+        with _DOWNLOADING:
+            if spec not in _DOWNLOADS:
+                from storage import open_store
 
-        store = open_store(spec)
-        with tempfile.TemporaryDirectory(prefix="induction-sweep-model-") as tmp:
-            for name in CHECKPOINT_FILES + TOKENIZER_FILES:
-                if store.exists(name):
-                    (Path(tmp) / name).write_bytes(store.get(name))
-            yield Path(tmp)
+                store, tmp = open_store(spec), tempfile.TemporaryDirectory(prefix="induction-sweep-model-")
+                for name in CHECKPOINT_FILES + TOKENIZER_FILES:
+                    if store.exists(name):
+                        (Path(tmp.name) / name).write_bytes(store.get(name))
+                _DOWNLOADS[spec] = tmp
+        yield Path(_DOWNLOADS[spec].name)
     elif Path(spec).expanduser().is_dir():
         yield Path(spec).expanduser()
     else:
@@ -95,12 +104,7 @@ def checkpoint_dir(spec: str) -> Iterator[Path | None]:
 
 
 CENTRE_WRITES = "center_residual_writes"  # our step: TransformerLens' centring without a shortformer's W_pos
-# how load_weights loads: recorded in the manifest like load_processed's check
-DIRECT_LOADING = {"loader": "safetensors", "processing": "exact",
-                  "steps": [f"{CENTRE_WRITES} (under a LayerNorm)", "fold_ln (LayerNorm weights, where present, SoLU's "
-                            "included; positions unscaled)", "fold_value_biases"],
-                  "check": "none needed: each step is exact (the LayerNorm removes the residual stream's mean; its "
-                           "weights fold into what reads its output; attention rows sum to 1)"}
+WRITES = (".attn.W_O", ".attn.b_O", ".mlp.W_out", ".mlp.b_out")  # with embed.W_E: what writes to the residual stream
 
 
 def centre_residual_writes(state: dict[str, Tensor], include_pos: bool) -> dict[str, Tensor]:
@@ -108,34 +112,75 @@ def centre_residual_writes(state: dict[str, Tensor], include_pos: bool) -> dict[
     where positions write there) centred across d_model: exact where every reader of the residual
     stream is a LayerNorm, and it keeps bf16 roundings small (no large common mean for the LayerNorm
     to cancel). A shortformer's W_pos is left alone: it feeds queries and keys after the LayerNorm."""
-    writes = (".attn.W_O", ".attn.b_O", ".mlp.W_out", ".mlp.b_out")
-    keys = [k for k in state if k == "embed.W_E" or k.endswith(writes) or (include_pos and k == "pos_embed.W_pos")]
+    keys = [k for k in state if k == "embed.W_E" or k.endswith(WRITES) or (include_pos and k == "pos_embed.W_pos")]
     return {**state, **{k: state[k] - state[k].mean(-1, keepdim=True) for k in keys}}
+
+
+def effective_unembedding(state: dict[str, Tensor]) -> Float[Tensor, "d_model vocab"]:
+    """W_U as the model reads its normalised residual stream: the final LayerNorm's (or RMSNorm's)
+    weight folded in, W_U as stored where there is none. Neighbours are found among its columns
+    (docs/DESIGN.md §1), from the stored weights whatever the loader or its processing."""
+    W_U = state["unembed.W_U"].detach().float()
+    return state["ln_final.w"].detach().float()[:, None] * W_U if "ln_final.w" in state else W_U
+
+
+def step_effects(state: dict[str, Tensor], cfg) -> dict[str, bool]:
+    """Which processing steps would change these stored weights (TransformerLens' and ours): a step
+    that finds nothing to do is not one the manifest lists."""
+
+    def off(t: Tensor, centre: Tensor | float) -> bool:  # beyond float32 noise of ``centre``
+        return bool((t.float() - centre).abs().max() > 1e-6 * max(float(t.abs().max()), 1.0))
+
+    def uncentred(keys: list[str], dim: int = -1) -> bool:
+        return any(off(state[k].mean(dim), 0.0) for k in keys)
+
+    norms = [k for k in state if re.search(r"(^|\.)ln(1|2|_final)?\.[wb]$|\.mlp\.ln\.[wb]$", k)]
+    affine = any(off(state[k], 1.0 if k.endswith(".w") else 0.0) for k in norms)
+    writes = [k for k in state if k == "embed.W_E" or k.endswith(WRITES)]
+    pos = ["pos_embed.W_pos"] if "pos_embed.W_pos" in state else []
+    under_ln = cfg.normalization_type in ("LN", "LNPre")
+    return {"fold_ln": cfg.normalization_type in ("LN", "RMS") and affine,
+            "center_writing_weights": under_ln and not cfg.final_rms and uncentred(writes + pos),
+            CENTRE_WRITES: under_ln and uncentred(writes),
+            "center_unembed": uncentred(["unembed.W_U"]),
+            "fold_value_biases": any(off(state[k], 0.0) for k in state if k.endswith(("attn.b_V", "attn._b_V")))}
 
 
 def load_weights(spec: str, device: str | torch.device = "cpu") -> CompactWeights | None:
     """The compact forward's weights read straight from a checkpoint, without TransformerLens, for
-    the architectures it computes (``compact_supported``). Exact steps only: under a
-    LayerNorm the residual stream's writes are centred (``centre_residual_writes``), then
-    ``weights_from_state`` folds LayerNorm weights (positions unscaled) and value biases. None where
-    the model needs TransformerLens' loading (hub names, RMS, other architectures)."""
+    the architectures it computes (``config_fields.route``). Exact steps only: under a LayerNorm the
+    residual stream's writes are centred (``centre_residual_writes``), then ``weights_from_state``
+    folds LayerNorm weights (positions unscaled) and value biases. None where the model needs
+    TransformerLens' loading (hub names, RMS, other architectures)."""
     with checkpoint_dir(spec) as directory:
         if directory is None:
             return None
-        cfg, _ = checkpoint_config(directory, spec)  # config.json only: no tokenizer, no transformers import
-        if not compact_supported(cfg):  # RMS, rotary, gated or parallel MLPs, or another variant
+        cfg = checkpoint_config(directory, spec).cfg  # config.json only: no tokenizer, no transformers import
+        if not compact_supported(cfg):
             return None
         from safetensors.torch import load_file
 
         state = load_file(str(directory / "model.safetensors"), device=str(device))
-    if getattr(cfg, "normalization_type", "LN") in ("LN", "LNPre"):
-        shortformer = getattr(cfg, "positional_embedding_type", "standard") == "shortformer"
-        state = centre_residual_writes(state, include_pos=not shortformer)
-    return weights_from_state(state, cfg)
+    effects = step_effects(state, cfg)
+    if cfg.normalization_type in ("LN", "LNPre"):
+        state_centred = centre_residual_writes(state, include_pos=cfg.positional_embedding_type != "shortformer")
+    else:
+        state_centred = state
+    weights = weights_from_state(state_centred, cfg)
+    weights.unembedding = effective_unembedding(state)
+    steps = [s for s, on in ((CENTRE_WRITES, effects[CENTRE_WRITES]), ("fold_ln", effects["fold_ln"]),
+                             ("fold_value_biases", effects["fold_value_biases"])) if on]
+    weights.loading = {"loader": "safetensors", "processing": "exact", "steps": steps,
+                       "exact_because": "the LayerNorm removes the residual stream's mean; its weights fold into "
+                                        "what reads its output (a shortformer's positions unscaled); attention rows sum to 1"}
+    return weights
 
 
 PROCESSING = ("exact", "tl-default")
-CHECK_TOLERANCE = 1e-4  # max |Δ log-prob| in float32 between the loaded model and the weights as stored
+# max |Δ log-prob| between the processed model and the weights as stored: 1e-4, plus float32's resolution of
+# the largest |log-prob| (TransformerLens processes weights in float32 whatever their dtype)
+CHECK_TOLERANCE = 1e-4
+CHECK_RELATIVE = 2e-6
 
 
 def processing_steps(cfg, processing: str = "exact") -> dict[str, bool]:
@@ -144,38 +189,59 @@ def processing_steps(cfg, processing: str = "exact") -> dict[str, bool]:
     the residual stream, for shortformer models, whose positions enter queries and keys after the
     LayerNorm (TransformerLens PR #204): centring W_pos, and folding LayerNorm weights into W_Q and
     W_K (the positions would be scaled too). The load-time check catches any other such step."""
-    normalization = getattr(cfg, "normalization_type", "LN")  # TransformerLens' defaults for absent fields
-    steps = {"fold_ln": normalization in ("LN", "RMS"), "center_writing_weights": True,
+    steps = {"fold_ln": cfg.normalization_type in ("LN", "RMS"), "center_writing_weights": True,
              "center_unembed": True, "fold_value_biases": True, CENTRE_WRITES: False}
-    if processing == "exact" and getattr(cfg, "positional_embedding_type", "standard") == "shortformer":
+    if processing == "exact" and cfg.positional_embedding_type == "shortformer":
         steps["fold_ln"] = steps["center_writing_weights"] = False
-        steps[CENTRE_WRITES] = normalization in ("LN", "LNPre")  # the rest of the centring, W_pos left alone
+        steps[CENTRE_WRITES] = cfg.normalization_type in ("LN", "LNPre")  # the rest of the centring, W_pos left alone
     return steps
 
 
 def load_processed(build, cfg, name: str, processing: str, device: str | torch.device):
     """``build(steps)`` with ``processing``'s steps, checked against ``build`` with none on 32 random
     sequences. Exact processing over CHECK_TOLERANCE is a ModelInputError naming the step that
-    changes the function; TransformerLens' defaults are kept whatever the check says, and recorded."""
+    changes the function; TransformerLens' defaults are kept whatever the check says, and recorded.
+    The model carries the effective unembedding of its stored weights (neighbours) and the steps that
+    changed them."""
     steps = processing_steps(cfg, processing)
-    model, raw = build(steps), build(dict.fromkeys(steps, False))  # raw: the weights as stored
+    model = build(steps, torch.float32, device)
+    # the check in float64 on the CPU (where affordable): float32's own rounding of large logits is not a change
+    exact = torch.float64 if parameter_count(cfg) <= FLOAT64_PARAMETERS else torch.float32
+    raw = build(dict.fromkeys(steps, False), exact, "cpu")  # the weights as stored
     tokens = torch.randint(0, cfg.d_vocab, (32, min(24, cfg.n_ctx)), generator=torch.Generator().manual_seed(0))
-    tokens = tokens.to(device)
+
+    with torch.no_grad():
+        stored = raw(tokens).log_softmax(-1)
+    tolerance = CHECK_TOLERANCE + CHECK_RELATIVE * float(stored.abs().max())
 
     @torch.no_grad()
-    def diff(a, b) -> float:
-        return float((a(tokens).log_softmax(-1) - b(tokens).log_softmax(-1)).abs().max())
+    def diff(a) -> float:
+        return float((a(tokens).log_softmax(-1) - stored).abs().max())
 
-    found = diff(model, raw)
-    if processing == "exact" and found > CHECK_TOLERANCE:
+    found = diff(build(steps, exact, "cpu"))
+    if processing == "exact" and found > tolerance:
         applied = [s for s in steps if steps[s]]
-        worst = max(applied, key=lambda s: diff(build({k: k == s for k in steps}), raw))
+        worst = max(applied, key=lambda s: diff(build({k: k == s for k in steps}, exact, "cpu")))
         raise ModelInputError(f"{name}: TransformerLens' {worst} changes this model's function (max |Δ log-prob| "
-                              f"{found:.2g} > {CHECK_TOLERANCE:g} against the stored weights)")
+                              f"{found:.2g} > {tolerance:.2g} against the stored weights)")
+    stored = raw.state_dict()
+    effects = step_effects(stored, resolved(cfg))
+    model.induction_sweep_unembedding = effective_unembedding(stored)
     model.induction_sweep_loading = {"loader": "transformer_lens", "processing": processing,
-                                     "steps": [s for s in steps if steps[s]], "max_abs_diff_log_prob": found,
-                                     "tolerance": CHECK_TOLERANCE}
+                                     "steps": [s for s in steps if steps[s] and effects[s]],
+                                     "max_abs_diff_log_prob": found, "tolerance": tolerance,
+                                     "checked_in": str(exact).removeprefix("torch.")}
     return model
+
+
+FLOAT64_PARAMETERS = 400_000_000  # above this, checks against the stored weights run in float32 (float64 copies cost too much)
+
+
+def parameter_count(cfg: SimpleNamespace) -> int:
+    """About how many weights a resolved config has: enough to decide whether float64 copies are affordable."""
+    attention = 4 * cfg.d_model * cfg.d_head * cfg.n_heads
+    mlp = 0 if cfg.attn_only else (3 if cfg.gated_mlp else 2) * cfg.d_model * cfg.d_mlp
+    return cfg.n_layers * (attention + mlp) + cfg.d_model * (cfg.d_vocab + cfg.d_vocab_out)
 
 
 def load_for_scoring(spec: str, device: str | torch.device, processing: str = "exact") -> tuple[Any, dict]:
@@ -184,64 +250,88 @@ def load_for_scoring(spec: str, device: str | torch.device, processing: str = "e
     TransformerLens model."""
     weights = load_weights(spec, device) if processing == "exact" else None
     if weights is not None:
-        return weights, DIRECT_LOADING
+        return weights, weights.loading
     model = load_model(spec, device, processing)
     return model, model.induction_sweep_loading
+
+
+def unembedding_of(model) -> Float[Tensor, "d_model vocab"]:
+    """The effective unembedding of what ``load_for_scoring`` returned (``effective_unembedding``)."""
+    return model.unembedding if isinstance(model, CompactWeights) else model.induction_sweep_unembedding
 
 
 def load_model(spec: str, device: str | torch.device = "cpu", processing: str = "exact"):
     """Load a HookedTransformer in eval mode on ``device``, processed as ``processing`` says and
     checked against its weights as stored (``model.induction_sweep_loading`` records both);
     ModelInputError for a bad spec."""
+    build, cfg, name = _builder(spec)
+    model = load_processed(build, cfg, name, processing, device)
+    model.cfg.model_name = name
+    return model
+
+
+def reference_model(spec: str, processing: str = "exact", dtype: torch.dtype = torch.float64):
+    """TransformerLens' model of ``spec`` on the CPU in ``dtype``, from its stored weights: unprocessed
+    (``exact``: the function that was trained), or with TransformerLens' defaults (``tl-default``: the
+    function that run means to score). What the load-time check compares every scorer with."""
+    build, cfg, _ = _builder(spec)
+    steps = processing_steps(cfg, processing) if processing == "tl-default" else dict.fromkeys(processing_steps(cfg), False)
+    return build(steps, dtype, "cpu")
+
+
+def _builder(spec: str):
+    """(``build(steps, dtype, device)`` → a HookedTransformer of ``spec`` processed by ``steps``, its
+    config, its name)."""
     with checkpoint_dir(spec) as directory:
         if directory is not None:
-            return load_checkpoint(directory, device, name=spec, processing=processing)
-    if is_hub_name(spec):
-        HookedTransformer, _ = _hooked_transformer()
-        from transformer_lens.loading_from_pretrained import get_pretrained_model_config
+            return _checkpoint_builder(directory, spec)
+    if not is_hub_name(spec):
+        raise ModelInputError(unknown_model(spec))
+    HookedTransformer, _ = _hooked_transformer()
+    from transformer_lens.loading_from_pretrained import get_pretrained_model_config
 
-        def build(steps: dict):
-            tl_steps = {k: v for k, v in steps.items() if k != CENTRE_WRITES}
-            model = HookedTransformer.from_pretrained(spec, device=str(device), **tl_steps).eval()
-            if steps[CENTRE_WRITES]:
-                model.load_state_dict(centre_residual_writes(model.state_dict(), include_pos=False))
-            return model
-
-        model = load_processed(build, get_pretrained_model_config(spec), spec, processing, device)
-        model.cfg.model_name = spec
+    def build(steps: dict, dtype: torch.dtype, device: str | torch.device):
+        tl_steps = {k: v for k, v in steps.items() if k != CENTRE_WRITES}
+        model = HookedTransformer.from_pretrained(spec, device=str(device), dtype=dtype, **tl_steps).eval()
+        if steps[CENTRE_WRITES]:
+            model.load_state_dict(centre_residual_writes(model.state_dict(), include_pos=False))
         return model
-    raise ModelInputError(
-        f"unknown model {spec!r}: not {TOY_MODEL}, not a checkpoint directory, not a TransformerLens model name"
-    )
+
+    return build, resolved(get_pretrained_model_config(spec)), spec
 
 
-def load_checkpoint(directory: Path, device: str | torch.device, name: str | None = None, processing: str = "exact"):
-    """HookedTransformer(cfg) + load_and_process_state_dict from a checkpoint directory."""
+def _checkpoint_builder(directory: Path, name: str):
+    """HookedTransformer(cfg) + load_and_process_state_dict from a checkpoint directory (read once)."""
     HookedTransformer, HookedTransformerConfig = _hooked_transformer()
-    name = name or str(directory)
-    raw, extra = checkpoint_config(directory, name)
+    checkpoint = checkpoint_config(directory, name)
     tokenizer = checkpoint_tokenizer(directory, name)
+    fields = {k: v for k, v in checkpoint.fields.items() if k not in ("device", "dtype", "n_params")}
+    if tokenizer is None:
+        fields["tokenizer_name"] = None  # a checkpoint never reaches for the hub
     with _as_input_error(name):
-        fields = {f.name for f in dataclasses.fields(HookedTransformerConfig)}
-        cfg_dict = {k: v for k, v in vars(raw).items() if k in fields and k not in ("device", "dtype", "n_params")}
-        if tokenizer is None:
-            cfg_dict["tokenizer_name"] = None  # a checkpoint never reaches for the hub
         from safetensors.torch import load_file
 
         state = load_file(str(directory / "model.safetensors"))
 
-        def build(steps: dict):  # processing changes the config (LN becomes LNPre) and the tensors: fresh ones
-            model = HookedTransformer(HookedTransformerConfig(**cfg_dict, device=str(device)), tokenizer=tokenizer,
+    def build(steps: dict, dtype: torch.dtype, device: str | torch.device):  # processing changes config and tensors: fresh ones
+        with _as_input_error(name):
+            model = HookedTransformer(HookedTransformerConfig(**fields, device=str(device), dtype=dtype), tokenizer=tokenizer,
                                       move_to_device=False)
-            stored = centre_residual_writes(state, include_pos=False) if steps[CENTRE_WRITES] else state
-            model.load_and_process_state_dict({k: v.clone() for k, v in stored.items()},
+            stored = {k: v.to(dtype, copy=True) for k, v in state.items()}
+            if steps[CENTRE_WRITES]:
+                stored = centre_residual_writes(stored, include_pos=False)
+            model.load_and_process_state_dict(stored,
                                               **{k: v for k, v in steps.items() if k != CENTRE_WRITES})
-            return model.to(device, print_details=False).eval()
+            model = model.to(device, print_details=False).eval()
+        model.cfg.model_name = name
+        model.induction_sweep_extra = checkpoint.extra  # e.g. bos_token_id
+        return model
 
-        model = load_processed(build, HookedTransformerConfig(**cfg_dict), name, processing, device)
-    model.cfg.model_name = name
-    model.induction_sweep_extra = extra  # e.g. bos_token_id
-    return model
+    return build, checkpoint.cfg, name
+
+
+def unknown_model(spec: str) -> str:
+    return f"unknown model {spec!r}: not {TOY_MODEL}, not a checkpoint directory, not a TransformerLens model name"
 
 
 def export_model(model, directory: str) -> None:
@@ -302,7 +392,7 @@ class ModelInfo:
     import for checkpoint directories (their config.json and tokenizer files are read directly)."""
 
     name: str
-    cfg: Any  # HookedTransformerConfig, or a namespace of config.json's fields
+    cfg: SimpleNamespace  # every HookedTransformerConfig field, resolved (config_fields.resolve)
     tokenizer: Any = None
     bos: int = DEFAULT_BOS
 
@@ -318,7 +408,7 @@ class ModelInfo:
     @property
     def attn_only_compact(self) -> bool:
         """The compact forward of an attention-only model: what --heads and the circuit scores read."""
-        return self.compact and bool(getattr(self.cfg, "attn_only", False))
+        return self.compact and self.cfg.attn_only
 
     def token_strings(self) -> list[str]:
         """Printable string of every id: the tokenizer's, or ``#<id>`` where there is none."""
@@ -356,7 +446,7 @@ class ModelInfo:
 
 def describe(spec: str) -> ModelInfo:
     """The model's config, tokenizer and BOS, checked without loading its weights; ModelInputError
-    for a bad spec (unknown name, missing or corrupt checkpoint)."""
+    for a bad spec (unknown name, missing or corrupt checkpoint, a config no path scores)."""
     if spec == TOY_MODEL:
         return describe_checkpoint(TOY_DIR, TOY_MODEL)
     if spec.startswith("s3://"):
@@ -370,9 +460,9 @@ def describe(spec: str) -> ModelInfo:
             if not store.exists("model.safetensors"):
                 raise ModelInputError(f"checkpoint {spec} lacks model.safetensors")
             size = store.list("model.safetensors")["model.safetensors"]
-            head = store.get_range("model.safetensors", 0, min(size, 8 + (1 << 24)))
+            head = store.get_range("model.safetensors", 0, min(size, 8 + MAX_HEADER))
             (Path(tmp) / "model.safetensors").write_bytes(head)  # the header is all that is read here
-            return describe_checkpoint(Path(tmp), spec)
+            return describe_checkpoint(Path(tmp), spec, safetensors_size=size)
     path = Path(spec).expanduser()
     if path.is_dir():
         return describe_checkpoint(path, spec)
@@ -387,46 +477,82 @@ def describe(spec: str) -> ModelInfo:
         except OSError as exc:  # the hub unreachable, offline, or the repository gone: huggingface_hub's errors are OSErrors
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise ModelInputError(f"model {spec}: its config cannot be read from the Hugging Face hub ({reason[:200]})") from None
-        return ModelInfo(spec, cfg, tokenizer, default_bos(spec, tokenizer))
-    raise ModelInputError(
-        f"unknown model {spec!r}: not {TOY_MODEL}, not a checkpoint directory, not a TransformerLens model name"
-    )
+        with _as_input_error(spec, "model"):
+            resolved_cfg = resolved(cfg)
+            config_fields.route(resolved_cfg)
+        return ModelInfo(spec, resolved_cfg, tokenizer, default_bos(spec, tokenizer))
+    raise ModelInputError(unknown_model(spec))
 
 
-def _safetensors_header(path: Path) -> dict:
-    """The tensor names, dtypes and shapes of a safetensors file (its JSON header)."""
+MAX_HEADER = 1 << 24  # a safetensors header beyond 16 MB is not a model's
+
+
+def _safetensors_header(path: Path, size: int | None = None) -> tuple[dict, int]:
+    """A safetensors file's JSON header (tensor names, dtypes, shapes, byte offsets) and how many data
+    bytes follow it (``size``: the whole file's, where ``path`` holds only its start)."""
+    size = path.stat().st_size if size is None else size
     with open(path, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        if not 2 <= size <= 1 << 24:
-            raise ValueError(f"not a safetensors file (header size {size})")
-        return json.loads(f.read(size))
+        length = int.from_bytes(f.read(8), "little")
+        if not 2 <= length <= min(MAX_HEADER, size - 8):
+            raise ValueError(f"not a safetensors file (header of {length} bytes in a file of {size})")
+        header = json.loads(f.read(length))
+    if not isinstance(header, dict):
+        raise ValueError("not a safetensors file (its header is not a JSON object)")
+    return header, size - 8 - length
 
 
 @contextlib.contextmanager
-def _as_input_error(name: str) -> Iterator[None]:
-    """Corrupt JSON, safetensors or tokenizer files, missing fields: a ModelInputError naming the checkpoint."""
+def _as_input_error(name: str, what: str = "checkpoint") -> Iterator[None]:
+    """Corrupt JSON, safetensors or tokenizer files, missing fields, a config no path scores: a
+    ModelInputError naming the checkpoint."""
     try:
         yield
     except ModelInputError:
         raise
+    except ConfigFieldError as exc:
+        raise ModelInputError(f"{what} {name}: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - whatever the file's corruption raises
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ModelInputError(f"checkpoint {name} cannot be loaded: {reason[:200]}") from None
+        raise ModelInputError(f"{what} {name} cannot be loaded: {reason[:200]}") from None
 
 
-def checkpoint_config(directory: Path, name: str) -> tuple[SimpleNamespace, dict]:
-    """config.json's fields (checked against the safetensors header) and its induction_sweep section."""
+class Checkpoint(NamedTuple):
+    cfg: SimpleNamespace  # every HookedTransformerConfig field, resolved as TransformerLens resolves it
+    fields: dict  # config.json's model fields as written (what HookedTransformerConfig is built from)
+    extra: dict  # config.json's induction_sweep section
+
+
+def resolved(cfg) -> SimpleNamespace:
+    """Every field of a HookedTransformerConfig or config.json, with TransformerLens' defaults (config_fields)."""
+    return config_fields.resolve(dict(cfg) if isinstance(cfg, dict) else dict(vars(cfg)))
+
+
+def checkpoint_config(directory: Path, name: str, safetensors_size: int | None = None) -> Checkpoint:
+    """config.json's fields, resolved and routed (``config_fields``), with every tensor of the
+    safetensors header checked against them; ModelInputError naming what does not fit."""
     missing = [f for f in CHECKPOINT_FILES if not (directory / f).is_file()]
     if missing:
         raise ModelInputError(f"checkpoint {name} lacks {', '.join(missing)}")
     with _as_input_error(name):
         raw = json.loads((directory / "config.json").read_text())
-        header = _safetensors_header(directory / "model.safetensors")
-        cfg = SimpleNamespace(**{k: v for k, v in raw.items() if k != "induction_sweep"})
-        shape = header.get("embed.W_E", {}).get("shape")
-        if shape != [cfg.d_vocab, cfg.d_model]:
-            raise ValueError(f"embed.W_E has shape {shape}, config.json says [{cfg.d_vocab}, {cfg.d_model}]")
-    return cfg, raw.get("induction_sweep") or {}
+        if not isinstance(raw, dict):
+            raise ValueError("config.json is not a JSON object")
+        header, data_bytes = _safetensors_header(directory / "model.safetensors", safetensors_size)
+        cfg = config_fields.resolve(raw)
+        config_fields.route(cfg)
+        config_fields.check_tensors(header, data_bytes, config_fields.expected_tensors(cfg) or _built_tensors(raw))
+    extra = raw.get(config_fields.SECTION) or {}
+    return Checkpoint(cfg, {k: v for k, v in raw.items() if k != config_fields.SECTION}, extra if isinstance(extra, dict) else {})
+
+
+def _built_tensors(fields: dict) -> dict[str, tuple[int, ...]]:
+    """The parameters of HookedTransformer built for ``fields`` on the meta device (no memory): for
+    the architectures ``config_fields.expected_tensors`` does not list."""
+    HookedTransformer, HookedTransformerConfig = _hooked_transformer()
+    kept = {k: v for k, v in fields.items() if k not in (config_fields.SECTION, "device", "dtype", "n_params")}
+    with torch.device("meta"):
+        model = HookedTransformer(HookedTransformerConfig(**kept, device="meta"), move_to_device=False)
+    return {k: tuple(v.shape) for k, v in model.named_parameters()}
 
 
 def checkpoint_tokenizer(directory: Path, name: str):
@@ -439,15 +565,27 @@ def checkpoint_tokenizer(directory: Path, name: str):
         return AutoTokenizer.from_pretrained(str(directory))
 
 
-def describe_checkpoint(directory: Path, name: str) -> ModelInfo:
-    cfg, extra = checkpoint_config(directory, name)
+def model_config(spec: str) -> SimpleNamespace:
+    """A model's resolved config alone (no tokenizer, no weights)."""
+    with checkpoint_dir(spec) as directory:
+        if directory is not None:
+            return checkpoint_config(directory, spec).cfg
+    if not is_hub_name(spec):
+        raise ModelInputError(unknown_model(spec))
+    from transformer_lens.loading_from_pretrained import get_pretrained_model_config
+
+    return resolved(get_pretrained_model_config(spec))
+
+
+def describe_checkpoint(directory: Path, name: str, safetensors_size: int | None = None) -> ModelInfo:
+    checkpoint = checkpoint_config(directory, name, safetensors_size)
     tokenizer = checkpoint_tokenizer(directory, name)
-    return ModelInfo(name, cfg, tokenizer, default_bos(name, tokenizer, extra))
+    return ModelInfo(name, checkpoint.cfg, tokenizer, default_bos(name, tokenizer, checkpoint.extra))
 
 
 def centred_unembedding(W_U: Float[Tensor, "d_model vocab"]) -> Float[Tensor, "d_model vocab"]:
-    """W_U centred across the vocabulary, as TransformerLens' processing leaves it (exact for
-    log-probs): the space in which neighbours of B are found (docs/DESIGN.md §1)."""
+    """An effective unembedding centred across the vocabulary: the space in which neighbours of B are
+    found (docs/DESIGN.md §1)."""
     W_U = W_U.detach()
     return W_U - W_U.mean(-1, keepdim=True)
 
@@ -495,21 +633,24 @@ class CompactWeights:
     b_out: list[Float[Tensor, " d_model"]] = dataclasses.field(default_factory=list)
     act_fn: str | None = None  # a key of fast.ACTIVATIONS
     mlp_layer_norm: bool = False  # SoLU's LayerNorm after the activation (its weights folded into W_out)
+    unembedding: Tensor | None = None  # the stored weights' effective unembedding (``effective_unembedding``)
+    loading: dict | None = None  # how they were read (the manifest's model_loading)
 
 
 def compact_weights(model) -> CompactWeights | None:
     """Weights for the compact forward, or None where the architecture needs TransformerLens' path."""
-    if not compact_supported(model.cfg):
+    cfg = resolved(model.cfg)
+    if not compact_supported(cfg):
         return None
-    return weights_from_state({k: v.detach() for k, v in model.state_dict().items()}, model.cfg)
+    return weights_from_state({k: v.detach() for k, v in model.state_dict().items()}, cfg)
 
 
-def weights_from_state(state: dict[str, Tensor], cfg) -> CompactWeights:
-    """A model's weights from its state dict (HookedTransformer's names), with exact folds: LayerNorm
-    weights and biases into the projections that read the LayerNorm's output — positions, which a
-    shortformer adds after the LayerNorm, keep meeting the unscaled W_Q and W_K (TransformerLens'
-    own fold scales them too, so it refuses shortformers) — SoLU's LayerNorm into W_out, and value
-    biases into b_O (attention rows sum to 1)."""
+def weights_from_state(state: dict[str, Tensor], cfg: SimpleNamespace) -> CompactWeights:
+    """A model's weights from its state dict (HookedTransformer's names) and resolved config, with
+    exact folds: LayerNorm weights and biases into the projections that read the LayerNorm's output —
+    positions, which a shortformer adds after the LayerNorm, keep meeting the unscaled W_Q and W_K
+    (TransformerLens' own fold scales them too, so it refuses shortformers) — SoLU's LayerNorm into
+    W_out, and value biases into b_O (attention rows sum to 1)."""
     W_Q, W_K, W_V, b_Q, b_K, b_V, W_Q_pos, W_K_pos = ([] for _ in range(8))
     for i in range(cfg.n_layers):
         w = {name: state[f"blocks.{i}.attn.{name}"] for name in ("W_Q", "W_K", "W_V", "b_Q", "b_K", "b_V")}
@@ -525,14 +666,12 @@ def weights_from_state(state: dict[str, Tensor], cfg) -> CompactWeights:
     W_O = [state[f"blocks.{i}.attn.W_O"] for i in range(cfg.n_layers)]
     b_O = [state[f"blocks.{i}.attn.b_O"] + torch.einsum("he,hed->d", v, o) for i, (v, o) in enumerate(zip(b_V, W_O))]
     W_U, b_U = fold_layer_norm(state, "ln_final", state["unembed.W_U"], state["unembed.b_U"])
-    mlp = {} if getattr(cfg, "attn_only", False) else mlp_weights(state, cfg)
-    use_scale = getattr(cfg, "use_attn_scale", True)
+    mlp = {} if cfg.attn_only else mlp_weights(state, cfg)
     return CompactWeights(
         W_E=state["embed.W_E"], W_pos=state["pos_embed.W_pos"], W_Q=W_Q, W_K=W_K, W_V=W_V, W_O=W_O, b_Q=b_Q, b_K=b_K,
         b_V=[torch.zeros_like(b) for b in b_V], b_O=b_O, W_U=W_U, b_U=b_U, W_Q_pos=W_Q_pos, W_K_pos=W_K_pos,
-        shortformer=getattr(cfg, "positional_embedding_type", "standard") == "shortformer",
-        layer_norm=getattr(cfg, "normalization_type", "LN") in ("LN", "LNPre"), eps=float(getattr(cfg, "eps", 1e-5)),
-        attn_scale=float(getattr(cfg, "attn_scale", None) or cfg.d_head ** 0.5) if use_scale else 1.0, **mlp,
+        shortformer=cfg.positional_embedding_type == "shortformer", layer_norm=cfg.normalization_type in ("LN", "LNPre"),
+        eps=float(cfg.eps), attn_scale=float(cfg.attn_scale) if cfg.use_attn_scale else 1.0, **mlp,
     )
 
 
@@ -559,41 +698,9 @@ def mlp_weights(state: dict[str, Tensor], cfg) -> dict:
     return out
 
 
-def compact_supported(cfg) -> bool:
-    """Whether workers/fast.py computes this architecture exactly: attention-only or attention then
-    MLP (ungated, an activation in fast.ACTIVATIONS) in each block, LN (its weights folded by
-    ``weights_from_state``), LNPre or no normalisation, standard or shortformer positions, none of
-    the variants below. ``cfg`` is a HookedTransformerConfig or config.json's fields (absent ones
-    take TransformerLens' defaults)."""
-
-    def get(name, default=None):
-        return getattr(cfg, name, default)
-
-    from workers.fast import ACTIVATIONS  # fast.py imports this module
-
-    normalization = get("normalization_type", "LN")
-    mlp_ok = (get("act_fn") in ACTIVATIONS and not get("gated_mlp", False) and not get("parallel_attn_mlp", False)
-              and not get("num_experts"))
-    return bool(
-        (get("attn_only", False) or mlp_ok)
-        and normalization in ("LN", "LNPre", None)
-        and get("positional_embedding_type", "standard") in ("standard", "shortformer")
-        and not get("final_rms", False)
-        and get("n_key_value_heads") in (None, get("n_heads"))
-        and not get("use_local_attn", False)
-        and not get("use_qk_norm", False)
-        and not get("use_attn_in", False)
-        and not get("use_split_qkv_input", False)
-        and not get("use_normalization_before_and_after", False)
-        and not get("post_embedding_ln", False)
-        and not (get("attn_scores_soft_cap", -1.0) or -1.0) > 0
-        and not (get("output_logits_soft_cap", -1.0) or -1.0) > 0
-        and not get("use_logn_attn", False)
-        and not get("scale_attn_by_inverse_layer_idx", False)
-        and not get("use_attention_sinks", False)
-        and get("original_architecture") not in ("GPTNeoForCausalLM",)  # local attention layers
-        and (get("d_vocab_out", -1) in (-1, None, get("d_vocab")))
-    )
+def compact_supported(cfg: SimpleNamespace) -> bool:
+    """Whether workers/fast.py computes this (resolved) config exactly: ``config_fields.route``."""
+    return config_fields.route(cfg)[0] == "compact"
 
 
 def random_model(d_vocab: int = 48262, device: str | torch.device = "cpu", seed: int = 0, perturb: bool = True,

@@ -1,9 +1,10 @@
 """Scoring: log-odds of target tokens at the last position, and the induction strength.
 
-``logodds(T) = log p(T) - log(1 - p(T))`` in float32, stable for p near 0 and near 1:
-for the top token, ``1 - p`` is the mass of every *other* token, summed directly; for any other
-token p <= 1/2 and ``log(-expm1(log p))`` is exact. The full ``[batch, pos, vocab]`` logits are
-never built: one position is unembedded.
+``logodds(T) = log p(T) - log(1 - p(T))`` in float32, exact to float32's range at both ends:
+for the top token, ``1 - p`` is the mass of every *other* token, summed directly and shifted by
+their own maximum (so it neither underflows when it is 1e-60 of the top nor overflows the log-odds);
+for any other token p <= 1/2 and ``log(-expm1(log p))`` is exact. The full ``[batch, pos, vocab]``
+logits are never built: one position is unembedded.
 """
 
 from __future__ import annotations
@@ -24,6 +25,11 @@ from workers.sequences import SEQ_LEN
 PRECISIONS = ("fp32", "tf32", "bf16")
 
 
+# The most a scorer's log-odds may differ from TransformerLens' float64 forward of the same weights, per
+# precision: the load-time check (workers/load_check.py), the bench and the parity tests hold every path to it.
+ACCURACY_BOUNDS = {"fp32": 1e-3, "tf32": 0.1, "bf16": 0.1}
+
+
 def resolve_precision(precision: str, device: torch.device | str) -> str:
     """``auto`` is bf16 on a GPU and fp32 on a CPU (docs/PERFORMANCE.md has the errors and speeds
     behind that choice)."""
@@ -36,16 +42,16 @@ def resolve_precision(precision: str, device: torch.device | str) -> str:
 
 # What measured fastest, per device type and precision, at accuracy within the bench's bounds
 # (docs/PERFORMANCE.md, "GPU scorer"; ``bench`` measures every combination on the machine at hand).
-# ``logits``: the dtype torch's unembedding writes where the kernel is not fused (LOGITS); ``lse``:
+# ``logits``: the dtype torch's unembedding writes (LOGITS); ``lse``:
 # what reduces them (LSE).
 # ``query``: how the last layer's query side is made (fast.QUERY); ``table``: layer 0's Q/K/V table's dtype
 # (fast.TABLES). Their Triton kernel and float16 table are not yet measured on a GPU: torch and float32 until then.
 _ALONE = {"query": "torch", "table": "float32"}
 FASTEST = {
-    "cuda": {"fp32": {"attention": "products", "fused": False, "logits": "float32", "lse": "torch", **_ALONE},  # the others tie
-             "tf32": {"attention": "triton", "fused": False, "logits": "float32", "lse": "triton", **_ALONE},
-             "bf16": {"attention": "triton", "fused": False, "logits": "bf16", "lse": "triton", **_ALONE}},
-    "cpu": {p: {"attention": "sdpa", "fused": False, "logits": "float32", "lse": "torch", **_ALONE} for p in PRECISIONS},
+    "cuda": {"fp32": {"attention": "products", "logits": "float32", "lse": "torch", **_ALONE},  # the others tie
+             "tf32": {"attention": "triton", "logits": "float32", "lse": "triton", **_ALONE},
+             "bf16": {"attention": "triton", "logits": "bf16", "lse": "triton", **_ALONE}},
+    "cpu": {p: {"attention": "sdpa", "logits": "float32", "lse": "torch", **_ALONE} for p in PRECISIONS},
 }
 # bf16 logits (bf16 precision only): the product's float32 sums rounded once, as bf16 tensor cores
 # return them, so half the memory traffic of float32 logits. The top token and the targets are
@@ -72,13 +78,13 @@ def runs_default(options: dict, device: torch.device) -> bool:
     variant. Reports from before the logits and lse options ran float32 logits reduced by torch, and
     from before the query and table options torch's query side and a float32 table."""
     default = fastest_path(device, options["precision"])
-    if options.get("attention") != default["attention"] or bool(options.get("fused")) != default["fused"]:
+    if options.get("attention") != default["attention"]:
         return False
     if (options.get("query") or "torch", options.get("table") or "float32") != (default["query"], default["table"]):
         return False
     if "compiled" in options and options["compiled"] != compiles_by_default(device):
         return False
-    return default["fused"] or (options.get("logits") or "float32", options.get("lse") or "torch") == (
+    return (options.get("logits") or "float32", options.get("lse") or "torch") == (
         default["logits"], default["lse"])
 
 
@@ -93,23 +99,27 @@ def native_bf16(device: torch.device) -> bool:
 def softmax_parts(
     logits: Float[Tensor, "batch vocab"], in_place: bool = True,
 ) -> tuple[Float[Tensor, "batch 1"], Int[Tensor, "batch 1"], Float[Tensor, "batch 1"]]:
-    """(top logit, its token, log of the softmax mass of every *other* token, unnormalised), in float32
-    whatever the logits' dtype (bf16 logits are copied in eager, read as they are under torch.compile).
+    """(top logit, its token, log Σ exp over every *other* token), in float32 whatever the logits'
+    dtype (bf16 logits are copied in eager, read as they are under torch.compile).
 
-    The mass is summed without the top token, so it is exact even when it is 1e-30 of the top.
-    ``in_place`` (eager): no new [batch, vocab] tensor, ``logits`` is consumed. Otherwise (under
-    torch.compile) the top is masked out instead of scattered, so that the exp-sum fuses into one
-    read of the logits. The fused kernel (workers/unembed_lse.py) returns the same from ``h``, ``W_U`` and ``b_U``.
+    The rest is summed without the top token and shifted by its own maximum, so it is exact however
+    far below the top it lies (float32's exp underflows 103 nats down). ``in_place`` (eager): no new
+    [batch, vocab] tensor, ``logits`` is consumed. Otherwise (under torch.compile) the top is masked
+    out instead of scattered, so that the passes fuse into reads of the logits. The Triton kernel
+    (workers/unembed_lse.py logits_lse) returns the same.
     """
     if logits.dtype == torch.bfloat16:  # bf16 logits, summed in float32 (under torch.compile the cast fuses into the reads)
         logits = logits.float()
     top_value, top = logits.max(-1, keepdim=True)
     if in_place:
-        mass = logits.sub_(top_value).exp_().scatter_(1, top, 0.0).sum(-1, keepdim=True)
+        others = logits.scatter_(1, top, float("-inf"))
     else:
         ids = torch.arange(logits.shape[-1], device=logits.device)
-        mass = torch.where(ids == top, 0.0, (logits - top_value).exp()).sum(-1, keepdim=True)
-    return top_value, top, top_value + mass.log()
+        others = torch.where(ids == top, float("-inf"), logits)
+    shift = others.amax(-1, keepdim=True)
+    shift = torch.where(shift == float("-inf"), 0.0, shift)  # no other token at all: the rest is log 0
+    mass = (others.sub_(shift).exp_() if in_place else (others - shift).exp()).sum(-1, keepdim=True)
+    return top_value, top, shift + mass.log()
 
 
 def logodds_from_parts(
@@ -168,11 +178,11 @@ class Scorer:
     """
 
     def __init__(self, model, precision: str = "auto", fast: bool = True, compile: bool | None = None,
-                 fused: bool | None = None, attention: str | None = None, logits: str | None = None,
+                 attention: str | None = None, logits: str | None = None,
                  lse: str | None = None, query: str | None = None, table: str | None = None):
         """``model``: a HookedTransformer, or the compact forward's weights (models.load_weights).
-        ``fused``: the Triton unembedding + log-sum-exp; ``attention``: CompactForward's; ``logits``:
-        the dtype of torch's logits where not fused (LOGITS; bf16 only for bf16); ``lse``: what reduces
+        ``attention``: CompactForward's; ``logits``: the dtype of the unembedding's logits (LOGITS; bf16
+        only for bf16); ``lse``: what reduces
         them (LSE); ``query``: how the last layer's query side is made (fast.QUERY); ``table``: layer 0's
         Q/K/V table's dtype (fast.TABLES; float16 with bf16 only). All default to what measured fastest
         for the device and precision (``fastest_path``)."""
@@ -210,31 +220,22 @@ class Scorer:
             self._logits = FirstCallFallback(compiled, self.compact.logits, "torch.compile")
             compiled = _batch_dynamic(torch.compile(exact_logodds), emulate_casts=False, batch_args=4)
             self._exact_logodds = FirstCallFallback(compiled, exact_logodds, "torch.compile")
-        if fused is None:
-            fused = best["fused"] and has_triton
-        self.fused = fused
         logits = logits or best["logits"]
         if logits not in LOGITS or (logits == "bf16" and self.precision != "bf16"):
             raise ValueError(f"logits {logits!r}: choose float32, or bf16 with bf16 precision")
-        self.logits_dtype = torch.bfloat16 if logits == "bf16" and not fused else torch.float32
+        self.logits_dtype = torch.bfloat16 if logits == "bf16" else torch.float32
         self.lse = lse or (best["lse"] if has_triton else "torch")
         if self.lse not in LSE:
             raise ValueError(f"unknown lse {self.lse!r}: choose {', '.join(LSE)}")
         # what every faster way below falls back to if it fails on its first call: the same numbers, chunked
         eager = self._softmax_parts = functools.partial(self._chunked, self._torch_softmax_parts)
-        if self.lse == "triton" and not fused:
+        if self.lse == "triton":
             self._softmax_parts = FirstCallFallback(functools.partial(self._chunked, self._triton_softmax_parts), eager,
                                                     "the Triton kernel")
-        elif use_compile and not fused:
+        elif use_compile:
             # one compiled pass over each chunk's logits: max, then the rest's exp-sum (eager: five passes)
             compiled = _batch_dynamic(torch.compile(self._compiled_softmax_parts), emulate_casts=self.dtype != compute)
             self._softmax_parts = FirstCallFallback(functools.partial(self._chunked, compiled), eager, "torch.compile")
-        if fused:
-            from workers.unembed_lse import FusedUnembedLSE  # Triton: imported only where it runs
-
-            c = self.compact
-            self._unembed_lse = FusedUnembedLSE(c.W_U[:, : c.d_vocab], c.b_U_padded[: c.d_vocab])
-            self._softmax_parts = FirstCallFallback(self._fused_softmax_parts, eager, "the Triton kernel")
 
     @torch.inference_mode()
     def _check_attention_kernels(self):
@@ -271,16 +272,13 @@ class Scorer:
             return parts(h)
         return tuple(torch.cat(p) for p in zip(*(parts(h[lo : lo + rows]) for lo in range(0, len(h), rows))))
 
-    def _fused_softmax_parts(self, h: Float[Tensor, "batch d_model"]):
-        return self._unembed_lse(self.compact.unembed_input(h), tf32=self.precision == "tf32")
-
     @property
     def shapes(self) -> dict:
         """What a compiled graph depends on besides the precision (workers/compile_cache.py)."""
         c = self.compact
         return {"path": self.path, "layers": c.n_layers, "heads": c.n_heads, "d_head": c.d_head,
                 "d_model": c.W_E.shape[1], "d_vocab": c.W_E.shape[0], "shortformer": c.shortformer,
-                "layer_norm": c.layer_norm, "fused": self.options["fused"], "attention": c.attention,
+                "layer_norm": c.layer_norm, "attention": c.attention,
                 "logits": self.options["logits"], "lse": self.options["lse"], "query": self.options["query"],
                 "table": self.options["table"],
                 "act_fn": c.act_fn, "mlp_layer_norm": c.mlp_layer_norm, "d_mlp": c.d_mlp}
@@ -289,14 +287,13 @@ class Scorer:
     def options(self) -> dict:
         """What this scorer runs (after any fallback)."""
         if self.compact is None:
-            return {"compiled": False, "fused": False, "attention": None, "logits": None, "lse": None, "query": None, "table": None}
+            return {"compiled": False, "attention": None, "logits": None, "lse": None, "query": None, "table": None}
         compiled = all(isinstance(f, FirstCallFallback) and f.primary_ok is not False
                        for f in (self._forward, self._logits, self._exact_logodds))
-        fused = self.fused and self._softmax_parts.primary_ok is not False
-        logits = None if fused else "bf16" if self.logits_dtype == torch.bfloat16 else "float32"
-        triton_lse = not fused and self.lse == "triton" and self._softmax_parts.primary_ok is not False
-        lse = None if fused else "triton" if triton_lse else "torch"
-        return {"compiled": compiled, "fused": fused, "attention": self.compact.attention, "logits": logits, "lse": lse,
+        logits = "bf16" if self.logits_dtype == torch.bfloat16 else "float32"
+        triton_lse = self.lse == "triton" and self._softmax_parts.primary_ok is not False
+        lse = "triton" if triton_lse else "torch"
+        return {"compiled": compiled, "attention": self.compact.attention, "logits": logits, "lse": lse,
                 "query": self.compact.query, "table": self.compact.table}
 
     def _matmul_precision(self):

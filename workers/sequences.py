@@ -18,11 +18,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-FIRST_TOKEN = 4  # ids 0..3 are special in the attn-only models' tokenizer
-N_FILLER = 10
-SEQ_LEN = 1 + N_FILLER + 2 + N_FILLER + 1  # 24
-A_POS, B_POS = 1 + N_FILLER, 2 + N_FILLER  # 11, 12
-N_INNER = SEQ_LEN - 2  # the 22 tokens between BOS and the final A
+from workers.layout import A_POS, B_POS, FILLER_POS, FIRST_TOKEN, N_FILLER, N_INNER, SEQ_LEN  # noqa: F401 (re-exported)
 
 # Draw numbers (the hash counter) for each random quantity of one sequence.
 DRAW_FILLER = 0  # 20 draws
@@ -31,8 +27,6 @@ DRAW_B = 21
 DRAW_SHUFFLE = 22  # 22 draws
 DRAW_R = 44
 DRAW_CONTROL = 45  # draws reserved for control experiments
-
-FILLER_POS = tuple(range(1, A_POS)) + tuple(range(B_POS + 1, SEQ_LEN - 1))
 
 _MASK64 = (1 << 64) - 1
 

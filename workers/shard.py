@@ -25,11 +25,12 @@ from jaxtyping import Int
 from torch import Tensor
 
 from storage import open_store
-from workers import compile_cache, experiments, models
+from workers import compile_cache, experiments, load_check, models
 from workers.accumulator import FOOTER_KEY, shard_partials
 from workers.experiments import Experiment, Scenario
+from workers.load_check import Reference, prove
 from workers.rows import ScoredBatch
-from workers.sequences import FIRST_TOKEN, SEQ_LEN, make_batch, sequence_keys
+from workers.sequences import FIRST_TOKEN, SEQ_LEN, SequenceBatch, make_batch, sequence_keys
 
 if TYPE_CHECKING:
     from workers.scoring import Scorer
@@ -87,6 +88,8 @@ class ShardSummary:
     compute_s: float  # generating and scoring
     write_s: float  # encoding and storing
     partials: bytes = b""  # the shard's Accumulator (workers/accumulator.py), as in its footer
+    nonfinite: int = 0  # strengths that are not finite (the run fails on any)
+    nonfinite_example: dict | None = None  # the first: experiment, scenario, target, fixed token, sequence
 
 
 class ShardRunner:
@@ -101,20 +104,20 @@ class ShardRunner:
         self.params = params
         self.experiments = {e.name: e for e in params.experiments}
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        # the load-time check's reference (TransformerLens' forward of the stored weights) builds in the
+        # background while the scorer loads and compiles
+        reference = Reference(params.model, params.processing, self.device)
         # checkpoints the compact forward computes load without TransformerLens (seconds of imports saved per actor)
         self.model, self.loading = self._timed("load", models.load_for_scoring, params.model, self.device, params.processing)
-        if models.transformer_lens_import_seconds():  # the TransformerLens import, apart from the load itself
-            self.timings["import"] = models.transformer_lens_import_seconds()
-            self.timings["load"] -= self.timings["import"]
         from workers.scoring import Scorer, cosine_neighbors
 
         self.scorer = Scorer(self.model, params.precision, compile=compile)
         self.batch_size = batch_size or default_batch_size(self.device, self.scorer)
         self.d_vocab = self.model.W_E.shape[0]
         self.neighbors = None
-        if params.n_neighbors > 0:  # on the device, once per actor
-            self.neighbors = self._timed("neighbors", cosine_neighbors, models.centred_unembedding(self.model.W_U),
-                                         params.n_neighbors, FIRST_TOKEN)
+        if params.n_neighbors > 0:  # on the device, once per actor, from the stored weights (docs/DESIGN.md §1)
+            unembedding = models.centred_unembedding(models.unembedding_of(self.model).to(self.device))
+            self.neighbors = self._timed("neighbors", cosine_neighbors, unembedding, params.n_neighbors, FIRST_TOKEN)
         self.store = open_store(out)
         # kernels that another actor of the run compiled already; the warm-up compiles the rest
         cache = None
@@ -124,6 +127,10 @@ class ShardRunner:
         self._timed("warm-up", self.warm_up)  # compiles here, not inside the first shard
         if cache is not None and not loaded and self.scorer.options["compiled"]:  # still compiled: no fallback
             self._timed("cache save", compile_cache.save, self.store, cache)
+        self.check = self._timed("check", prove, self.scorer, reference, self.check_batches(), params.model, params.processing)
+        self.timings["reference"] = reference.build_s  # in the background, from the start
+        if models.transformer_lens_import_seconds():  # the TransformerLens import (the loader's or the reference's)
+            self.timings["import"] = models.transformer_lens_import_seconds()
         self._compute = threading.Lock()  # one shard computes while the previous one uploads
 
     @functools.cached_property
@@ -146,7 +153,7 @@ class ShardRunner:
     def ready(self) -> dict:
         """Start-up timings (seconds per step, ``started`` as a Unix time) and where this actor runs."""
         return {**self.timings, "device": str(self.device), "host": socket.gethostname(), "pid": os.getpid(),
-                "loading": self.loading}
+                "loading": self.loading, "check": self.check}
 
     def warm_up(self) -> None:
         """Sequences of the run's first experiment: compiles and loads kernels. On a GPU a whole batch
@@ -157,6 +164,20 @@ class ShardRunner:
         with torch.inference_mode():
             self.score(experiment, experiment.scenarios[0], *self.identities(spec, 0, n))
 
+    def check_batches(self) -> list[tuple[str, Tensor, Tensor]]:
+        """The load-time check's sequences: load_check.SEQUENCES split across the run's experiments (the
+        first scenario of each, the first fixed token of a per-token one), each with its shuffled control,
+        and the experiment's targets: (experiment, tokens, targets)."""
+        out = []
+        per = max(2, load_check.SEQUENCES // len(self.params.experiments))
+        for experiment in self.params.experiments:
+            scenario = experiment.scenarios[0]
+            token = (FIRST_TOKEN, FIRST_TOKEN + 1) if experiment.per_token else (-1, -1)
+            spec = ShardSpec(experiment.name, scenario.name, 0, 0, per, *token)
+            batch, targets = self.sequences(experiment, scenario, *self.identities(spec, 0, per))
+            out.append((experiment.name, torch.cat([batch.tokens, batch.shuffled]), torch.cat([targets, targets])))
+        return out
+
     def run(self, spec: ShardSpec | dict) -> ShardSummary:
         spec = ShardSpec(**spec) if isinstance(spec, dict) else spec
         experiment = self.experiments[spec.experiment]
@@ -165,7 +186,9 @@ class ShardRunner:
             start = time.perf_counter()
             batch = self.compute(spec)
             computed = time.perf_counter()
-        partials = shard_partials(experiment, spec.scenario, batch, names).to_bytes()
+        partials = shard_partials(experiment, spec.scenario, batch, names)
+        nonfinite, example = partials.nonfinite()
+        partials = partials.to_bytes()
         table = batch.to_table(spec.experiment, spec.scenario, names)
         # which path computed these rows (after any compiler fallback), and what they add to the aggregates
         scorer = {"path": self.scorer.path, "precision": self.scorer.precision, **self.scorer.options,
@@ -176,7 +199,7 @@ class ShardRunner:
         pq.write_table(table, buffer, compression="zstd")
         self.store.put(spec.key, buffer.getvalue())
         return ShardSummary(spec.key, table.num_rows, spec.n_sequences, computed - start,
-                            time.perf_counter() - computed, partials)
+                            time.perf_counter() - computed, partials, nonfinite, example)
 
     def identities(self, spec: ShardSpec, lo: int, hi: int) -> tuple[Int[Tensor, " batch"], Int[Tensor, " batch"]]:
         """(fixed token or -1, sequence index) of flat sequences ``lo..hi`` of the shard, token-major."""
@@ -193,8 +216,9 @@ class ShardRunner:
                  for lo in range(0, spec.n_sequences, self.batch_size)]
         return ScoredBatch.concat(parts)
 
-    def score(self, experiment: Experiment, scenario: Scenario, fixed: Int[Tensor, " batch"],
-              seq: Int[Tensor, " batch"]) -> ScoredBatch:
+    def sequences(self, experiment: Experiment, scenario: Scenario, fixed: Int[Tensor, " batch"],
+                  seq: Int[Tensor, " batch"]) -> tuple[SequenceBatch, Int[Tensor, "batch n_targets"]]:
+        """The sequences of (fixed token, sequence index) pairs, and their targets."""
         keys = sequence_keys(self.params.seed, experiment.code, scenario.code, fixed, seq)
         none = torch.full_like(seq, -1)
         if experiment.per_token:  # the swept token plays A or B
@@ -204,7 +228,11 @@ class ShardRunner:
             a_fixed = torch.full_like(seq, pair_a) if scenario.fix_a else none
             b_fixed = torch.full_like(seq, pair_b) if scenario.fix_b else none
         batch = make_batch(keys, self.d_vocab, self.params.bos, a_fixed, b_fixed, experiment.rule)
-        targets = experiments.target_tokens(experiment.target_names(self.params.n_neighbors), batch, self.neighbors)
+        return batch, experiments.target_tokens(experiment.target_names(self.params.n_neighbors), batch, self.neighbors)
+
+    def score(self, experiment: Experiment, scenario: Scenario, fixed: Int[Tensor, " batch"],
+              seq: Int[Tensor, " batch"]) -> ScoredBatch:
+        batch, targets = self.sequences(experiment, scenario, fixed, seq)
         induction, shuffled = self.scorer.strength(batch.tokens, batch.shuffled, targets)
         scored = ScoredBatch(fixed, seq, batch.a, batch.b, targets, induction, shuffled)
         if self.params.save_tokens:

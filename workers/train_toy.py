@@ -88,8 +88,8 @@ def train(out: Path, steps: int, seed: int, batch: int = 64, lr: float = 3e-3) -
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
     config = {k: v for k, v in CONFIG.items()}
-    config.update(seed=seed, model_name="toy-2l",
-                  training=dict(steps=steps, batch=batch, lr=lr, uniform_share=0.5, zipf_exponent=1.0))
+    config.update(seed=seed, model_name="toy-2l", induction_sweep={
+        "training": dict(steps=steps, batch=batch, lr=lr, uniform_share=0.5, zipf_exponent=1.0)})
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     check_processing_is_exact(model, out, probs, gen)
     print(f"saved {out} after {time.time() - start:.0f}s")
@@ -97,11 +97,11 @@ def train(out: Path, steps: int, seed: int, batch: int = 64, lr: float = 3e-3) -
 
 @torch.no_grad()
 def check_processing_is_exact(model: HookedTransformer, out: Path, probs: Tensor, gen: torch.Generator) -> None:
-    from workers.models import load_checkpoint
+    from workers.models import load_model
 
     tokens = training_batch(probs, 16, model.cfg.n_ctx, gen)
     model.eval()
-    loaded = load_checkpoint(out, "cpu")
+    loaded = load_model(str(out), "cpu")
     diff = (model(tokens).log_softmax(-1) - loaded(tokens).log_softmax(-1)).abs().max().item()
     print(f"trained vs loaded (processed) log-probs: max |diff| {diff:.1e}")
     assert diff < 1e-3, "default processing changed the model"

@@ -20,8 +20,8 @@ from storage import Store
 from workers import experiments
 from workers.accumulator import HIST_LOGODDS, HIST_STRENGTH, LOGODDS_BINS, STRENGTH, STRENGTH_BINS, Accumulator, bin_edges
 from workers.experiments import CONTROL, NEIGHBORS, PAIR, POWERS
-from workers.heads import MEASURES, REST, head_column, parse_head_column
-from workers.sequences import FIRST_TOKEN
+from workers.layout import FIRST_TOKEN
+from workers.rows import MEASURES, REST, head_column, parse_head_column
 
 POWER_BINS = 30
 

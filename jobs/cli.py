@@ -69,7 +69,7 @@ def build_parser() -> Parser:
     p = sub.add_parser("plan", help="shards, forwards, rows, bytes and estimated time of a run; writes nothing")
     add_run_options(p)
     p.add_argument("--rates", default=None, metavar="FILE",
-                   help="a `bench --json` output of the attn-only-2l shape to estimate from (default: the measured rates)")
+                   help="a `bench --json` output to estimate from (default: jobs/rates.json, the measured rates)")
     p.add_argument("--json", action="store_true", help="one JSON object")
 
     p = sub.add_parser("submit", help="submit a run to a Ray cluster as a Ray Job")
@@ -91,30 +91,17 @@ def build_parser() -> Parser:
     p.add_argument("--from-rows", action="store_true", help="recompute every aggregate from the shards' rows "
                    "instead of their footers' partials (a check: both give the same)")
 
-    p = sub.add_parser("bench", help="throughput of the scorer against the plain TransformerLens loop")
-    p.add_argument("--model", default=None, help="a model to bench (default: random weights of --shape)")
+    p = sub.add_parser("bench", help="forwards per second of the default scorer against the plain TransformerLens loop")
+    p.add_argument("--model", default=None, help="a model to bench (default: toy-2l on a CPU, random weights of --shape on a GPU)")
     p.add_argument("--shape", default=None,
-                   help="random weights of this hub model's shape where no --model is given: attn-only-2l (default), "
-                        "gelu-2l or gpt2-small")
+                   help="random weights of this hub model's shape: attn-only-2l (the default on a GPU), gelu-2l or gpt2-small")
+    p.add_argument("--layers", type=int, default=None, help="with --shape: this many layers instead of the shape's")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
-    p.add_argument("--seconds", type=float, default=None, help="time per measurement (default 3 on CPU, 2 on GPU)")
-    p.add_argument("--actors", action="store_true", help="also measure 1 and 2 CPU actors through Ray")
-    p.add_argument("--batches", type=lambda v: [int(b) for b in v.split(",")], default=None,
-                   help="comma-separated batch sizes to try (default 256,1024,4096 on CPU; 8192,32768,65536 on CUDA)")
-    p.add_argument("--profile", action="store_true", help="print the busiest kernels of each scorer's best step")
     p.add_argument("--precisions", type=lambda v: v.split(","), default=None, help="comma-separated (default: all)")
-    p.add_argument("--attention", type=lambda v: v.split(","), default=None,
-                   help="comma-separated attention variants to try (default: sdpa,products, and triton on CUDA)")
-    p.add_argument("--only", default=None, metavar="KEY=VALUE,...",
-                   help="only the scorer variants with these options, e.g. logits=bf16,lse=triton (keys: compile, "
-                        "attention, query, table, logits, lse, fast)")
-    p.add_argument("--check", action="append", default=[], metavar="MODEL",
-                   help="also check the error of every scorer variant the bench runs (narrowed by --precisions, "
-                        "--attention and --only), eager, on MODEL (e.g. toy-2l) against TransformerLens")
-    p.add_argument("--bias", type=int, default=0, metavar="TOKENS",
-                   help="also measure the bias of bf16 (and tf32 on CUDA) A and B power against fp32 over TOKENS "
-                        "tokens x 256 sequences, on toy-2l and the random shape (or --model)")
+    p.add_argument("--batches", type=lambda v: [int(b) for b in v.split(",")], default=None,
+                   help="comma-separated batch sizes to try (default 256,1024 on CPU; 8192,32768,65536 on CUDA)")
+    p.add_argument("--seconds", type=float, default=None, help="time per measurement (default 1 on CPU, 2 on GPU)")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line (what plan --rates reads)")
 
     p = sub.add_parser("export-model", help="write a model as a checkpoint directory (local or s3://)")
     p.add_argument("model")
@@ -127,7 +114,7 @@ def run_config(args: argparse.Namespace):
     that needs no cluster, before any work."""
     from jobs.config import RunConfig, parse_count, parse_experiments, parse_resources, resolve
     from storage import open_store
-    from workers import models
+    from workers.model import source
 
     cfg = RunConfig(
         model=args.model, out=args.out, experiments=parse_experiments(args.experiment),
@@ -139,7 +126,7 @@ def run_config(args: argparse.Namespace):
     if args.tokens is not None:
         parse_count("--tokens", args.tokens, "all")  # before the model is read
     open_store(cfg.out).check()
-    info = models.describe(cfg.model)
+    info = source.describe(cfg.model)
     return resolve(cfg, info, args.tokens, args.pair_a, args.pair_b, args.bos), info
 
 
@@ -163,11 +150,11 @@ def cmd_run(args) -> int:
 def cmd_plan(args) -> int:
     from jobs import estimate
     from jobs.pool import plan_actors
-    from workers.scoring import resolve_precision
+    from workers.scoring.variant import resolve_precision
 
     cfg, info = run_config(args)
     plan = plan_actors(cfg, *cluster_resources(cfg.address))
-    rates = estimate.rates_from_bench(args.rates) if args.rates else None
+    rates = estimate.read_rates(args.rates) if args.rates else None
     result = estimate.estimate(cfg, info, plan, resolve_precision(cfg.precision, plan.device), rates)
     print(json.dumps(result.as_dict()) if args.json else result.text())
     return 0
@@ -184,10 +171,10 @@ def cluster_resources(address: str | None) -> tuple[dict, dict | None]:
         ray = driver.connect(address)
         return ray.cluster_resources(), reachable_resources(ray)
     import os
+    from pathlib import Path
 
-    import torch
-
-    return {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}, None
+    gpus = Path("/proc/driver/nvidia/gpus")  # NVIDIA's driver lists its GPUs here: no torch import to count them
+    return {"CPU": float(os.cpu_count() or 1), "GPU": float(len(list(gpus.iterdir())) if gpus.is_dir() else 0)}, None
 
 
 def cmd_submit(args) -> int:
@@ -233,9 +220,9 @@ def cmd_bench(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from workers import models
+    from workers.model import hooked
 
-    models.export_model(models.load_model(args.model, "cpu"), args.dir)
+    hooked.export_model(hooked.load_model(args.model, "cpu"), args.dir)
     print(f"exported {args.model} to {args.dir}")
     return 0
 
@@ -248,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from jobs.errors import ConfigError, RunFailed, Terminated
     from storage import StorageError, StorageInputError
-    from workers.models import ModelInputError
+    from workers.model.source import ModelInputError
 
     def terminate(signum, frame):
         raise Terminated("terminated by SIGTERM")

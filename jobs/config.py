@@ -12,15 +12,17 @@ import json
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 
 from jobs.errors import ConfigError
-from workers import experiments, models, scoring
-from workers.sequences import FIRST_TOKEN
-from workers.shard import ShardSpec, WorkParams
+from workers import experiments
+from workers.layout import FIRST_TOKEN
+from workers.model import source
+from workers.scoring import variant
+from workers.work import ShardSpec, WorkParams
 
 SCHEMA_VERSION = 2  # bump when a change alters what shards hold (2: partial aggregates in the footer, BOS)
 DEFAULT_TOKENS = 10000  # the post's "first 10000 tokens"
 MAX_SEQUENCE_INDEX = 2**31 - 1  # the rows' seq column is int32
 MAX_SHARDS = 1_000_000  # a plan beyond this is a mistake (or needs a larger --shard-size)
-PRECISIONS = ("auto", *scoring.PRECISIONS)
+PRECISIONS = ("auto", *variant.PRECISIONS)
 
 
 @dataclass(frozen=True)
@@ -35,11 +37,11 @@ class RunConfig:
     seed: int = 0
     precision: str = "auto"  # resolved against the cluster's devices by the driver
     save_tokens: bool = False
-    pair: tuple[int, int] = models.FALLBACK_PAIR
-    bos: int = models.DEFAULT_BOS
+    pair: tuple[int, int] = source.FALLBACK_PAIR
+    bos: int = source.DEFAULT_BOS
     shard_size: int = 65536  # sequences per shard
     heads: bool = False  # per-head measurements in every row
-    processing: str = "exact"  # how the weights are loaded (workers/models.py processing_steps)
+    processing: str = "exact"  # how the weights are loaded (workers/model/ processing_steps)
     # execution only: not part of the config hash
     batch_size: int | None = field(default=None, compare=False)
     actors: int | None = field(default=None, compare=False)  # None: auto
@@ -131,15 +133,15 @@ def check_counts(cfg: RunConfig) -> None:
         raise ConfigError(f"--neighbors must be at least 1, not {cfg.neighbors}")
     if cfg.precision not in PRECISIONS:
         raise ConfigError(f"unknown precision {cfg.precision!r}: choose {', '.join(PRECISIONS)}")
-    if cfg.processing not in models.PROCESSING:
-        raise ConfigError(f"unknown processing {cfg.processing!r}: choose {' or '.join(models.PROCESSING)}")
+    if cfg.processing not in source.PROCESSING:
+        raise ConfigError(f"unknown processing {cfg.processing!r}: choose {' or '.join(source.PROCESSING)}")
 
 
-def resolve(cfg: RunConfig, info: models.ModelInfo, tokens: str | None = None, pair_a: str | None = None,
+def resolve(cfg: RunConfig, info: source.ModelInfo, tokens: str | None = None, pair_a: str | None = None,
             pair_b: str | None = None, bos: str | None = None) -> RunConfig:
     """The full config: token count, pair ids and BOS from the model; ConfigError where they do not fit.
     ``tokens``: a count, ``all``, or None for the post's 10000 (or all, where the vocabulary is smaller).
-    ``bos``: an id, ``tokenizer`` (the tokenizer's BOS), or None for the model's default (models.default_bos)."""
+    ``bos``: an id, ``tokenizer`` (the tokenizer's BOS), or None for the model's default (source.default_bos)."""
     check_counts(cfg)
     available = info.d_vocab - FIRST_TOKEN
     count = parse_count("--tokens", tokens, "all")
@@ -162,7 +164,7 @@ def resolve(cfg: RunConfig, info: models.ModelInfo, tokens: str | None = None, p
     try:
         a = info.resolve_token(pair_a, "--pair-a") if pair_a is not None else default_a
         b = info.resolve_token(pair_b, "--pair-b") if pair_b is not None else default_b
-    except models.ModelInputError as exc:
+    except source.ModelInputError as exc:
         raise ConfigError(str(exc)) from None
     fixes_pair = any(not e.per_token and any(s.fix_a or s.fix_b for s in e.scenarios) for e in cfg.experiment_specs)
     outside = [t for t in (a, b) if not FIRST_TOKEN <= t < info.d_vocab]
@@ -172,7 +174,7 @@ def resolve(cfg: RunConfig, info: models.ModelInfo, tokens: str | None = None, p
     return replace(cfg, tokens=n, pair=(a, b), bos=resolve_bos(info, bos))
 
 
-def resolve_bos(info: models.ModelInfo, bos: str | None) -> int:
+def resolve_bos(info: source.ModelInfo, bos: str | None) -> int:
     if bos is None:
         return info.bos
     if bos == "tokenizer":

@@ -27,18 +27,19 @@ from jobs.errors import ConfigError, RunFailed, Terminated
 from jobs.phases import Phases
 from jobs.pool import ActorPool, failure, plan_actors, reachable_resources
 from storage import Store, open_store
-from workers import experiments, models
+from workers import experiments
 from workers.accumulator import Accumulator, shard_partials
+from workers.model import source
 from workers.rows import ScoredBatch
-from workers.scoring import resolve_precision
-from workers.shard import ShardSpec
+from workers.scoring.variant import resolve_precision
+from workers.work import ShardSpec
 
 
-def run(cfg: RunConfig, info: models.ModelInfo | None = None, progress: bool = True,
+def run(cfg: RunConfig, info: source.ModelInfo | None = None, progress: bool = True,
         phases: Phases | None = None) -> aggregate.Summary:
     """The whole run of a resolved config (jobs/config.py resolve); ConfigError before any work for bad input."""
     phases = phases or Phases()
-    info = info or models.describe(cfg.model)
+    info = info or source.describe(cfg.model)
     token_strings = info.token_strings()
     store = open_store(cfg.out)
     if cfg.address:
@@ -163,7 +164,9 @@ def report(store: Store, from_rows: bool = False, phases: Phases | None = None) 
         from workers.circuits import model_scores
 
         with phases.phase("circuits"):
-            scores = model_scores(models.load_for_scoring(cfg.model, "cpu", cfg.processing)[0], circuit_tokens(cfg))
+            from workers.model import hooked
+
+            scores = model_scores(hooked.load_for_scoring(cfg.model, "cpu", cfg.processing)[0], circuit_tokens(cfg))
     return finish(store, cfg, partials, scores, phases, model_loading=found.get("model_loading"),
                   load_checks=found.get("load_checks"))
 
@@ -183,7 +186,7 @@ def wants_circuits(cfg: RunConfig) -> bool:
 
 
 def circuit_tokens(cfg: RunConfig) -> list[int]:
-    from workers.sequences import FIRST_TOKEN
+    from workers.layout import FIRST_TOKEN
 
     return list(range(FIRST_TOKEN, FIRST_TOKEN + cfg.tokens))
 

@@ -2,33 +2,24 @@
 
 Shards, sequences, forwards and rows are exact (they come from the planner's arithmetic, without
 planning every shard). Bytes and time are estimates: bytes from the rows' measured compressed
-size, time from the bench's measured rates (docs/PERFORMANCE.md) for the attn-only-2l shape,
-scaled to the model by arithmetic per forward, over the actors the run will ask for (what the
-cluster holds or its autoscaler can reach). A ``bench --json`` output of the machine at hand
-(``--rates FILE``) replaces the built-in rates.
+size, time from a ``bench --json`` rate (jobs/rates.json, or ``--rates FILE`` from the machine at
+hand) scaled from the benched shape to the model by arithmetic per forward, over the actors the
+run will ask for (what the cluster holds or its autoscaler can reach). Imports no torch.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
-import torch
-
-from jobs.bench import BOUNDS
 from jobs.config import RunConfig, count_shards
 from jobs.errors import ConfigError
 from jobs.pool import ActorPlan
-from workers import models
-from workers.scoring import runs_default
-from workers.sequences import SEQ_LEN
+from workers.layout import SEQ_LEN
+from workers.model import source
 
-# forwards per second of one actor, attn-only-2l shape (d_model 512, d_vocab 48262), default path:
-# an H200 (2026-11-27) and this project's 2-core CPU machines (2026-11-26), docs/PERFORMANCE.md
-MEASURED_RATES = {("cuda", "bf16"): 2.65e6, ("cuda", "tf32"): 1.92e6, ("cuda", "fp32"): 5.37e5,
-                  ("cpu", "fp32"): 843.0, ("cpu", "bf16"): 1005.0}
-REFERENCE_SHAPE = dict(n_layers=2, d_model=512, d_vocab=48262, d_mlp=0)
-REFERENCE_MODELS = ("attn-only-2l", "random-2l-v48262")  # what `bench` reports for that shape (the second: before --shape)
+RATES = Path(__file__).with_name("rates.json")  # the measured rates plan uses by default
 # compressed Parquet bytes per row, and what --save-tokens and --heads add (toy-2l, 4 heads,
 # --experiment all --tokens 200 --seqs 32 --pairs 512: 27, 57 and 105 bytes; 2026-11-27)
 BYTES_PER_ROW = {"base": 27.0, "save_tokens": 30.0, "heads": 78.0}
@@ -68,43 +59,45 @@ class Estimate:
         ])
 
 
-def estimate(cfg: RunConfig, info: models.ModelInfo, plan: ActorPlan, precision: str,
+def estimate(cfg: RunConfig, info: source.ModelInfo, plan: ActorPlan, precision: str,
              rates: dict | None = None) -> Estimate:
+    """``rates``: (device, precision) -> (forwards/s, the shape measured), default jobs/rates.json."""
     sequences = rows = 0
     for experiment in cfg.experiment_specs:
         n = len(experiment.scenarios) * (cfg.tokens * cfg.seqs if experiment.per_token else cfg.pairs)
         sequences += n
         rows += n * len(experiment.target_names(cfg.neighbors))
     per_row = BYTES_PER_ROW["base"] + (cfg.save_tokens and BYTES_PER_ROW["save_tokens"]) + (cfg.heads and BYTES_PER_ROW["heads"])
-    rates = rates or MEASURED_RATES
+    rates = rates or read_rates(RATES)
     if (plan.device, precision) not in rates:
         raise ConfigError(f"no measured rate for {precision} on {plan.device} actors (rates for "
                           f"{', '.join(f'{p} on {d}' for d, p in sorted(rates))})")
-    rate = rates[(plan.device, precision)]
+    rate, measured = rates[(plan.device, precision)]
     c = info.cfg
-    d_mlp = 0 if getattr(c, "attn_only", False) else getattr(c, "d_mlp", None) or 4 * c.d_model
-    shape = dict(n_layers=c.n_layers, d_model=c.d_model, d_vocab=c.d_vocab, d_mlp=d_mlp)
-    rate *= flops_per_forward(**REFERENCE_SHAPE) / flops_per_forward(**shape)
+    shape = dict(n_layers=c.n_layers, d_model=c.d_model, d_vocab=c.d_vocab, d_mlp=0 if c.attn_only else c.d_mlp)
+    rate *= flops_per_forward(**measured) / flops_per_forward(**shape)
     forwards = 2 * sequences
     return Estimate(count_shards(cfg), sequences, forwards, rows, rows * per_row, plan.count, plan.device, precision,
                     rate, forwards / (rate * plan.count))
 
 
-def rates_from_bench(path: str) -> dict:
-    """(device type, precision) -> forwards/s of the default variant in a ``bench --json`` output of the
-    attn-only-2l shape (the bench's default model; the rates are scaled from that shape)."""
+def read_rates(path: str | Path) -> dict:
+    """(device, precision) -> (forwards/s, shape) of a ``bench --json`` output (its last line) or of
+    jobs/rates.json: the fastest where a file holds several."""
     try:
-        with open(path) as f:
-            report = json.loads(f.read().strip().splitlines()[-1])
-        device = "cpu" if report["device"] == "cpu" else "cuda"
-        results, model = report["results"], report["model"]
+        text = Path(path).read_text().strip()
+        try:
+            report = json.loads(text)  # jobs/rates.json
+        except ValueError:
+            report = json.loads(text.splitlines()[-1])  # bench's log: the JSON is its last line
+        out = {}
+        for r in report["rates"]:
+            key = (str(r["device"]), str(r["precision"]))
+            shape = {k: int(r["shape"][k]) for k in ("n_layers", "d_model", "d_vocab", "d_mlp")}
+            if key not in out or float(r["forwards_per_s"]) > out[key][0]:
+                out[key] = (float(r["forwards_per_s"]), shape)
     except (OSError, ValueError, IndexError, KeyError, TypeError) as exc:
         raise ConfigError(f"--rates {path}: not a `bench --json` output ({type(exc).__name__})") from None
-    if model not in REFERENCE_MODELS:
-        raise ConfigError(f"--rates {path}: a bench of {model}; the estimate scales from the attn-only-2l shape "
-                          "(`bench` without --model)")
-    out = {}
-    for r in results:  # the variant the scorer runs by default, where it is within its accuracy bound
-        if r["max_abs_err_strength"] <= BOUNDS[r["precision"]] and runs_default(r, torch.device(device)):
-            out[(device, r["precision"])] = max(out.get((device, r["precision"]), 0.0), r["seq_per_s"])
+    if not out:
+        raise ConfigError(f"--rates {path}: no rate within its accuracy bound")
     return out

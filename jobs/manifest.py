@@ -14,7 +14,7 @@ from jobs.errors import ConfigError
 from storage import Store
 from storage.arrow import parquet_footer
 from workers.accumulator import FOOTER_KEY
-from workers.shard import ShardSpec
+from workers.work import ShardSpec
 
 MANIFEST = "manifest.json"
 PROGRESS = "progress.json"  # a running run's rate and time left (jobs/pool.py Progress), read by ``status``

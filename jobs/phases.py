@@ -28,8 +28,8 @@ class Phases:
         self.actors: list[dict] = []
         self.shards = {"count": 0, "compute_s": 0.0, "write_s": 0.0}
         self.completions: list[tuple[float, int]] = []  # (time, sequences) of each finished shard
-        self.model_loading: dict | None = None  # how the first ready actor loaded the model (workers/models.py)
-        self.load_checks: list[dict] = []  # each ready actor's load-time check (workers/load_check.py)
+        self.model_loading: dict | None = None  # how the first ready actor loaded the model (workers/model/)
+        self.load_checks: list[dict] = []  # each ready actor's load-time check (workers/scoring/check.py)
         if process_age() > 0:
             self.rows.append({"phase": "python start-up", "start_s": 0.0, "seconds": round(time.time() - self.origin, 3)})
 
@@ -80,3 +80,11 @@ class Phases:
         if s["count"]:
             lines.append(f"  {s['count']} shards: {s['compute_s']:.2f} s computing, {s['write_s']:.2f} s writing (actor-seconds)")
         return "\n".join(lines)
+
+
+def format_eta(seconds: float | None) -> str:
+    """H:MM:SS, hours unbounded; ``unknown`` without a rate or an actor."""
+    if seconds is None:
+        return "unknown"
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"

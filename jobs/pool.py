@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from jobs.config import RunConfig
 from jobs.errors import ConfigError, RunFailed
 from jobs.manifest import PROGRESS
-from jobs.phases import Phases
+from jobs.phases import Phases, format_eta
 from storage import StorageError, Store, open_store
 from storage.store import FORWARDED_ENV
-from workers.models import ModelInputError
-from workers.shard import ShardRunner, ShardSpec, ShardSummary
+from workers.model.source import ModelInputError
+from workers.work import ShardSpec, ShardSummary
 
 IN_FLIGHT_PER_ACTOR = 2  # one shard computing while the previous one encodes and uploads
 CPU_THREADS_PER_ACTOR = 2
@@ -104,24 +104,6 @@ def _fit(custom: dict[str, float], gpus_per_actor: float, resources: dict) -> in
     return min(slots)
 
 
-class Runner(ShardRunner):
-    """ShardRunner as a Ray actor. A model its actor refuses (ModelInputError: a checkpoint or a scorer that
-    fails the load-time check) is raised by ``ready``, a task, so that the driver gets the error itself: an
-    actor constructor's error reaches it only as text."""
-
-    def __init__(self, *args):
-        self.refusal = None
-        try:
-            super().__init__(*args)
-        except ModelInputError as exc:
-            self.refusal = exc
-
-    def ready(self) -> dict:
-        if self.refusal is not None:
-            raise self.refusal
-        return super().ready()
-
-
 def refused_or(get, ref):
     """``get(ref)`` of an actor's ``ready``; a refusal it raised is bad input for the whole run (every actor
     would refuse the same model): ConfigError, with the actor's one line."""
@@ -135,6 +117,8 @@ class ActorPool:
     """``plan.count`` ShardRunner actors, asked for at once; they import and load while the driver plans."""
 
     def __init__(self, ray, cfg: RunConfig, plan: ActorPlan):
+        from jobs.actor import Runner  # torch and the scorer: imported where actors are made
+
         self.ray, self.plan = ray, plan
         self._runner = ray.remote(Runner).options(
             num_gpus=plan.num_gpus, num_cpus=plan.num_cpus, resources=plan.resources or None,
@@ -247,14 +231,6 @@ class ActorPool:
             report.close()
         if todo:
             phases.add("scoring", first_ready)
-
-
-def format_eta(seconds: float | None) -> str:
-    """H:MM:SS, hours unbounded; ``unknown`` without a rate or an actor."""
-    if seconds is None:
-        return "unknown"
-    minutes, secs = divmod(int(seconds), 60)
-    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
 
 
 def failure(exc: Exception) -> str:

@@ -164,6 +164,10 @@ def loading_text(loading: dict | None) -> str:
 def rule_text(experiment: str) -> str:
     """A control's sequence rule, in its docstring's words."""
     rule = experiments.get(experiment).rule if experiment in experiments.REGISTRY else None
+    if isinstance(rule, str):
+        from workers.sequences import RULES  # torch: only for runs with controls
+
+        rule = RULES[rule]
     return (rule.__doc__ or "").strip().splitlines()[0].rstrip(".") if rule is not None else ""
 
 

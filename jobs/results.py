@@ -18,7 +18,7 @@ import pyarrow.dataset as pads
 
 from jobs import manifest
 from jobs.aggregate import Aggregates
-from jobs.pool import format_eta
+from jobs.phases import format_eta
 from storage import Store, open_store
 from storage.arrow import filesystem
 

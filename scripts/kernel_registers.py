@@ -36,7 +36,8 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from workers import attention_kernels, unembed_lse  # noqa: E402
+from workers.kernels import attention as attention_kernels
+from workers.kernels import unembed_lse  # noqa: E402
 
 REGISTERS_PER_SM, THREADS_PER_SM = 65536, 2048  # every NVIDIA GPU since Volta
 # an H200 issues one warp instruction per clock on each of its 132 SMs' 4 schedulers, at up to 1.98 GHz
@@ -57,8 +58,8 @@ class Case:
     programs: Callable[[dict], int]
 
 
-def _causal(dot: str, table: str = "fp32") -> Case:
-    types = dict(qkv_ptr=f"*{table}", tokens_ptr="*i64", bias_ptr="*fp32", out_ptr="*bf16", P="i32", HD="i32", stride_qkv="i32",
+def _causal(dot: str) -> Case:
+    types = dict(qkv_ptr="*fp32", tokens_ptr="*i64", bias_ptr="*fp32", out_ptr="*bf16", P="i32", HD="i32", stride_qkv="i32",
                  stride_out="i32", scale_inv="fp32")
     consts = dict(GATHER=True, BIG_BATCH=True, DOT=dot, N_HEADS=HEADS, D_HEAD=D_HEAD, BLOCK_P=32, BLOCK_E=D_HEAD)
     return Case(attention_kernels._causal_attention_kernel, types, consts, {"HD", "stride_qkv", "stride_out"},
@@ -81,20 +82,11 @@ def _lse() -> Case:
                 lambda c: ROWS // c["BLOCK_B"])
 
 
-def _query() -> Case:
-    types = dict(h_ptr="*fp32", w_q_ptr="*fp32", q_bias_ptr="*fp32", w_k_ptr="*fp32", k_bias_ptr="*fp32", u_ptr="*fp32", c_ptr="*fp32",
-                 B="i32", D="i32", P="i32")
-    consts = dict(N_HEADS=HEADS, D_HEAD=D_HEAD, BIG_BATCH=True, DOT="tf32x3", BLOCK_E=D_HEAD, BLOCK_P=32, BLOCK_K=64)
-    return Case(attention_kernels._query_kernel, types, consts, {"B", "D"}, None, lambda c: ROWS // c["BLOCK_M"] * HEADS)
-
-
 # what each kernel runs as in a bf16 step of attn-only-2l (fp32 for the float32 products)
 KERNELS = {
     "causal_attention table fp32": _causal("ieee"),
     "causal_attention table bf16/tf32": _causal("tf32"),
-    "causal_attention float16 table bf16": _causal("tf32", "fp16"),
     "last_attention": _last(),
-    "query_side tf32x3": _query(),
     "logits_lse bf16": _lse(),
 }
 

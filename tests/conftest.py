@@ -65,9 +65,9 @@ def fresh_dynamo():
 
 @pytest.fixture(scope="session")
 def toy_model():
-    from workers import models
+    from workers.model import hooked
 
-    return models.load_model("toy-2l", "cpu")
+    return hooked.load_model("toy-2l", "cpu")
 
 
 @pytest.fixture(scope="session")
@@ -116,16 +116,16 @@ def tokenized_checkpoint(tmp_path_factory):
     from tokenizers import models as tok_models
     from transformers import PreTrainedTokenizerFast
 
-    from workers import models
+    from workers.model import hooked
 
     words = ["<unk>", "<|BOS|>", "<pad>", "<|EOS|>", " Fab", "ien"] + [f" w{i}" for i in range(58)]
     tokenizer = Tokenizer(tok_models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r" ?[A-Za-z0-9]+|[^A-Za-z0-9 ]"), behavior="isolated")
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<|BOS|>", unk_token="<unk>",
                                    pad_token="<pad>", eos_token="<|EOS|>")
-    model = models.random_model(d_vocab=len(words), n_ctx=32, d_model=64, n_heads=4, d_head=16, seed=8)
+    model = hooked.random_model(d_vocab=len(words), n_ctx=32, d_model=64, n_heads=4, d_head=16, seed=8)
     model.cfg.model_name = "tiny-words"
     path = tmp_path_factory.mktemp("ckpt") / "tiny-words"
-    models.export_model(model, str(path))
+    hooked.export_model(model, str(path))
     fast.save_pretrained(str(path))  # the optional tokenizer files of a checkpoint directory
     return path

@@ -2,8 +2,8 @@
 
 import torch
 
-from workers import models
 from workers.circuits import circuit_scores
+from workers.model import folds, hooked
 from workers.sequences import B_POS, FIRST_TOKEN, SEQ_LEN
 
 
@@ -21,7 +21,7 @@ def rank_of(scores, t):
 def test_ov_and_qk_scores_match_a_direct_computation(toy_model):
     m = toy_model
     tokens = torch.tensor([4, 77, 500, 1000, 2047])
-    got = circuit_scores(models.compact_weights(m), tokens, chunk=2)
+    got = circuit_scores(folds.compact_weights(m), tokens, chunk=2)
     with torch.no_grad():
         prev = sum((lnpre(m.W_E) @ m.W_V[0, h0] + m.b_V[0, h0]) @ m.W_O[0, h0] for h0 in range(m.cfg.n_heads))
         for h in range(m.cfg.n_heads):
@@ -37,7 +37,7 @@ def test_ov_and_qk_scores_match_a_direct_computation(toy_model):
 
 def test_toy_2l_copies_and_a_random_model_does_not(toy_model):
     tokens = torch.arange(4, 2048, 7)
-    trained = circuit_scores(models.compact_weights(toy_model), tokens)
-    random = circuit_scores(models.compact_weights(models.random_model(d_vocab=2048, d_model=128, n_heads=4,
+    trained = circuit_scores(folds.compact_weights(toy_model), tokens)
+    random = circuit_scores(folds.compact_weights(hooked.random_model(d_vocab=2048, d_model=128, n_heads=4,
                                                                          d_head=32, n_ctx=64, seed=2)), tokens)
     assert trained["ov_rank_best"].float().median() < 5 < random["ov_rank_best"].float().median()

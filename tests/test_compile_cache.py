@@ -12,9 +12,11 @@ ACTOR = """
 import json, sys
 import torch
 from torch._dynamo.utils import counters
-from workers import experiments, models
-from workers.shard import ShardRunner, WorkParams
-params = WorkParams("toy-2l", 0, 0, models.FALLBACK_PAIR, 1, False, "fp32", False, "exact", (experiments.get("neighbors"),))
+from workers import experiments
+from workers.model import source
+from workers.shard import ShardRunner
+from workers.work import WorkParams
+params = WorkParams("toy-2l", 0, 0, source.FALLBACK_PAIR, 1, False, "fp32", False, "exact", (experiments.get("neighbors"),))
 runner = ShardRunner(params, sys.argv[1], device="cpu", compile=True)
 assert runner.scorer.options["compiled"], runner.scorer.options
 print(json.dumps({"hits": counters["inductor"]["fxgraph_cache_hit"], "misses": counters["inductor"]["fxgraph_cache_miss"],

@@ -7,10 +7,11 @@ import pytest
 
 from jobs.config import DEFAULTS, RunConfig, count_shards, parse_experiments, plan_shards, resolve
 from jobs.errors import ConfigError
-from workers import experiments, models
+from workers import experiments
+from workers.model import source
 from workers.sequences import FIRST_TOKEN
 
-TOY = models.describe("toy-2l")
+TOY = source.describe("toy-2l")
 
 
 def cfg(**overrides) -> RunConfig:
@@ -52,15 +53,15 @@ def test_the_hash_follows_the_science_only():
 def test_resolution_against_the_model():
     c = cfg()
     assert c.tokens == 2048 - FIRST_TOKEN  # the post's 10000, capped at the vocabulary
-    assert c.pair == models.FALLBACK_PAIR and c.bos == 1
+    assert c.pair == source.FALLBACK_PAIR and c.bos == 1
     assert resolve(RunConfig("toy-2l", "/x"), TOY, "12").tokens == 12
     with pytest.raises(ConfigError, match="d_vocab 2048"):
         resolve(RunConfig("toy-2l", "/x"), TOY, "5000")
-    small = models.ModelInfo("small", type("Cfg", (), {"d_vocab": 1200})())  # the fallback B (1500) does not fit
+    small = source.ModelInfo("small", type("Cfg", (), {"d_vocab": 1200})())  # the fallback B (1500) does not fit
     with pytest.raises(ConfigError, match="give --pair-a and --pair-b"):
         resolve(RunConfig("small", "/x"), small)
     assert resolve(RunConfig("small", "/x", experiments=("fixed-pair",)), small, None, "7", "8").pair == (7, 8)
-    assert resolve(RunConfig("small", "/x", experiments=("neighbors",)), small).pair == models.FALLBACK_PAIR  # unused
+    assert resolve(RunConfig("small", "/x", experiments=("neighbors",)), small).pair == source.FALLBACK_PAIR  # unused
     assert DEFAULTS["seqs"] == 256 and DEFAULTS["experiments"] == experiments.group("all")
 
 

@@ -1,4 +1,4 @@
-"""The table of HookedTransformerConfig fields (workers/config_fields.py) against the installed
+"""The table of HookedTransformerConfig fields (workers/model/fields.py) against the installed
 TransformerLens: every field classified, TransformerLens' defaults and derivations, the parameters it
 builds; and how configs route or are refused."""
 
@@ -9,8 +9,8 @@ import re
 import pytest
 import torch
 
-from workers import config_fields as cf
-from workers.config_fields import ConfigFieldError
+from workers.model import fields as cf
+from workers.model.fields import ConfigFieldError
 
 transformer_lens = pytest.importorskip("transformer_lens")
 from transformer_lens import HookedTransformer, HookedTransformerConfig  # noqa: E402
@@ -35,7 +35,7 @@ def test_defaults_are_transformer_lens_own():
         else:
             assert cf.FIELDS[f.name].default == f.default, f.name
     assert cf.TL_ACTIVATIONS == tuple(SUPPORTED_ACTIVATIONS)
-    from workers.fast import ACTIVATIONS
+    from workers.compact.forward import ACTIVATIONS
 
     assert set(cf.COMPACT_ACTIVATIONS) == set(ACTIVATIONS)
 

@@ -10,14 +10,15 @@ from jobs import driver, manifest, results
 from jobs.config import RunConfig, plan_shards, resolve
 from jobs.errors import ConfigError
 from storage import open_store
-from workers import experiments, models
+from workers import experiments
+from workers.model import source
 
 SMALL = dict(model="toy-2l", seqs=4, pairs=48, neighbors=5, shard_size=32, actors=2, batch_size=64)
 
 
 def resolved(cfg: RunConfig, tokens: str | None = None) -> RunConfig:
     """As the command line does: the config resolved against the model."""
-    return resolve(cfg, models.describe(cfg.model), tokens)
+    return resolve(cfg, source.describe(cfg.model), tokens)
 
 
 def small_run(out, tokens=None, **overrides) -> RunConfig:
@@ -200,7 +201,7 @@ def test_strengths_that_are_not_finite_fail_the_run_loudly(ray_cluster, tmp_path
     from jobs.cli import main
 
     path = tmp_path / "banned"
-    shutil.copytree(models.TOY_DIR, path)
+    shutil.copytree(source.TOY_DIR, path)
     state = load_file(str(path / "model.safetensors"))
     state["unembed.b_U"][1000:] = float("-inf")
     save_file(state, str(path / "model.safetensors"))

@@ -9,7 +9,7 @@ import pyarrow.dataset as pads
 from jobs import driver
 from jobs.cli import main
 from jobs.config import RunConfig, plan_shards
-from jobs.estimate import MEASURED_RATES, flops_per_forward
+from jobs.estimate import RATES, flops_per_forward, read_rates
 from tests.test_driver import resolved
 
 RUN = ["--model", "toy-2l", "--experiment", "all", "--tokens", "40", "--seqs", "8", "--pairs", "64", "--neighbors", "3",
@@ -37,7 +37,7 @@ def test_time_scales_with_the_arithmetic_of_the_model(capsys, tmp_path):
     assert flops_per_forward(2, 512, 48262, 0) < flops_per_forward(12, 768, 50257, 3072)
     assert main(["plan", *RUN, "--out", str(tmp_path / "o"), "--json"]) == 0
     toy = json.loads(capsys.readouterr().out)
-    assert toy["seq_per_s_per_actor"] > MEASURED_RATES[("cpu", "fp32")]  # toy-2l is far smaller than the reference
+    assert toy["seq_per_s_per_actor"] > read_rates(RATES)[("cpu", "fp32")][0]  # toy-2l is far smaller than the benched shape
 
 
 def test_plan_refuses_bad_input_like_run(capsys, tmp_path):
@@ -52,27 +52,20 @@ def test_rates_from_a_bench_that_is_not_one_are_refused(capsys, tmp_path):
         assert match in capsys.readouterr().err
 
 
-def test_rates_from_a_bench_of_the_reference_shape(capsys, tmp_path):
-    """`bench --json` of the default shape feeds `plan --rates`: the plan runs at the default variant's
-    measured rate; a report from before --shape (another model name, no logits/lse fields) still reads."""
+def test_rates_from_a_bench_scale_by_the_shape_it_measured(capsys, tmp_path):
+    """`bench --json` feeds `plan --rates`: the plan runs at the default variant's measured rate, scaled
+    from the benched shape (here toy-2l itself, so unscaled) to the model's."""
     done = subprocess.run([sys.executable, "-m", "jobs.cli", "bench", "--device", "cpu", "--seconds", "0.05", "--batches", "64",
-                           "--precisions", "fp32", "--attention", "sdpa", "--json"],
-                          capture_output=True, text=True, timeout=600, check=True)
-    (tmp_path / "bench.json").write_text(done.stdout)
+                           "--precisions", "fp32", "--json"], capture_output=True, text=True, timeout=600, check=True)
+    (tmp_path / "bench.log").write_text(done.stdout)
     report = json.loads(done.stdout.strip().splitlines()[-1])
-    assert report["model"] == "attn-only-2l" and set(report["targets"]) == {"fp32"}  # the CPU target of this shape
-    eager = [r for r in report["results"] if not r["compiled"]]  # the CPU default: SDPA, eager
-    assert len(eager) == 1 and report["fastest"]["fp32"]["seq_per_s"] >= eager[0]["seq_per_s"]
+    assert report["model"] == "toy-2l" and [r["precision"] for r in report["rates"]] == ["fp32"]
     base = ["plan", "--model", "toy-2l", "--tokens", "40", "--precision", "fp32", "--out", str(tmp_path / "o"), "--json"]
-    assert main([*base, "--rates", str(tmp_path / "bench.json")]) == 0
-    measured = json.loads(capsys.readouterr().out)["seq_per_s_per_actor"]
-    assert main(base) == 0
-    built_in = json.loads(capsys.readouterr().out)["seq_per_s_per_actor"]
-    assert abs(measured / built_in - eager[0]["seq_per_s"] / MEASURED_RATES[("cpu", "fp32")]) < 1e-9
-
-    old = {"model": "random-2l-v48262", "device": "cpu", "results": [
-        {"precision": "fp32", "attention": "sdpa", "compiled": False, "path": "compact", "seq_per_s": 500.0,
-         "max_abs_err_strength": 3e-6}]}
-    (tmp_path / "old.json").write_text(json.dumps(old) + "\n")
-    assert main([*base, "--rates", str(tmp_path / "old.json")]) == 0
-    assert abs(json.loads(capsys.readouterr().out)["seq_per_s_per_actor"] / built_in - 500.0 / MEASURED_RATES[("cpu", "fp32")]) < 1e-9
+    assert main([*base, "--rates", str(tmp_path / "bench.log")]) == 0
+    assert json.loads(capsys.readouterr().out)["seq_per_s_per_actor"] == report["rates"][0]["forwards_per_s"]
+    bigger = {**report["rates"][0], "shape": {"n_layers": 2, "d_model": 512, "d_vocab": 48262, "d_mlp": 0}}
+    (tmp_path / "rates.json").write_text(json.dumps({"rates": [bigger]}, indent=1))
+    assert main([*base, "--rates", str(tmp_path / "rates.json")]) == 0
+    scaled = json.loads(capsys.readouterr().out)["seq_per_s_per_actor"]
+    toy = flops_per_forward(2, 128, 2048, 0)
+    assert abs(scaled / bigger["forwards_per_s"] - flops_per_forward(2, 512, 48262, 0) / toy) < 1e-9

@@ -17,11 +17,13 @@ import pytest
 import torch
 
 from tests.test_cli import refused
-from tests.test_fast import BOUNDS
-from workers import experiments, models
-from workers.scoring import logodds
+from tests.test_compact import BOUNDS
+from workers import experiments
+from workers.model import folds, hooked, source
+from workers.scoring.logodds import logodds
 from workers.sequences import FIRST_TOKEN
-from workers.shard import ShardRunner, ShardSpec, WorkParams
+from workers.shard import ShardRunner
+from workers.work import ShardSpec, WorkParams
 
 # Reduced widths shared by every family: d_mlp = 4 d_model as in all four; d_vocab above FALLBACK_PAIR's ids.
 SHARED = dict(d_model=64, n_heads=4, d_head=16, d_mlp=256, d_vocab=2048, n_ctx=64, normalization_type="LN", attn_only=False)
@@ -63,7 +65,7 @@ def perturbed(state: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tens
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """family -> (checkpoint directory, the HookedTransformer that saved it: the unprocessed reference)."""
-    HookedTransformer, HookedTransformerConfig = models._hooked_transformer()
+    HookedTransformer, HookedTransformerConfig = source._hooked_transformer()
     built = {}
 
     def get(family: str):
@@ -73,7 +75,7 @@ def checkpoints(tmp_path_factory):
             model.load_state_dict(perturbed(model.state_dict(), seed=12))  # as saved: nothing folded or centred
             model.cfg.model_name = family
             path = tmp_path_factory.mktemp("families") / family
-            models.export_model(model.eval(), str(path))
+            hooked.export_model(model.eval(), str(path))
             built[family] = path, model
         return built[family]
 
@@ -102,7 +104,7 @@ def reference(family: str, model, spec: ShardSpec, scored) -> tuple[np.ndarray, 
     inputs = (scored.tokens, scored.shuffled_tokens, scored.targets)
     if cached is None or not all(np.array_equal(a, b) for a, b in zip(cached[:3], inputs)):
         targets = torch.as_tensor(scored.targets)
-        lo = [logodds(torch.log_softmax(models.full_logits(model, torch.as_tensor(t))[:, -1].double(), -1), targets).numpy()
+        lo = [logodds(torch.log_softmax(hooked.full_logits(model, torch.as_tensor(t))[:, -1].double(), -1), targets).numpy()
               for t in (scored.tokens, scored.shuffled_tokens)]
         cached = _REFERENCES[key] = (*inputs, lo[0], lo[0] - lo[1])
     return cached[3], cached[4]
@@ -116,7 +118,7 @@ def test_every_experiment_scored_as_transformer_lens_does(checkpoints, tmp_path,
     of TransformerLens' own forward of the weights as saved. bf16 must show its rounding (above the
     fp32 bound): it really ran in bf16, and the fp32 agreement is not a coincidence of a lax check."""
     path, model = checkpoints(family)
-    params = WorkParams(str(path), seed=5, n_neighbors=N_NEIGHBORS, pair=models.FALLBACK_PAIR, bos=models.DEFAULT_BOS,
+    params = WorkParams(str(path), seed=5, n_neighbors=N_NEIGHBORS, pair=source.FALLBACK_PAIR, bos=source.DEFAULT_BOS,
                         save_tokens=True, precision=precision, heads=False, processing="exact",
                         experiments=tuple(experiments.REGISTRY.values()))
     runner = ShardRunner(params, str(tmp_path / "out"), device="cpu")
@@ -124,11 +126,11 @@ def test_every_experiment_scored_as_transformer_lens_does(checkpoints, tmp_path,
     loading = runner.loading
     if COMPACT[family] == "compact":
         assert loading["loader"] == "safetensors" and runner.scorer.compact.n_mlps == FAMILIES[family]["n_layers"]
-        assert set(loading["steps"]) == {models.CENTRE_WRITES, "fold_ln", "fold_value_biases"}  # LN, saved with biases
+        assert set(loading["steps"]) == {folds.CENTRE_WRITES, "fold_ln", "fold_value_biases"}  # LN, saved with biases
     else:
         assert loading["loader"] == "transformer_lens" and loading["processing"] == "exact"
         assert {"fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases"} <= set(loading["steps"])
-        assert loading["max_abs_diff_log_prob"] <= loading["tolerance"] < 2 * models.CHECK_TOLERANCE
+        assert loading["max_abs_diff_log_prob"] <= loading["tolerance"] < 2 * hooked.CHECK_TOLERANCE
         assert runner.model.cfg.normalization_type == "LNPre"  # the LayerNorm weights were folded, not kept
 
     errors = {}
@@ -157,7 +159,7 @@ def test_the_saved_layer_norms_change_the_function(checkpoints, family):
     plain.load_state_dict({k: (torch.ones_like(v) if k.endswith(".w") else torch.zeros_like(v)) if ".ln" in k or
                            k.startswith("ln_final") else v for k, v in model.state_dict().items()})
     tokens = torch.randint(FIRST_TOKEN, SHARED["d_vocab"], (8, 24), generator=torch.Generator().manual_seed(0))
-    diff = (models.full_logits(model, tokens)[:, -1].log_softmax(-1) - models.full_logits(plain.eval(), tokens)[:, -1].log_softmax(-1))
+    diff = (hooked.full_logits(model, tokens)[:, -1].log_softmax(-1) - hooked.full_logits(plain.eval(), tokens)[:, -1].log_softmax(-1))
     assert diff.abs().max() > 100 * BOUNDS["fp32"]
 
 

@@ -129,10 +129,10 @@ def test_a_scorer_that_fails_its_load_check_refuses_the_run(ray_cluster, tmp_pat
     from safetensors.torch import load_file, save_file
 
     from jobs.cli import main
-    from workers import models
+    from workers.model import source
 
     path = tmp_path / "loud"
-    shutil.copytree(models.TOY_DIR, path)
+    shutil.copytree(source.TOY_DIR, path)
     state = load_file(str(path / "model.safetensors"))
     state["unembed.W_U"].mul_(30)
     save_file(state, str(path / "model.safetensors"))

@@ -9,17 +9,22 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from workers import experiments, load_check, models
-from workers.load_check import ScorerCheckFailed
-from workers.scoring import ACCURACY_BOUNDS, Scorer, logodds
+from workers import experiments
+from workers.model import folds, hooked, source
+from workers.scoring import check as load_check
+from workers.scoring.check import ScorerCheckFailed
+from workers.scoring.logodds import logodds
+from workers.scoring.scorer import scorer_for
+from workers.scoring.variant import ACCURACY_BOUNDS
 from workers.sequences import make_batch, sequence_keys
-from workers.shard import ShardRunner, WorkParams
+from workers.shard import ShardRunner
+from workers.work import WorkParams
 
 
 def variant(tmp_path, name: str, config: dict | None = None, edit=None):
     """toy-2l's checkpoint with config.json fields set and its tensors edited (``edit(state)``)."""
     path = tmp_path / name
-    shutil.copytree(models.TOY_DIR, path)
+    shutil.copytree(source.TOY_DIR, path)
     cfg = json.loads((path / "config.json").read_text())
     (path / "config.json").write_text(json.dumps({**cfg, **(config or {})}))
     if edit is not None:
@@ -30,7 +35,7 @@ def variant(tmp_path, name: str, config: dict | None = None, edit=None):
 
 
 def params(model: str, precision: str = "fp32", processing: str = "exact", names=("token-powers", "neighbors")) -> WorkParams:
-    return WorkParams(model, seed=3, n_neighbors=5, pair=models.FALLBACK_PAIR, bos=1, save_tokens=False, precision=precision,
+    return WorkParams(model, seed=3, n_neighbors=5, pair=source.FALLBACK_PAIR, bos=1, save_tokens=False, precision=precision,
                       heads=False, processing=processing, experiments=tuple(experiments.get(n) for n in names))
 
 
@@ -42,7 +47,7 @@ def sequences(d_vocab: int, n: int = 32):
 
 
 def float64_logodds(model, tokens, targets):
-    return logodds(models.full_logits(model, tokens)[:, -1].double(), targets)
+    return logodds(hooked.full_logits(model, tokens)[:, -1].double(), targets)
 
 
 def test_every_actor_proves_its_scorer_and_records_the_figure(tmp_path):
@@ -58,11 +63,11 @@ def test_every_actor_proves_its_scorer_and_records_the_figure(tmp_path):
 def test_attn_scale_sentinel_is_resolved_as_transformer_lens_resolves_it(tmp_path):
     """HookedTransformerConfig's own default, -1.0, means √d_head: read literally it made every row NaN."""
     path = variant(tmp_path, "sentinel", {"attn_scale": -1.0, "use_attn_scale": True})
-    weights = models.load_weights(path)
+    weights = folds.load_weights(path)
     assert weights.attn_scale == pytest.approx(32 ** 0.5)
     tokens, targets = sequences(2048)
-    reference = models.reference_model(path)
-    got = Scorer(weights, "fp32").logodds(tokens, targets).double()
+    reference = hooked.reference_model(path)
+    got = scorer_for(weights, "fp32").logodds(tokens, targets).double()
     assert torch.isfinite(got).all() and (got - float64_logodds(reference, tokens, targets)).abs().max() < 1e-4
     ShardRunner(params(path), str(tmp_path / "out"), device="cpu")  # and the actor's check passes
 
@@ -71,14 +76,14 @@ def test_bidirectional_attention_is_scored_by_transformer_lens(tmp_path):
     """The compact forward is causal: a bidirectional model goes to TransformerLens' path, whose scores
     match its float64 forward; the compact forward would be far off."""
     path = variant(tmp_path, "bidirectional", {"attention_dir": "bidirectional"})
-    info = models.describe(path)
+    info = source.describe(path)
     assert not info.compact
     runner = ShardRunner(params(path), str(tmp_path / "out"), device="cpu")
     assert runner.scorer.path == "transformer_lens" and runner.check["max_abs_diff_logodds"] <= 1e-4
     tokens, targets = sequences(2048)
-    want = float64_logodds(models.reference_model(path), tokens, targets)
+    want = float64_logodds(hooked.reference_model(path), tokens, targets)
     assert (runner.scorer.logodds(tokens, targets).double() - want).abs().max() < 1e-4
-    causal = Scorer(models.weights_from_state(load_file(f"{path}/model.safetensors"), info.cfg), "fp32")
+    causal = scorer_for(folds.weights_from_state(load_file(f"{path}/model.safetensors"), info.cfg), "fp32")
     assert (causal.logodds(tokens, targets).double() - want).abs().max() > 0.5
 
 
@@ -99,11 +104,10 @@ def test_the_check_catches_a_forward_that_computes_another_function(tmp_path, mo
     """A compact forward that forgets the unembedding's bias (a bug it once could have had) is caught
     before any shard, and named as the compact forward's."""
     path = variant(tmp_path, "biased", edit=lambda s: s["unembed.b_U"].add_(torch.randn(2048, generator=torch.Generator().manual_seed(0))))
-    from workers import fast
+    from workers.scoring import logodds
 
-    forward = fast.target_logits
-    monkeypatch.setattr(fast, "target_logits", lambda h, W_U_rows, b_U, targets: forward(h, W_U_rows, b_U * 0, targets))
-    monkeypatch.setattr("workers.scoring.target_logits", fast.target_logits)
+    forward = logodds.target_logits
+    monkeypatch.setattr(logodds, "target_logits", lambda h, W_U_rows, b_U, targets: forward(h, W_U_rows, b_U * 0, targets))
     with pytest.raises(ScorerCheckFailed, match="likely cause: the compact forward reads this architecture differently"):
         ShardRunner(params(path), str(tmp_path / "out"), device="cpu")
 
@@ -112,7 +116,7 @@ def test_tl_default_is_checked_against_the_function_it_means_to_score(tmp_path):
     """--processing tl-default knowingly changes a shortformer LN model (it centres W_pos): its scorer is
     held to TransformerLens' float64 forward of the default-processed weights, and exact to the stored ones."""
     path = str(tmp_path / "shortformer-ln")
-    HookedTransformer, HookedTransformerConfig = models._hooked_transformer()
+    HookedTransformer, HookedTransformerConfig = source._hooked_transformer()
     model = HookedTransformer(HookedTransformerConfig(n_layers=2, d_model=64, n_heads=4, d_head=16, d_vocab=300, n_ctx=32,
                                                       attn_only=True, normalization_type="LN",
                                                       positional_embedding_type="shortformer", seed=3))
@@ -122,7 +126,7 @@ def test_tl_default_is_checked_against_the_function_it_means_to_score(tmp_path):
         for name, p in model.named_parameters():
             if ".b_" in name or ".ln" in name:
                 p.add_(0.1 * torch.randn(p.shape, generator=gen))
-    models.export_model(model.eval(), path)
+    hooked.export_model(model.eval(), path)
     for processing, reference in (("exact", "stored weights"), ("tl-default", "stored weights with TransformerLens' default")):
         runner = ShardRunner(params(path, processing=processing, names=("neighbors",)), str(tmp_path / processing), device="cpu")
         assert reference in runner.check["reference"] and runner.check["max_abs_diff_logodds"] <= 1e-4
@@ -137,9 +141,9 @@ def test_log_odds_past_float32_exp_range_are_exact_on_every_path(tmp_path):
 
     path = variant(tmp_path, "sharp", edit=sharpen)
     tokens, targets = sequences(2048)
-    reference = models.reference_model(path)
+    reference = hooked.reference_model(path)
     want = float64_logodds(reference, tokens, targets)
     assert want.max() > 110  # the case that used to overflow to +inf
-    for scorer in (Scorer(models.load_weights(path), "fp32"), Scorer(models.load_model(path), "fp32", fast=False)):
+    for scorer in (scorer_for(folds.load_weights(path), "fp32"), scorer_for(hooked.load_model(path), "fp32", fast=False)):
         got = scorer.logodds(tokens, targets).double()
         assert torch.isfinite(got).all() and ((got - want).abs() / want.abs().clamp(min=1)).max() < 1e-4, scorer.path

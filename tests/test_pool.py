@@ -226,13 +226,13 @@ def test_a_sweep_grows_onto_a_new_node_and_survives_losing_one(ray_cluster, shor
 def test_actors_that_cannot_load_fail_the_run_with_their_error(ray_cluster, tmp_path):
     """A constructor that raises is not a lost node: no replacements, the run fails (exit 1) with its error."""
     from jobs.errors import RunFailed
-    from workers import models
+    from workers.model import hooked, source
 
     checkpoint = tmp_path / "ckpt"
-    models.export_model(models.load_model("toy-2l", "cpu"), str(checkpoint))
+    hooked.export_model(hooked.load_model("toy-2l", "cpu"), str(checkpoint))
     cfg = resolved(RunConfig(model=str(checkpoint), out=str(tmp_path / "out"), experiments=("neighbors",), pairs=32,
                              neighbors=3, actors=2), None)
-    info = models.describe(str(checkpoint))
+    info = source.describe(str(checkpoint))
     (checkpoint / "model.safetensors").unlink()  # gone after the driver read its header
     with pytest.raises(RunFailed, match="model.safetensors"):
         driver.run(cfg, info, progress=False)

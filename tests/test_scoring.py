@@ -3,8 +3,11 @@ import math
 import pytest
 import torch
 
-from workers import models
-from workers.scoring import FirstCallFallback, Scorer, cosine_neighbors, logodds, softmax_parts
+from workers.model import hooked
+from workers.neighbors import cosine_neighbors
+from workers.scoring.compiled import FirstCallFallback
+from workers.scoring.logodds import logodds, softmax_parts
+from workers.scoring.scorer import scorer_for
 from workers.sequences import FIRST_TOKEN
 
 
@@ -56,8 +59,8 @@ def test_transformer_lens_path_matches_full_forward(toy_model):
     torch.manual_seed(2)
     tokens = torch.randint(FIRST_TOKEN, 2048, (16, 24))
     targets = torch.randint(FIRST_TOKEN, 2048, (16, 3))
-    ref = logodds(torch.log_softmax(models.full_logits(toy_model, tokens)[:, -1].double(), -1), targets)
-    scorer = Scorer(toy_model, "fp32", fast=False)
+    ref = logodds(torch.log_softmax(hooked.full_logits(toy_model, tokens)[:, -1].double(), -1), targets)
+    scorer = scorer_for(toy_model, "fp32", fast=False)
     assert scorer.path == "transformer_lens"
     assert (scorer.logodds(tokens, targets).double() - ref).abs().max() < 1e-4
 
@@ -80,9 +83,9 @@ def test_past_dynamos_recompile_limit_a_scorer_says_it_runs_eager(toy_model):
     process together) and would run it eager unseen; the scorer warns and reports compiled False."""
     batch_tokens = torch.randint(FIRST_TOKEN, toy_model.cfg.d_vocab, (4, 24))
     with torch._dynamo.config.patch(recompile_limit=1):
-        first = Scorer(toy_model, "fp32", compile=True)
+        first = scorer_for(toy_model, "fp32", compile=True)
         first.logodds(batch_tokens, batch_tokens[:, :1])
-        second = Scorer(toy_model, "bf16", compile=True)  # another graph of the same forward
+        second = scorer_for(toy_model, "bf16", compile=True)  # another graph of the same forward
         with pytest.warns(UserWarning, match="torch.compile failed .FailOnRecompileLimitHit"):
             second.logodds(batch_tokens, batch_tokens[:, :1])
     assert first.options["compiled"] and not second.options["compiled"]
@@ -103,27 +106,11 @@ def test_failure_after_a_first_success_is_raised():
         guarded(5)
 
 
-@pytest.mark.parametrize("compiled", [False, True])
-def test_masked_softmax_parts_equal_the_in_place_ones(compiled):
-    """The form torch.compile fuses (the top masked out) against the eager, in-place one: the same
-    top and the same mass of the others, with a top of 1e-30 of the mass above the rest and ties."""
-    torch.manual_seed(1)
-    logits = torch.randn(32, 3001) * 4
-    logits[0, 7] = 90.0  # every other token ~1e-38 of the top
-    logits[1, 5] = logits[1, 9] = 30.0  # a tie at the top: one of the two is the top, the other stays in the mass
-    fn = torch.compile(softmax_parts, dynamic=True) if compiled else softmax_parts
-    masked = fn(logits.clone(), in_place=False)
-    in_place = softmax_parts(logits.clone())
-    assert torch.equal(masked[1], in_place[1]) and torch.equal(masked[0], in_place[0])
-    assert torch.allclose(masked[2], in_place[2], rtol=0, atol=1e-5)
-
-
-@pytest.mark.parametrize("in_place", [True, False])
-def test_softmax_parts_of_bf16_logits_are_float32_sums_of_their_values(in_place):
+def test_softmax_parts_of_bf16_logits_are_float32_sums_of_their_values():
     """bf16 logits (CUDA's bf16 option) are summed in float32: the same parts as their values in float32."""
     torch.manual_seed(2)
     logits = (torch.randn(16, 3001) * 4).bfloat16()
-    got = softmax_parts(logits.clone(), in_place=in_place)
+    got = softmax_parts(logits.clone())
     want = softmax_parts(logits.float())
     assert got[0].dtype == got[2].dtype == torch.float32 and torch.equal(got[1], want[1])
     assert torch.equal(got[0], want[0]) and torch.allclose(got[2], want[2], rtol=0, atol=1e-5)

@@ -6,15 +6,17 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from workers import experiments, models
-from workers.scoring import logodds
-from workers.shard import ShardRunner, ShardSpec, WorkParams
+from workers import experiments
+from workers.model import hooked, source
+from workers.scoring.logodds import logodds
+from workers.shard import ShardRunner
+from workers.work import ShardSpec, WorkParams
 
 
 @pytest.fixture(scope="module")
 def runner(tmp_path_factory):
     out = tmp_path_factory.mktemp("shards")
-    params = WorkParams("toy-2l", seed=3, n_neighbors=4, pair=models.FALLBACK_PAIR, bos=models.DEFAULT_BOS,
+    params = WorkParams("toy-2l", seed=3, n_neighbors=4, pair=source.FALLBACK_PAIR, bos=source.DEFAULT_BOS,
                         save_tokens=True, precision="fp32", heads=False, processing="exact",
                         experiments=tuple(experiments.REGISTRY.values()))
     return ShardRunner(params, str(out), device="cpu", batch_size=37)
@@ -36,7 +38,7 @@ def test_token_powers_shard_rows(runner):
     # each file says how it was computed
     scorer = json.loads(pq.read_schema(io.BytesIO(runner.store.get(spec.key))).metadata[b"induction_sweep.scorer"])
     assert scorer == {"path": "compact", "precision": "fp32", "compiled": False, "attention": "sdpa",
-                      "logits": "float32", "lse": "torch", "query": "torch", "table": "float32", "device": "cpu",
+                      "lse": "torch", "device": "cpu",
                       "torch": torch.__version__}
 
 
@@ -45,12 +47,12 @@ def test_saved_tokens_reproduce_strength_through_transformer_lens(runner, toy_mo
     runner.run(spec)
     rows = read(runner, spec)
     assert list(rows.target.unique()) == ["B", "A", "N1", "N2", "N3", "R"]
-    a, b = models.FALLBACK_PAIR
+    a, b = source.FALLBACK_PAIR
     assert (rows.a == a).all() and (rows.b == b).all()
     tokens = torch.tensor(np.stack(rows.tokens.to_numpy()), dtype=torch.int64)
     shuffled = torch.tensor(np.stack(rows.shuffled_tokens.to_numpy()), dtype=torch.int64)
     targets = torch.tensor(rows.target_token.to_numpy(), dtype=torch.int64)[:, None]
-    lo = [logodds(torch.log_softmax(models.full_logits(toy_model, t)[:, -1].double(), -1), targets)[:, 0]
+    lo = [logodds(torch.log_softmax(hooked.full_logits(toy_model, t)[:, -1].double(), -1), targets)[:, 0]
           for t in (tokens, shuffled)]
     assert np.abs((lo[0] - lo[1]).numpy() - rows.strength.to_numpy()).max() < 1e-3
     assert np.abs(lo[0].numpy() - rows.logodds_induction.to_numpy()).max() < 1e-3
@@ -72,11 +74,11 @@ def test_default_batch_sizes():
     """CUDA batches: 32768 for an attention-only compact forward, less for MLPs by their hidden width
     (the float32 hidden layer at every position within MLP_HIDDEN_BYTES), 2048 on TransformerLens'
     path; 1024 on a CPU."""
-    from workers.scoring import Scorer
+    from workers.scoring.scorer import scorer_for
     from workers.shard import default_batch_size
 
     def scorer(**shape):
-        return Scorer(models.random_model(d_vocab=512, n_ctx=32, d_model=64, n_heads=4, d_head=16, seed=1, **shape), "fp32")
+        return scorer_for(hooked.random_model(d_vocab=512, n_ctx=32, d_model=64, n_heads=4, d_head=16, seed=1, **shape), "fp32")
 
     cuda = torch.device("cuda")  # only the scorer's path and shapes are read: no GPU needed
     attn_only = scorer()

@@ -7,9 +7,9 @@ import torch
 
 pytest.importorskip("triton")
 
-from test_fast import check_parity  # noqa: E402
+from test_compact import check_parity  # noqa: E402
 
-from workers.unembed_lse import logits_lse  # noqa: E402
+from workers.kernels.unembed_lse import logits_lse  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -51,9 +51,8 @@ def test_logits_lse_matches_float64(dtype):
     assert (top_value - rest)[6].item() > 280  # the log-odds of the top: finite and exact
 
 
-@pytest.mark.parametrize("logits", ["float32", "bf16"])
-def test_scorer_with_triton_log_sum_exp_matches_transformer_lens(toy_model, logits):
-    check_parity(toy_model, "bf16", n=64, lse="triton", logits=logits)
+def test_scorer_with_triton_log_sum_exp_matches_transformer_lens(toy_model):
+    check_parity(toy_model, "bf16", n=64, lse="triton")
     check_parity(toy_model, "fp32", n=64, lse="triton")
-    if logits == "bf16":  # as on CUDA: the unembedding's input and the exact logits compiled around the kernel
-        check_parity(toy_model, "bf16", n=64, lse="triton", logits=logits, compile=True)
+    # as on CUDA: the unembedding's input and the exact logits compiled around the kernel
+    check_parity(toy_model, "bf16", n=64, lse="triton", compile=True)

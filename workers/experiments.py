@@ -7,20 +7,14 @@ Planning (jobs/config.py), scoring (workers/shard.py), aggregation (workers/accu
 jobs/aggregate.py) and the report (jobs/report.py) read these declarations; none branches on
 an experiment's name. The POWERS, PAIR and NEIGHBORS views show one experiment each; CONTROL
 shows any number. Adding an experiment is one ``register(Experiment(...))`` plus, for a
-control, its sequence rule (a function of workers/sequences.py's kind).
+control, its sequence rule: a function of workers/sequences.py's kind, or the name of one in
+``sequences.RULES``. Torch-free: the driver plans and reports without importing torch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-
-import torch
-from jaxtyping import Int
-from torch import Tensor
-
-from workers import sequences
-from workers.sequences import SequenceBatch
 
 FIXED_PAIR_NEIGHBORS = 3  # the post's fixed-pair study scores N1..N3
 # how Nk are found (docs/DESIGN.md §1), recorded in the manifest of every run that scores them
@@ -62,7 +56,7 @@ class Experiment:
     targets: Callable[[int], tuple[str, ...]]  # target names, given K neighbours
     view: str  # POWERS, PAIR, NEIGHBORS or CONTROL: the report's section
     per_token: bool = False  # each fixed token of the sweep gets --seqs sequences per scenario
-    rule: Callable[..., Tensor] | None = None  # alters the induction sequence before it is shuffled
+    rule: str | Callable | None = None  # alters the induction sequence before it is shuffled (sequences.RULES)
     group: str = ""  # "all" (the post's three) or "controls": what --experiment GROUP selects
     histograms: bool = False  # strength-on-B and log-odds histograms per scenario
 
@@ -124,17 +118,12 @@ register(Experiment(
     pair_targets, PAIR, group="all", histograms=True))
 register(Experiment("neighbors", 3, FREE, neighbor_targets, NEIGHBORS, group="all"))
 # mechanism controls: is it B's presence, or the A→B pair, that carries the prediction?
-register(Experiment("no-b", 4, FREE, pair_targets, CONTROL, rule=sequences.no_b, group="controls"))
-register(Experiment("b-elsewhere", 5, FREE, pair_targets, CONTROL, rule=sequences.b_elsewhere, group="controls"))
-register(Experiment("no-first-a", 6, FREE, pair_targets, CONTROL, rule=sequences.no_first_a, group="controls"))
+register(Experiment("no-b", 4, FREE, pair_targets, CONTROL, rule="no_b", group="controls"))
+register(Experiment("b-elsewhere", 5, FREE, pair_targets, CONTROL, rule="b_elsewhere", group="controls"))
+register(Experiment("no-first-a", 6, FREE, pair_targets, CONTROL, rule="no_first_a", group="controls"))
 
 
 def neighbor_rank(name: str) -> int:
     """k of a target name: 0 for B, k for Nk, -1 for A and R."""
     return 0 if name == "B" else int(name[1:]) if name.startswith("N") else -1
 
-
-def target_tokens(names: tuple[str, ...], batch: SequenceBatch,
-                  neighbors: Int[Tensor, "vocab k"] | None) -> Int[Tensor, "batch n_targets"]:
-    by_name = {"B": batch.b, "A": batch.a, "R": batch.r}
-    return torch.stack([by_name[n] if n in by_name else neighbors[batch.b, neighbor_rank(n) - 1] for n in names], dim=1)

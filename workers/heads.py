@@ -13,7 +13,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from workers.fast import CompactForward
+from workers.compact.forward import CompactForward
+from workers.rows import REST, head_column
 from workers.sequences import A_POS, B_POS, SequenceBatch, shuffled_positions
 
 
@@ -31,25 +32,6 @@ def attribution(compact: CompactForward, trace: dict, b: Int[Tensor, " batch"]) 
         heads = torch.einsum("bhd,bd->bh", head_out, u)
         total = torch.einsum("bd,bd->b", resid, u) + bias
     return torch.cat([heads, (total - heads.sum(1))[:, None]], dim=1)
-
-
-REST = "rest"  # embeddings, earlier layers and biases: only a logit attribution
-MEASURES = ("attn_b", "attn_a", "dla_b")
-SHUFFLED = "_shuf"
-
-
-def head_column(head: str, measure: str, shuffled: bool = False) -> str:
-    """The row column of one measure of one head (``h<k>`` or ``rest``): ``h2_attn_b_shuf``."""
-    return f"{head}_{measure}{SHUFFLED if shuffled else ''}"
-
-
-def parse_head_column(name: str) -> tuple[str, str, bool] | None:
-    """(head, measure, shuffled) of a column written by ``head_measures``; None for any other column."""
-    head, _, rest = name.partition("_")
-    shuffled = rest.endswith(SHUFFLED)
-    measure = rest.removesuffix(SHUFFLED)
-    is_head = head == REST or (head[:1] == "h" and head[1:].isdigit())
-    return (head, measure, shuffled) if is_head and measure in MEASURES else None
 
 
 @torch.inference_mode()

@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field, fields
-from typing import Union
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
-import torch
-from jaxtyping import Float, Int
-from torch import Tensor
 
-from workers.heads import parse_head_column
+if TYPE_CHECKING:  # torch-free at run time: the driver reads rows without it
+    from jaxtyping import Float, Int
+    from torch import Tensor
 
-Array = Union[Tensor, np.ndarray]  # tensors while scoring, numpy once a shard is assembled
+    Array = Tensor | np.ndarray  # tensors while scoring, numpy once a shard is assembled
 
 ROW_SCHEMA = pa.schema([
     ("experiment", pa.dictionary(pa.int8(), pa.string())),
@@ -35,6 +34,24 @@ ROW_SCHEMA = pa.schema([
     ("strength", pa.float32()),
 ])
 TOKEN_COLUMNS = ("tokens", "shuffled_tokens")  # with --save-tokens: the exact model inputs
+# --heads columns (workers/heads.py): per head of the last layer, and ``rest`` for the logit attribution
+REST = "rest"  # embeddings, earlier layers and biases: only a logit attribution
+MEASURES = ("attn_b", "attn_a", "dla_b")
+SHUFFLED = "_shuf"
+
+
+def head_column(head: str, measure: str, shuffled: bool = False) -> str:
+    """The row column of one measure of one head (``h<k>`` or ``rest``): ``h2_attn_b_shuf``."""
+    return f"{head}_{measure}{SHUFFLED if shuffled else ''}"
+
+
+def parse_head_column(name: str) -> tuple[str, str, bool] | None:
+    """(head, measure, shuffled) of a column written by ``head_measures``; None for any other column."""
+    head, _, rest = name.partition("_")
+    shuffled = rest.endswith(SHUFFLED)
+    measure = rest.removesuffix(SHUFFLED)
+    is_head = head == REST or (head[:1] == "h" and head[1:].isdigit())
+    return (head, measure, shuffled) if is_head and measure in MEASURES else None
 
 
 @dataclass
@@ -58,6 +75,8 @@ class ScoredBatch:
     @staticmethod
     def concat(parts: list[ScoredBatch]) -> ScoredBatch:
         """One numpy batch from tensor batches (moved off the device once)."""
+
+        import torch
 
         def cat(values: list) -> np.ndarray:
             return torch.cat(values).cpu().numpy()

@@ -18,6 +18,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from workers.experiments import neighbor_rank
 from workers.layout import A_POS, B_POS, FILLER_POS, FIRST_TOKEN, N_FILLER, N_INNER, SEQ_LEN  # noqa: F401 (re-exported)
 
 # Draw numbers (the hash counter) for each random quantity of one sequence.
@@ -109,7 +110,7 @@ def make_batch(
         [bos_col, filler[:, :N_FILLER], a[:, None], b[:, None], filler[:, N_FILLER:], a[:, None]], dim=1
     )
     if rule is not None:
-        tokens = rule(tokens, keys, d_vocab)
+        tokens = (RULES[rule] if isinstance(rule, str) else rule)(tokens, keys, d_vocab)
     return SequenceBatch(
         tokens=tokens,
         shuffled=shuffle_inner(tokens, keys),
@@ -169,3 +170,13 @@ def b_elsewhere(tokens: Int[Tensor, "batch pos"], keys: Int[Tensor, " batch"], d
     slot = slots[(_shr(draws(keys, DRAW_CONTROL + 1, 1)[:, 0], 32) * len(FILLER_POS)) >> 31]
     out[torch.arange(len(out), device=out.device), slot] = tokens[:, B_POS]
     return out
+
+
+RULES = {"no_b": no_b, "b_elsewhere": b_elsewhere, "no_first_a": no_first_a}  # controls' rules by name (workers/experiments.py)
+
+
+def target_tokens(names: tuple[str, ...], batch: SequenceBatch,
+                  neighbors: Int[Tensor, "vocab k"] | None) -> Int[Tensor, "batch n_targets"]:
+    """The token of each named target (B, A, R, Nk) of each sequence."""
+    by_name = {"B": batch.b, "A": batch.a, "R": batch.r}
+    return torch.stack([by_name[n] if n in by_name else neighbors[batch.b, neighbor_rank(n) - 1] for n in names], dim=1)

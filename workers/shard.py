@@ -15,7 +15,6 @@ import socket
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -25,71 +24,22 @@ from jaxtyping import Int
 from torch import Tensor
 
 from storage import open_store
-from workers import compile_cache, experiments, load_check, models
+from workers import neighbors
 from workers.accumulator import FOOTER_KEY, shard_partials
 from workers.experiments import Experiment, Scenario
-from workers.load_check import Reference, prove
+from workers.model import hooked, source
 from workers.rows import ScoredBatch
-from workers.sequences import FIRST_TOKEN, SEQ_LEN, SequenceBatch, make_batch, sequence_keys
+from workers.scoring import check as load_check
+from workers.scoring import compile_cache
+from workers.scoring.check import Reference, prove
+from workers.sequences import FIRST_TOKEN, SEQ_LEN, SequenceBatch, make_batch, sequence_keys, target_tokens
+from workers.work import ShardSpec, ShardSummary, WorkParams
 
 if TYPE_CHECKING:
-    from workers.scoring import Scorer
+    from workers.scoring.scorer import Scorer
 
 SCORER_KEY = b"induction_sweep.scorer"
 ORIGIN_KEY = b"induction_sweep.origin"  # host, pid and (in Ray) node and actor ids of the computing actor
-
-
-@dataclass(frozen=True)
-class WorkParams:
-    """What an actor needs of the run's config (jobs/config.py RunConfig.work_params)."""
-
-    model: str
-    seed: int
-    n_neighbors: int  # 0: no experiment of the run scores neighbours
-    pair: tuple[int, int]
-    bos: int
-    save_tokens: bool
-    precision: str
-    heads: bool  # per-head attention and logit attribution columns (workers/heads.py)
-    processing: str  # "exact" or "tl-default" (workers/models.py processing_steps)
-    experiments: tuple[Experiment, ...]  # the run's declarations travel with the work (a new one needs no deploy)
-
-
-@dataclass(frozen=True)
-class ShardSpec:
-    experiment: str
-    scenario: str
-    part: int
-    seq_lo: int
-    seq_hi: int
-    token_lo: int = -1  # fixed tokens [token_lo, token_hi) of per-token experiments; -1 otherwise
-    token_hi: int = -1
-
-    @property
-    def key(self) -> str:
-        return f"shards/{self.experiment}/part-{self.part:06d}.parquet"
-
-    @property
-    def n_sequences(self) -> int:
-        return max(1, self.token_hi - self.token_lo) * (self.seq_hi - self.seq_lo)
-
-    def n_rows(self, n_neighbors: int) -> int:
-        return self.n_sequences * len(experiments.get(self.experiment).target_names(n_neighbors))
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass
-class ShardSummary:
-    key: str
-    rows: int
-    sequences: int
-    compute_s: float  # generating and scoring
-    write_s: float  # encoding and storing
-    partials: bytes = b""  # the shard's Accumulator (workers/accumulator.py), as in its footer
-    nonfinite: int = 0  # strengths that are not finite (the run fails on any)
-    nonfinite_example: dict | None = None  # the first: experiment, scenario, target, fixed token, sequence
 
 
 class ShardRunner:
@@ -108,16 +58,16 @@ class ShardRunner:
         # background while the scorer loads and compiles
         reference = Reference(params.model, params.processing, self.device)
         # checkpoints the compact forward computes load without TransformerLens (seconds of imports saved per actor)
-        self.model, self.loading = self._timed("load", models.load_for_scoring, params.model, self.device, params.processing)
-        from workers.scoring import Scorer, cosine_neighbors
+        self.model, self.loading = self._timed("load", hooked.load_for_scoring, params.model, self.device, params.processing)
+        from workers.scoring.scorer import scorer_for
 
-        self.scorer = Scorer(self.model, params.precision, compile=compile)
+        self.scorer = scorer_for(self.model, params.precision, compile=compile)
         self.batch_size = batch_size or default_batch_size(self.device, self.scorer)
         self.d_vocab = self.model.W_E.shape[0]
         self.neighbors = None
         if params.n_neighbors > 0:  # on the device, once per actor, from the stored weights (docs/DESIGN.md §1)
-            unembedding = models.centred_unembedding(models.unembedding_of(self.model).to(self.device))
-            self.neighbors = self._timed("neighbors", cosine_neighbors, unembedding, params.n_neighbors, FIRST_TOKEN)
+            unembedding = neighbors.centred_unembedding(hooked.unembedding_of(self.model).to(self.device))
+            self.neighbors = self._timed("neighbors", neighbors.cosine_neighbors, unembedding, params.n_neighbors, FIRST_TOKEN)
         self.store = open_store(out)
         # kernels that another actor of the run compiled already; the warm-up compiles the rest
         cache = None
@@ -129,8 +79,8 @@ class ShardRunner:
             self._timed("cache save", compile_cache.save, self.store, cache)
         self.check = self._timed("check", prove, self.scorer, reference, self.check_batches(), params.model, params.processing)
         self.timings["reference"] = reference.build_s  # in the background, from the start
-        if models.transformer_lens_import_seconds():  # the TransformerLens import (the loader's or the reference's)
-            self.timings["import"] = models.transformer_lens_import_seconds()
+        if source.transformer_lens_import_seconds():  # the TransformerLens import (the loader's or the reference's)
+            self.timings["import"] = source.transformer_lens_import_seconds()
         self._compute = threading.Lock()  # one shard computes while the previous one uploads
 
     @functools.cached_property
@@ -228,7 +178,7 @@ class ShardRunner:
             a_fixed = torch.full_like(seq, pair_a) if scenario.fix_a else none
             b_fixed = torch.full_like(seq, pair_b) if scenario.fix_b else none
         batch = make_batch(keys, self.d_vocab, self.params.bos, a_fixed, b_fixed, experiment.rule)
-        return batch, experiments.target_tokens(experiment.target_names(self.params.n_neighbors), batch, self.neighbors)
+        return batch, target_tokens(experiment.target_names(self.params.n_neighbors), batch, self.neighbors)
 
     def score(self, experiment: Experiment, scenario: Scenario, fixed: Int[Tensor, " batch"],
               seq: Int[Tensor, " batch"]) -> ScoredBatch:

@@ -97,7 +97,7 @@ def train(out: Path, steps: int, seed: int, batch: int = 64, lr: float = 3e-3) -
 
 @torch.no_grad()
 def check_processing_is_exact(model: HookedTransformer, out: Path, probs: Tensor, gen: torch.Generator) -> None:
-    from workers.models import load_model
+    from workers.model.hooked import load_model
 
     tokens = training_batch(probs, 16, model.cfg.n_ctx, gen)
     model.eval()

@@ -11,13 +11,12 @@ Against TransformerLens' full forward (all positions, all logits) it
     each position costs two dot products per head instead of a row of the K/V projection;
   * runs the last block's MLP at the last position only;
   * unembeds one position, and recomputes the target logits in float32 for the log-odds.
-It is checked against TransformerLens' own forward in tests/test_fast.py.
+It is checked against TransformerLens' own forward in tests/test_compact.py.
 """
 
 from __future__ import annotations
 
 import functools
-import warnings
 from typing import NamedTuple
 
 import torch
@@ -25,7 +24,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from workers.models import CompactWeights
+from workers.model.folds import CompactWeights
 
 
 def layer_norm_pre(x: Float[Tensor, "... d_model"], eps: float) -> Float[Tensor, "... d_model"]:
@@ -39,34 +38,11 @@ def _heads(w: Float[Tensor, "heads d_model d_head"]) -> Float[Tensor, "d_model h
     return w.permute(1, 0, 2).reshape(w.shape[1], -1)
 
 
-# sdpa: torch's scaled_dot_product_attention; products: batched float32 products of each sequence's
-# [pos, pos] scores; triton: Triton programs per sequence (workers/attention_kernels.py), the last
-# layer's folded attention included
-ATTENTION = ("sdpa", "products", "triton")
-
-
-# how the last layer's query side (q, W_Kᵀq and the key bias's scores) is made: torch's float32 products,
-# or one Triton kernel on tensor cores (attention_kernels.query_side: three TF32 products a product,
-# near float32, under bf16 and tf32)
-QUERY = ("torch", "triton")
-# the dtype layer 0's per-token Q/K/V table is kept in (shortformers): float32, or float16 under bf16, whose
-# 10-bit mantissa is TF32's, to which the Triton attention rounds Q, K and V anyway, at half the bytes
-# its gather reads (9.7 GB of a 65536-row step in float32). Where the table would overflow float16 it
-# stays float32.
-TABLES = ("float32", "float16")
-
-
-def attentions(device: torch.device) -> tuple[str, ...]:
-    """The attentions that run for real on ``device``: on a CPU Triton runs only under its
-    interpreter (for tests), thousands of times slower."""
-    return ATTENTION if device.type == "cuda" else ("sdpa", "products")
-
-
 class Stream(NamedTuple):
     """The residual stream before the last layer left as a sum, which the Triton kernel of the last
     layer adds up as it reads it: ``base`` (dense rows, or with ``tokens`` the token embedding's rows of
     each position's token) + (``added`` + ``bias``): the layer before's output and its b_O. Written out
-    and read back, the sum cost 2.1 ms of a 26.8-ms bf16 step on an H200 (docs/PERFORMANCE.md)."""
+    and read back, the sum costs a write and a read of [batch, pos, d_model] (docs/PERFORMANCE.md)."""
     base: Float[Tensor, "batch pos d_model"] | Float[Tensor, "vocab d_model"]
     tokens: Int[Tensor, "batch pos"] | None
     added: Float[Tensor, "batch pos d_model"]
@@ -83,7 +59,7 @@ def _solu(x: Float[Tensor, "rows d_mlp"]) -> Float[Tensor, "rows d_mlp"]:
 
 
 _TANH_GELU = functools.partial(F.gelu, approximate="tanh")  # TransformerLens' gelu_new and gelu_fast are this formula
-# MLP activations by TransformerLens' act_fn name (models.compact_supported admits these); SoLU's
+# MLP activations by TransformerLens' act_fn name (model/fields.py routes these here); SoLU's
 # LayerNorm (solu_ln) is applied after it by CompactForward.mlp
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "gelu_new": _TANH_GELU, "gelu_fast": _TANH_GELU,
                "gelu_pytorch_tanh": _TANH_GELU, "solu": _solu, "solu_ln": _solu}
@@ -91,36 +67,26 @@ ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "gelu_new": _TANH
 
 class CompactForward(torch.nn.Module):
     def __init__(self, w: CompactWeights, dtype: torch.dtype = torch.float32, compute: torch.dtype | None = None,
-                 attention: str = "sdpa", align: int = 1, query: str = "torch", table: str = "float32"):
+                 attention: str = "sdpa", align: int = 1):
         """``dtype`` rounds the weights and inputs of the projections (Q/K/V, O, V and O of the last
         layer, the MLPs' W_in and W_out, unembedding); ``compute`` runs them (default ``dtype``);
-        their sums, and the MLPs' hidden layer between its two products, are float32.
-        Attention over the 24 positions (the last layer's query and ``W_K^T q`` included: one row
-        per head), biases, the layer-0 table and the residual stream stay float32: they cost little
-        and carry most of the bf16 error otherwise (the triton attention's products before the last
-        layer take TF32 inputs, rounded to nearest: half the instructions, the powers' bias unchanged,
-        toy-2l's max error 0.088 against 0.082 on an H200). bf16
-        rounding with float32 compute gives bf16 tensor-core numerics on CPUs, where bf16 products
-        are far slower than float32 (docs/PERFORMANCE.md).
-        ``attention``: how the layers before the last attend over every position (ATTENTION; with
-        triton, the last layer's folded attention too).
-        ``align``: W_U's rows and columns padded to a multiple of it (64 on CUDA, see below).
-        ``query``: how the last layer's query side is made (QUERY); ``table``: layer 0's Q/K/V table's
-        dtype (TABLES; float16 with bf16 only; None once made where layer 0 has no table)."""
+        their sums, and the MLPs' hidden layer between its two products, are float32. Attention over
+        the 24 positions (the last layer's query and ``W_K^T q`` included), biases, the layer-0 table
+        and the residual stream stay float32: they cost little and carry most of the bf16 error
+        otherwise. bf16 rounding with float32 compute gives bf16 tensor-core numerics on CPUs, where
+        bf16 products are far slower than float32.
+        ``attention``: how the layers before the last attend (scoring.variant.ATTENTIONS; with triton,
+        the last layer's folded attention too). ``align``: W_U's rows and columns padded to a multiple
+        of it (64 on CUDA, see below)."""
         super().__init__()
-        for name, value, known in (("attention", attention, ATTENTION), ("query", query, QUERY), ("table", table, TABLES)):
-            if value not in known:
-                raise ValueError(f"unknown {name} {value!r}: choose {', '.join(known)}")
-        if table == "float16" and dtype != torch.bfloat16:
-            raise ValueError(f"table {table!r}: float16 rounds Q, K and V below float32, with bf16 precision only")
-        self.attention, self.query, self.table = attention, query, table
+        self.attention = attention
         self.n_layers, self.n_heads, self.d_head = len(w.W_Q), w.W_Q[0].shape[0], w.W_Q[0].shape[2]
         self.shortformer, self.layer_norm, self.eps, self.scale = w.shortformer, w.layer_norm, w.eps, w.attn_scale
         self.dtype, self.compute = dtype, compute or dtype
-        # bf16 tensor cores sum in float32; torch returns those sums rounded to bf16 unless asked
-        # (CUDA's mm/bmm out_dtype). Keeping them float32 is what keeps toy-2l's bf16 error within its
-        # bound (docs/PERFORMANCE.md).
-        self.float_sums = self.compute != torch.float32 and "dtype" in torch.ops.aten.mm.overloads()
+        # bf16 tensor cores sum in float32; torch returns those sums rounded to bf16 unless asked (mm/bmm's
+        # out_dtype). Keeping them float32 is what keeps toy-2l's bf16 error within its bound.
+        if self.compute != torch.float32 and "dtype" not in torch.ops.aten.mm.overloads():
+            raise ValueError(f"bf16 products with float32 sums need torch's mm out_dtype, which torch {torch.__version__} lacks")
         # Shortformer positions are added to the query and key inputs (not values): (h + pos) @ W.
         pos = w.W_pos if self.shortformer else torch.zeros_like(w.W_pos)
         for i in range(self.n_layers - 1):
@@ -131,16 +97,10 @@ class CompactForward(torch.nn.Module):
                                  pos.new_zeros(len(pos), W_QKV.shape[1] // 3)], 1)
             self.register_buffer(f"W_QKV{i}", self.cast(W_QKV))
             if i == 0 and self.shortformer:  # layer 0 reads the token embedding alone: one Q/K/V row per token
-                table = self.ln(w.W_E) @ W_QKV.float()
-                if self.table == "float16" and table.abs().max() >= torch.finfo(torch.float16).max / 2:  # bias added after
-                    warnings.warn("layer 0's Q/K/V table exceeds float16's range; kept in float32", stacklevel=2)
-                    self.table = "float32"
-                self.register_buffer("tok_QKV0", table.to(getattr(torch, self.table)))
+                self.register_buffer("tok_QKV0", self.ln(w.W_E) @ W_QKV.float())
             self.register_buffer(f"pos_QKV{i}", (pos_QKV + b_QKV).float())
             self.register_buffer(f"W_O{i}", self.cast(w.W_O[i].flatten(0, 1)))
             self.register_buffer(f"b_O{i}", w.b_O[i].float())
-        if not hasattr(self, "tok_QKV0"):
-            self.table = None  # no table to keep
         last = self.n_layers - 1
         self.register_buffer("W_Q_last", _heads(w.W_Q[last]).float())  # float32: the query decides where induction looks
         self.register_buffer("q_bias", (pos @ _heads(w.W_Q_pos[last]) + w.b_Q[last].flatten()).float())  # pos heads_x_d_head
@@ -152,12 +112,10 @@ class CompactForward(torch.nn.Module):
         self.register_buffer("b_O_last", w.b_O[last].float())
         self.register_buffer("W_E", w.W_E.float())
         self.register_buffer("W_pos", w.W_pos.float())
-        # b_U is added by the unembedding's product (torch.addmm; cuBLASLt's bias epilogue on CUDA), in the
-        # product's dtype. As one more row of W_U it took the 512 rows to 513, and 576 once aligned: 11 % of the
-        # products on zeros, a compute-bound 0.55 ms of a 23.5-ms bf16 step on an H200 (docs/PERFORMANCE.md). On CUDA
-        # W_U is padded to multiples of 64 (zero rows; zero columns, sliced off the logits): cuBLAS takes its
-        # Hopper kernels only for aligned leading dimensions, which 48262 is not (145 TFLOP/s unaligned on an
-        # H200, 540 aligned). On a CPU the padding would only add arithmetic.
+        # b_U is added by the unembedding's product (addmm: cuBLASLt's bias epilogue on CUDA), not as one more
+        # row of W_U, which would take 512 rows to 576 once aligned. On CUDA W_U is padded to multiples of 64
+        # (zero rows; zero columns, sliced off the logits): cuBLAS takes its fast kernels only for aligned
+        # leading dimensions, which 48262 is not. On a CPU the padding would only add arithmetic.
         self.d_vocab = w.W_U.shape[1]
         columns = (0, -self.d_vocab % align)
         self.register_buffer("W_U", self.cast(F.pad(w.W_U, columns + (0, -w.W_U.shape[0] % align))))
@@ -183,9 +141,7 @@ class CompactForward(torch.nn.Module):
         """``a @ b`` of inputs in the compute dtype, with a float32 result."""
         if self.compute == torch.float32:
             return a @ b
-        if self.float_sums:
-            return (torch.mm if b.dim() == 2 else torch.bmm)(a, b, out_dtype=torch.float32)
-        return (a @ b).float()  # a torch without out_dtype: sums rounded to bf16
+        return (torch.mm if b.dim() == 2 else torch.bmm)(a, b, out_dtype=torch.float32)
 
     def ln(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
         return layer_norm_pre(x, self.eps) if self.layer_norm else x.float()
@@ -249,9 +205,9 @@ class CompactForward(torch.nn.Module):
 
     @staticmethod
     def attention_kernels():
-        import workers.attention_kernels  # Triton: imported only where it runs
+        import workers.kernels.attention  # Triton: imported only where it runs
 
-        return workers.attention_kernels
+        return workers.kernels.attention
 
     def attend_last(
         self, x: Float[Tensor, "batch pos d_model"] | Stream, x_last: Float[Tensor, "batch d_model"], trace: dict | None
@@ -282,10 +238,6 @@ class CompactForward(torch.nn.Module):
         """(W_Kᵀq per head: what each position's LN'd stream is scored by, what each position's key bias
         adds) of the last position's query ``q = h W_Q + b_Q + positions``, all float32."""
         q_bias, k_bias = self.q_bias[n_pos - 1], self.k_bias[:n_pos]
-        if self.query == "triton":
-            u, c = self.attention_kernels().query_side(h, self.W_Q_last, q_bias, self.W_K_last, k_bias,
-                                                       exact=self.dtype == torch.float32)
-            return u.transpose(0, 1), c
         q = (h @ self.W_Q_last + q_bias).view(len(h), self.n_heads, self.d_head)
         return torch.einsum("bhe,hde->bhd", q, self.W_K_last), torch.einsum("bhe,phe->bhp", q, k_bias)
 
@@ -311,12 +263,3 @@ class CompactForward(torch.nn.Module):
             return torch.addmm(self.b_U_padded, x, self.W_U).to(dtype)[:, : self.d_vocab]
         return (self.matmul(x, self.W_U) + self.b_U_padded)[:, : self.d_vocab]  # bf16 products, float32 sums
 
-
-def target_logits(
-    h: Float[Tensor, "batch d_model"], W_U_rows: Float[Tensor, "vocab d_model"], b_U: Float[Tensor, " vocab"],
-    targets: Int[Tensor, "batch n_targets"],
-) -> Float[Tensor, "batch n_targets"]:
-    """The targets' logits recomputed in float32 (``CompactForward.W_U_rows`` and ``b_U``): accurate
-    even when the rest is bf16. A function of tensors alone, so that one compiled graph serves every
-    scorer (workers/scoring.py)."""
-    return torch.einsum("bd,btd->bt", h, W_U_rows[targets]) + b_U[targets]

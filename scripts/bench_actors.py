@@ -1,4 +1,4 @@
-"""``bench --actors``: is the driver a bottleneck? Run throughput with 1 and 2 single-threaded CPU
+"""``scripts/bench_lab.py --actors``: is the driver a bottleneck? Run throughput with 1 and 2 single-threaded CPU
 actors on the same scorer, through the real driver (Ray, shards, Parquet, local storage)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from jobs import driver
 from jobs.config import RunConfig, plan_shards, resolve
 from jobs.phases import Phases
 from jobs.pool import ActorPlan, ActorPool
-from workers import models
+from workers.model import source
 
 
 def steady_rate(completed: list[tuple[float, int]], actors: int) -> float:
@@ -28,7 +28,7 @@ def actor_scaling(model: str, tokens: int = 256, seqs: int = 256, shard_size: in
         with tempfile.TemporaryDirectory() as out:
             cfg = RunConfig(model=model, out=out, experiments=("token-powers",), seqs=seqs, shard_size=shard_size,
                             precision="fp32")
-            cfg = resolve(cfg, models.describe(model), str(tokens))
+            cfg = resolve(cfg, source.describe(model), str(tokens))
             specs, phases = plan_shards(cfg), Phases()
             pool = ActorPool(ray, cfg, ActorPlan(count, 0, 1, 1, {}, count))
             try:

@@ -1,21 +1,18 @@
 """The log-sum-exp of materialised logits in one read (Triton): ``logits_lse``.
 
-It returns what ``workers.scoring.softmax_parts`` does: the top logit, its token and the log-sum-exp
+It returns what ``workers.scoring.logodds.softmax_parts`` does: the top logit, its token and the log-sum-exp
 of every *other* logit, shifted by their own maximum, so that it stays exact however far below the
 top they lie (float32's exp underflows 103 nats down). Each column slot of a row keeps its own
 running state (top, the tile it came from, the rest's maximum and its sum relative to it), folded
-elementwise with one exp a logit; nothing is reduced across threads until the row ends (the kernel
-was bound by instructions, not by reading the logits, while it reduced each tile).
+elementwise with one exp a logit; nothing is reduced across threads until the row ends (a reduction
+per tile binds the kernel by instructions rather than by reading the logits).
 
-On CUDA the scorer's default for bf16 and tf32 reduces cuBLAS's logits with it (docs/PERFORMANCE.md).
+On CUDA the scorer reduces cuBLAS's logits with it at every precision (docs/PERFORMANCE.md).
 Elsewhere it runs under Triton's interpreter (``TRITON_INTERPRET=1``, set before this module is
 imported), which is how the tests check it without a GPU; the interpreter reads bf16 as float32 values.
 """
 
 from __future__ import annotations
-
-import inspect
-import os
 
 import torch
 import triton
@@ -23,13 +20,10 @@ import triton.language as tl
 from jaxtyping import Float, Int
 from torch import Tensor
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from workers.kernels.common import AUTOTUNE_CACHE, INTERPRET
 
 # BIG_BATCH in the key: tiles tuned on an actor's warm-up or a bench's accuracy sample (a few
 # hundred rows) would otherwise serve batches of 65536
-# the tuning's result kept in Triton's on-disk cache where this Triton can (a later actor on the
-# machine skips the configs' compilation and timing); older Tritons lack the option
-AUTOTUNE_CACHE = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
 
 LSE_CONFIGS = ([triton.Config({"BLOCK_B": 4, "BLOCK_V": 64})] if INTERPRET else
                [triton.Config({"BLOCK_B": b, "BLOCK_V": v}, num_warps=w) for b, v, w in
@@ -91,7 +85,7 @@ def _lse_kernel(x_ptr, top_value_ptr, top_ptr, rest_ptr, B, V, stride_x,
 def logits_lse(
     logits: Float[Tensor, "batch vocab"],
 ) -> tuple[Float[Tensor, "batch 1"], Int[Tensor, "batch 1"], Float[Tensor, "batch 1"]]:
-    """``workers.scoring.softmax_parts`` of materialised logits (bf16 or float32, summed in float32)
+    """``workers.scoring.logodds.softmax_parts`` of materialised logits (bf16 or float32, summed in float32)
     in one read: each slot of a row's tiles folded on its own, the slots merged once at the end."""
     if INTERPRET and logits.dtype == torch.bfloat16:
         # the interpreter multiplies bf16 bit patterns (triton-lang/triton#11584); bf16 -> float32 is exact

@@ -6,7 +6,7 @@ The reference is the function that was trained (``exact``: the stored weights, u
 with ``--processing tl-default``, the function that processing means to score (TransformerLens'
 defaults applied to the stored weights, in float64). It is built in a background thread from the
 moment the actor starts, so that importing TransformerLens and loading the weights overlap the
-scorer's own loading and compilation. Beyond the precision's bound (scoring.ACCURACY_BOUNDS) the
+scorer's own loading and compilation. Beyond the precision's bound (``Variant.bound``) the
 actor refuses to score, in one line naming the model, the figure and the likely cause.
 """
 
@@ -19,13 +19,15 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from workers import models
-from workers.scoring import ACCURACY_BOUNDS, Scorer, logodds
+from workers.model import folds, hooked, source
+from workers.scoring.logodds import logodds
+from workers.scoring.scorer import Scorer, scorer_for
+from workers.scoring.variant import ACCURACY_BOUNDS
 
 SEQUENCES = 32  # per check, split across the run's experiments; each is scored with its shuffled control
 
 
-class ScorerCheckFailed(models.ModelInputError):
+class ScorerCheckFailed(source.ModelInputError):
     """The scorer does not compute the model's function within its precision's bound: refused (exit 2)."""
 
 
@@ -40,16 +42,16 @@ class Reference:
 
     def _build(self, spec: str, processing: str):
         start = time.perf_counter()
-        if models.parameter_count(models.model_config(spec)) > models.FLOAT64_PARAMETERS:
+        if source.parameter_count(source.model_config(spec)) > source.FLOAT64_PARAMETERS:
             self.dtype = torch.float32
-        model = models.reference_model(spec, processing, self.dtype).to(self.device)
+        model = hooked.reference_model(spec, processing, self.dtype).to(self.device)
         self.build_s = time.perf_counter() - start
         return model
 
     @torch.inference_mode()
     def logodds(self, tokens: Int[Tensor, "batch pos"], targets: Int[Tensor, "batch n_targets"]
                 ) -> Float[Tensor, "batch n_targets"]:
-        logits = models.last_logits(self._model.result(), tokens.to(self.device))
+        logits = hooked.last_logits(self._model.result(), tokens.to(self.device))
         return logodds(logits.double(), targets.to(self.device)).cpu()
 
 
@@ -90,13 +92,12 @@ def likely_cause(scorer: Scorer, reference: Reference, checks: list, bound: floa
 
     model = scorer.model
     options = scorer.options
-    if options.get("compiled") or "triton" in (options.get("attention"), options.get("lse"), options.get("query")):
-        plain = Scorer(model, scorer.precision, compile=False, attention="products", lse="torch", query="torch")
-        if within(plain):
+    if options.get("compiled") or "triton" in (options.get("attention"), options.get("lse")):
+        if within(scorer_for(model, scorer.precision, compile=False, attention="products", lse="torch")):
             return "torch.compile or the Triton kernels on this machine (the eager torch path is within the bound)"
-    if scorer.precision != "fp32" and within(Scorer(model, "fp32", compile=False, attention="products", lse="torch", query="torch")):
+    if scorer.precision != "fp32" and within(scorer_for(model, "fp32", compile=False, attention="products", lse="torch")):
         return f"{scorer.precision} rounding is too coarse for this model: run with --precision fp32"
-    if scorer.path == "compact" and isinstance(model, models.CompactWeights):
+    if scorer.path == "compact" and isinstance(model, folds.CompactWeights):
         return ("the compact forward reads this architecture differently from TransformerLens "
                 "(a config field it misses): please report it with the model's config.json")
     return "TransformerLens' own float32 forward is that far from its float64 one: the model is numerically fragile"

@@ -3,9 +3,12 @@
 import pytest
 import torch
 
-from workers import experiments, models
-from workers.fast import ATTENTION, CompactForward, attentions
-from workers.scoring import Scorer, fastest_path, logodds
+from workers import experiments
+from workers.compact.forward import CompactForward
+from workers.model import folds, hooked
+from workers.scoring.logodds import logodds
+from workers.scoring.scorer import scorer_for
+from workers.scoring.variant import ATTENTIONS, Variant
 from workers.sequences import make_batch, sequence_keys
 
 BOUNDS = {"fp32": 1e-4, "bf16": 0.1}
@@ -19,7 +22,7 @@ def seed_style(n: int, d_vocab: int):
 
 def reference_strength(model, batch, targets) -> torch.Tensor:
     """TransformerLens: model(tokens) + log_softmax at the last position, in float64 after the forward."""
-    lo = [logodds(torch.log_softmax(models.full_logits(model, t)[:, -1].double(), -1), targets)
+    lo = [logodds(torch.log_softmax(hooked.full_logits(model, t)[:, -1].double(), -1), targets)
           for t in (batch.tokens, batch.shuffled)]
     return lo[0] - lo[1]
 
@@ -29,25 +32,19 @@ def check_parity(model, precision: str, n: int = 128, scored=None, **scorer_opti
     batch = seed_style(n, model.cfg.d_vocab)
     targets = torch.stack([batch.b, batch.a, batch.r], 1)
     ref = reference_strength(model, batch, targets)
-    scorer = Scorer(model if scored is None else scored, precision, **scorer_options)
+    scorer = scorer_for(model if scored is None else scored, precision, **scorer_options)
     assert scorer.path == "compact"
     ind, shuf = scorer.strength(batch.tokens, batch.shuffled, targets)
     err = ((ind - shuf).double() - ref).abs().max().item()
     assert err <= BOUNDS[precision], f"{precision}: max |Δ strength| {err}"
     # what was asked for ran, rather than the fallback taken when a compiler fails
-    on_cuda = scorer.device.type == "cuda"  # where both default to on
-    assert scorer.options["compiled"] == scorer_options.get("compile", on_cuda)
-    default = fastest_path(scorer.device, precision)
-    assert scorer.options["attention"] == scorer_options.get("attention", default["attention"])
-    assert scorer.options["logits"] == scorer_options.get("logits", default["logits"])
-    assert scorer.options["lse"] == scorer_options.get("lse", default["lse"])
-    assert scorer.options["query"] == scorer_options.get("query", default["query"])
-    assert scorer.options["table"] == (scorer_options.get("table", default["table"]) if hasattr(scorer.compact, "tok_QKV0") else None)
+    options = {"compiled" if k == "compile" else k: v for k, v in scorer_options.items()}
+    assert scorer.variant == Variant.default(scorer.device.type, precision).with_options(**options)
     return err
 
 
 # triton (an interpreter on a CPU) is checked on smaller batches in tests/test_attention_kernels.py
-ON_THIS_DEVICE = attentions(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+ON_THIS_DEVICE = ATTENTIONS if torch.cuda.is_available() else ("sdpa", "products")
 
 
 @pytest.mark.parametrize("attention", ON_THIS_DEVICE)
@@ -59,12 +56,12 @@ def test_toy_2l(toy_model, precision, attention):
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_toy_2l_as_the_actors_load_it(toy_model, precision):
     """The actors read toy-2l from safetensors without TransformerLens: same bounds."""
-    check_parity(toy_model, precision, n=256, scored=models.load_weights("toy-2l"))
+    check_parity(toy_model, precision, n=256, scored=folds.load_weights("toy-2l"))
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_random_attn_only_2l_shape_reduced_vocab(precision):
-    model = models.random_model(d_vocab=4096, n_ctx=64, seed=3, perturb=True)
+    model = hooked.random_model(d_vocab=4096, n_ctx=64, seed=3, perturb=True)
     check_parity(model, precision)
 
 
@@ -74,7 +71,7 @@ def test_random_attn_only_2l_shape_reduced_vocab(precision):
     dict(n_layers=2, normalization_type=None),
 ])
 def test_other_attention_only_shapes(shape):
-    model = models.random_model(d_vocab=1024, n_ctx=32, d_model=64, n_heads=4, d_head=16, seed=4, perturb=True, **shape)
+    model = hooked.random_model(d_vocab=1024, n_ctx=32, d_model=64, n_heads=4, d_head=16, seed=4, perturb=True, **shape)
     check_parity(model, "fp32", n=64)
 
 
@@ -85,8 +82,8 @@ MLP_SHAPE = dict(d_vocab=1024, n_ctx=32, d_model=64, n_heads=4, d_head=16, attn_
 @pytest.mark.parametrize("act_fn", ["gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh", "relu", "silu", "solu_ln"])
 def test_models_with_mlps(act_fn, precision):
     """Attention then MLP in each block (gelu-Nl, SoLU, GPT-2 shapes), TransformerLens-processed."""
-    model = models.random_model(**MLP_SHAPE, act_fn=act_fn, positional_embedding_type="standard", seed=6)
-    assert models.compact_weights(model).act_fn == act_fn
+    model = hooked.random_model(**MLP_SHAPE, act_fn=act_fn, positional_embedding_type="standard", seed=6)
+    assert folds.compact_weights(model).act_fn == act_fn
     check_parity(model, precision)
 
 
@@ -95,7 +92,7 @@ def test_models_with_mlps(act_fn, precision):
                                    # plain SoLU: TransformerLens' LayerNorm folding assumes a SoLU LayerNorm, so none here
                                    dict(n_layers=2, normalization_type=None, act_fn="solu")])
 def test_other_shapes_with_mlps(shape):
-    model = models.random_model(**MLP_SHAPE, **{"act_fn": "gelu_new", "positional_embedding_type": "standard", **shape})
+    model = hooked.random_model(**MLP_SHAPE, **{"act_fn": "gelu_new", "positional_embedding_type": "standard", **shape})
     check_parity(model, "fp32")
 
 
@@ -103,57 +100,39 @@ def test_other_shapes_with_mlps(shape):
                                    dict(act_fn="gelu", positional_embedding_type="rotary", rotary_dim=8),
                                    dict(act_fn="gelu", normalization_type="RMS")])
 def test_other_blocks_take_transformer_lens_path(flags):
-    model = models.random_model(**MLP_SHAPE, **{"positional_embedding_type": "standard", **flags})
-    assert models.compact_weights(model) is None
-    assert Scorer(model, "fp32").path == "transformer_lens"
+    model = hooked.random_model(**MLP_SHAPE, **{"positional_embedding_type": "standard", **flags})
+    assert folds.compact_weights(model) is None
+    assert scorer_for(model, "fp32").path == "transformer_lens"
 
 
-@pytest.mark.parametrize("mlp", [False, True])
-@pytest.mark.parametrize("attention", ON_THIS_DEVICE)
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+# CUDA's fp32 default; bf16 through both attentions, once with an MLP (each compilation takes ~20 s here)
+@pytest.mark.parametrize("precision, attention, mlp", [("fp32", "products", False), ("bf16", "sdpa", True), ("bf16", "products", False)])
 def test_compiled_forward(precision, attention, mlp):
     """torch.compile of the compact forward and of torch's unembedding + log-sum-exp (the default on
     CUDA), here through Inductor's CPU backend."""
     shape = dict(attn_only=False, d_mlp=1024, act_fn="gelu", positional_embedding_type="standard") if mlp else {}
-    model = models.random_model(d_vocab=4096, n_ctx=64, seed=3, perturb=True, **shape)
+    model = hooked.random_model(d_vocab=4096, n_ctx=64, seed=3, perturb=True, **shape)
     check_parity(model, precision, compile=True, attention=attention)
     # and the same numbers as eager, up to values that round to bf16 the other way after a
     # reordered float32 sum. Were the roundings dropped, the mean would be ~2e-3 (measured).
     batch = seed_style(128, model.cfg.d_vocab)
-    eager, compiled = (Scorer(model, precision, compile=c, attention=attention).logodds(batch.tokens, batch.b[:, None])
+    eager, compiled = (scorer_for(model, precision, compile=c, attention=attention).logodds(batch.tokens, batch.b[:, None])
                        for c in (False, True))
     if not mlp or precision == "fp32":
         assert (eager - compiled).abs().mean() < 1e-4 and (eager - compiled).abs().max() < 2e-3
     if precision == "bf16":  # the MLP's hidden layer adds roundings: compiled still sits far closer to eager bf16 than to fp32
-        fp32 = Scorer(model, "fp32", attention=attention).logodds(batch.tokens, batch.b[:, None])
+        fp32 = scorer_for(model, "fp32", attention=attention).logodds(batch.tokens, batch.b[:, None])
         assert (eager - compiled).abs().mean() < 0.2 * (eager - fp32).abs().mean()
 
 
-@pytest.mark.parametrize("compile", [False, True])
-def test_bf16_logits(compile):
-    """torch's logits written in bf16 (CUDA's option for bf16: half the memory traffic), here emulated:
-    the same bound, and they really are rounded (the strengths move, a little)."""
-    model = models.random_model(d_vocab=4096, n_ctx=64, seed=3, perturb=True)
-    check_parity(model, "bf16", compile=compile, logits="bf16")
-    batch = seed_style(64, model.cfg.d_vocab)
-    rounded, unrounded = (Scorer(model, "bf16", compile=compile, logits=x).logodds(batch.tokens, batch.b[:, None])
-                          for x in ("bf16", "float32"))
-    assert 0 < (rounded - unrounded).abs().max() < 0.05
-    with pytest.raises(ValueError, match="logits 'bf16': choose float32, or bf16 with bf16 precision"):
-        Scorer(model, "fp32", logits="bf16")
-    with pytest.raises(ValueError, match="unknown lse 'numpy': choose torch, triton"):
-        Scorer(model, "fp32", lse="numpy")
-
-
-@pytest.mark.parametrize("attention", ATTENTION)
+@pytest.mark.parametrize("attention", ATTENTIONS)
 @pytest.mark.parametrize("shape", [dict(n_layers=1), dict(n_layers=2), dict(n_layers=3, positional_embedding_type="standard"),
                                    dict(n_layers=2, attn_only=False, d_mlp=256, act_fn="solu_ln")])
 def test_native_bf16_path_runs_on_meta_tensors(shape, attention):
     """The CUDA bf16 path (bf16 products, float32 sums through mm/bmm out_dtype) cannot run on a
     CPU; on meta tensors every call's shapes and dtypes are still checked."""
-    model = models.random_model(d_vocab=1024, n_ctx=32, d_model=64, n_heads=4, d_head=16, seed=4, **shape)
-    forward = CompactForward(models.compact_weights(model), torch.bfloat16, torch.bfloat16, attention, align=64).to("meta")
-    assert forward.float_sums
+    model = hooked.random_model(d_vocab=1024, n_ctx=32, d_model=64, n_heads=4, d_head=16, seed=4, **shape)
+    forward = CompactForward(folds.compact_weights(model), torch.bfloat16, torch.bfloat16, attention, align=64).to("meta")
     h = forward(torch.zeros(8, 24, dtype=torch.long, device="meta"))
     assert h.shape == (8, 64) and h.dtype == torch.float32
     logits = forward.logits(h)
@@ -168,25 +147,26 @@ def test_compiled_scorer_builds_one_graph_for_every_batch_size(toy_model):
     torch._dynamo.reset()
     counters.clear()  # reset() leaves the counters of earlier tests' graphs
     batch = seed_style(64, toy_model.cfg.d_vocab)
-    scorer = Scorer(toy_model, "fp32", compile=True)
+    scorer = scorer_for(toy_model, "fp32", compile=True)
     for n in (64, 40, 17):
         scorer.logodds(batch.tokens[:n], batch.b[:n, None])
-    Scorer(toy_model, "fp32", compile=True).logodds(batch.tokens[:30], batch.b[:30, None])  # another actor's scorer
-    # one graph for the forward, one for the unembedding + log-sum-exp, one for the exact target logits
-    assert scorer.options["compiled"] and counters["stats"]["unique_graphs"] == 3
+    scorer_for(toy_model, "fp32", compile=True).logodds(batch.tokens[:30], batch.b[:30, None])  # another actor's scorer
+    # one graph for the forward, one for the exact target logits (the unembedding is compiled where the
+    # Triton log-sum-exp reads it: CUDA)
+    assert scorer.options["compiled"] and counters["stats"]["unique_graphs"] == 2
 
 
 @pytest.mark.parametrize("d_model", [64, 48])
 def test_padded_unembedding_gives_the_same_logits(d_model):
     """CUDA's aligned W_U (zero rows and columns up to multiples of 64; b_U added by the product) against
     the unpadded one."""
-    model = models.random_model(d_vocab=1000, n_ctx=32, d_model=d_model, n_heads=4, d_head=d_model // 4, seed=5)
+    model = hooked.random_model(d_vocab=1000, n_ctx=32, d_model=d_model, n_heads=4, d_head=d_model // 4, seed=5)
     batch = seed_style(32, 1000)
-    plain, padded = (CompactForward(models.compact_weights(model), align=a) for a in (1, 64))
+    plain, padded = (CompactForward(folds.compact_weights(model), align=a) for a in (1, 64))
     assert padded.W_U.shape == (64, 1024) and plain.W_U.shape == (d_model, 1000) and padded.b_U_padded.shape == (1024,)
     h = plain(batch.tokens)
     assert torch.equal(h, padded(batch.tokens))
     assert padded.logits(h).shape == (32, 1000)
     assert torch.allclose(plain.logits(h), padded.logits(h), rtol=0, atol=1e-5)
-    w = models.compact_weights(model)
+    w = folds.compact_weights(model)
     assert w.b_U.abs().min() > 0 and torch.allclose(padded.logits(h).double(), h.double() @ w.W_U.double() + w.b_U, atol=1e-5)

@@ -1,4 +1,4 @@
-"""``bench --bias``: does a cheaper precision shift the per-token powers? A and B power of the first
+"""``scripts/bench_lab.py --bias``: does a cheaper precision shift the per-token powers? A and B power of the first
 tokens (256 sequences each, the sweep's own sequences and scoring path: ``ShardRunner.compute``)
 under bf16 and tf32 against fp32, on the same sequences. The mean signed difference over tokens
 is the bias that would move the post's histograms; ``--precision auto`` on a GPU should be the
@@ -10,9 +10,11 @@ import tempfile
 
 import numpy as np
 
-from workers import experiments, models
+from workers import experiments
+from workers.model import hooked, source
 from workers.sequences import FIRST_TOKEN
-from workers.shard import ShardRunner, ShardSpec, WorkParams
+from workers.shard import ShardRunner
+from workers.work import ShardSpec, WorkParams
 
 BIAS_BOUND = 0.005  # nats
 SPEED_ORDER = ("bf16", "tf32", "fp32")  # fastest first, as measured on an H200 (docs/PERFORMANCE.md)
@@ -21,7 +23,7 @@ SPEED_ORDER = ("bf16", "tf32", "fp32")  # fastest first, as measured on an H200 
 def powers(spec: str, precision: str, device: str, tokens: int, seqs: int) -> np.ndarray:
     """[role, token] mean strength on B (A power, B power) of tokens FIRST_TOKEN.., as a run computes them."""
     powers_experiment = experiments.get("token-powers")
-    params = WorkParams(spec, 0, 0, models.FALLBACK_PAIR, models.DEFAULT_BOS, False, precision, False, "exact",
+    params = WorkParams(spec, 0, 0, source.FALLBACK_PAIR, source.DEFAULT_BOS, False, precision, False, "exact",
                         (powers_experiment,))
     with tempfile.TemporaryDirectory() as out:
         runner = ShardRunner(params, out, device)
@@ -47,7 +49,7 @@ def precision_bias(spec: str, device: str, tokens: int = 200, seqs: int = 256) -
 
 def random_checkpoint(directory: str) -> str:
     """The bench's random attn-only-2l-shaped model as a checkpoint directory, so actors' loading path is used."""
-    models.export_model(models.random_model(), directory)
+    hooked.export_model(hooked.random_model(), directory)
     return directory
 
 

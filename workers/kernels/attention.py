@@ -1,9 +1,9 @@
 """Attention over a sequence's few positions as Triton kernels, a program per sequence (or a group
-of its heads): the compact forward's ``attention="triton"`` (workers/fast.py).
+of its heads): the compact forward's ``attention="triton"`` (workers/compact/forward.py).
 
 At 24 positions every per-sequence matrix is tiny (24 × 24 scores, 24 × 512 residual rows), and
-torch's batched products of them ran at a few percent of an H200 (docs/PERFORMANCE.md, issue 11:
-12.4 of 34.5 ms of a bf16 step). Here each program keeps its sequence in registers:
+torch's batched products of them run at a few percent of a GPU's rate. Here each program keeps its
+sequence in registers:
 
 * ``causal_attention``: a layer before the last, for one sequence and a group of heads in turn. It
   reads the Q/K/V rows straight from the per-token table of layer 0 (``tokens`` as row indices: the
@@ -12,12 +12,12 @@ torch's batched products of them ran at a few percent of an H200 (docs/PERFORMAN
 * ``last_attention``: the last layer at the last position, keys and values folded into the query
   side (``u = W_Kᵀq`` per head, computed outside). One program LayerNorms its sequence's 24
   residual rows, scores them against every head's ``u`` and mixes them by the pattern: the
-  LayerNorm'd ``[batch, pos, d_model]`` is never written, nor (fast.Stream) the residual rows
-  themselves where they are the embedding's rows plus the layer before's output.
+  LayerNorm'd ``[batch, pos, d_model]`` is never written, nor the residual rows
+  themselves where they are the embedding's rows plus the layer before's output (forward.Stream).
 
 Scores, softmax and mixes are float32 (``input_precision="ieee"``), as the torch path computes them,
 except the first kernel's two products under the tf32 and bf16 precisions: TF32 tensor cores, their
-inputs rounded to nearest (docs/PERFORMANCE.md: the powers' bias unchanged on an H200).
+inputs rounded to nearest (docs/PERFORMANCE.md has the powers' bias).
 Both are ``torch.library`` custom ops, so torch.compile treats them as one opaque call with known output
 shapes. Under ``TRITON_INTERPRET=1`` they run on the CPU (tests/test_attention_kernels.py).
 """
@@ -30,7 +30,7 @@ import triton.language as tl
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from workers.unembed_lse import AUTOTUNE_CACHE, INTERPRET
+from workers.kernels.common import AUTOTUNE_CACHE, INTERPRET
 
 
 def _block(n: int) -> int:
@@ -80,10 +80,9 @@ def _head_groups(configs: list[triton.Config], named_args: dict, **kwargs) -> li
 
 
 # A program takes GROUP heads of a sequence in turn; with 2 stages the next head's rows load (into
-# shared memory) while this one's products run. One head a program (GROUP 1, the first config) held 3
-# programs of 4 warps an SM: too few warps to hide a gather from memory (7.5 ms of a 26.8-ms bf16 step
-# on an H200, 4 times its issue time). maxnreg 128: 4 programs an SM for a few spilled bytes. Fewer than
-# 4 warps spilled registers (sm_90, scripts/kernel_registers.py).
+# shared memory) while this one's products run: one head a program leaves too few warps an SM to hide
+# the table's gather. maxnreg 128: 4 programs an SM for a few spilled bytes; fewer than 4 warps spill
+# (sm_90, scripts/kernel_registers.py).
 @triton.autotune(configs=[triton.Config({"GROUP": g}, num_warps=w, num_stages=s, maxnreg=m) for g, w, s, m in
                           ([(1, 1, 1, None), (2, 1, 1, None)] if INTERPRET else
                            [(1, 4, 1, None), (1, 8, 1, None), (2, 4, 2, None), (4, 4, 2, None), (4, 4, 2, 128),
@@ -155,10 +154,10 @@ def causal_attention(
 ) -> Float[Tensor, "batch_x_pos heads_x_d_head"]:
     """Causal attention of every position, heads side by side as W_O reads them. ``qkv``: Q, K and V
     (heads × d_head columns each) of every position (``rows`` = batch × pos), or with ``gather`` of
-    every token (a table indexed by ``tokens``, float32 or float16); ``bias`` (float32) is added to each
+    every token (a table indexed by ``tokens``); ``bias`` (float32) is added to each
     position's row.
     ``tf32``: QKᵀ and PV from inputs rounded to TF32 (tensor cores), as under the tf32 precision."""
-    assert bias.dtype == torch.float32 and (qkv.dtype == torch.float32 or gather and qkv.dtype == torch.float16)
+    assert bias.dtype == qkv.dtype == torch.float32
     return _causal_attention(qkv, tokens, bias, gather, n_heads, d_head, scale, out_dtype, tf32)
 
 
@@ -173,20 +172,16 @@ def _residual(rows, added, bias_ptr, d0, dc, ok, D, ADD: tl.constexpr):
 
 
 # d_model in chunks: a program's work per element is then a multiply-add per head, summed across
-# threads once per row (a head at a time over whole rows reduced across threads 16 times a head:
-# ~1.9 M instructions a sequence against ~0.9 M, compiled for sm_90 by scripts/kernel_registers.py).
-# SHIFTED: the LayerNorm's statistics and the scores from one read of the rows instead of two (below);
-# the tuner measures both on the GPU.
-@triton.autotune(configs=[triton.Config({"CHUNK": c, "SHIFTED": s}, num_warps=w) for c, w, s in
-                          ([(16, 1, True)] if INTERPRET else
-                           [(64, 4, False), (64, 8, False), (32, 4, False), (32, 8, False), (16, 4, False),
-                            (64, 8, True), (32, 4, True), (32, 8, True), (16, 4, True)])],
+# threads once per row, half the instructions of a head at a time over whole rows (sm_90,
+# scripts/kernel_registers.py).
+@triton.autotune(configs=[triton.Config({"CHUNK": c}, num_warps=w) for c, w in
+                          ([(16, 1)] if INTERPRET else [(64, 4), (64, 8), (32, 4), (32, 8), (16, 4)])],
                  key=["P", "D", "N_HEADS", "LAYER_NORM", "BIG_BATCH", "GATHER", "ADD"], **AUTOTUNE_CACHE)
 @triton.jit
 def _last_attention_kernel(
     x_ptr, tokens_ptr, added_ptr, bias_ptr, u_ptr, c_ptr, mixed_ptr, pattern_ptr, B, P, D, stride_ub, stride_uh, eps, scale_inv,
     N_HEADS: tl.constexpr, LAYER_NORM: tl.constexpr, BIG_BATCH: tl.constexpr, GATHER: tl.constexpr, ADD: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr, CHUNK: tl.constexpr, SHIFTED: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr, CHUNK: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     pos, hs, dc = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_H), tl.arange(0, CHUNK)
@@ -197,43 +192,25 @@ def _last_attention_kernel(
     added = added_ptr + (b * P + pos)[:, None] * D + dc[None, :]
     u_rows = u_ptr + b * stride_ub + hs.to(tl.int64)[:, None] * stride_uh + dc[None, :]  # the heads' rows of u
     heads = (hs.to(tl.int64) * B + b)[:, None] * D + dc[None, :]  # and of the mix, heads first as W_V's product reads it
-    # LNPre (as fast.layer_norm_pre). The rows are read less a shift per row, and 1/σ is applied to the
-    # sums, so they are never scaled. Not SHIFTED: the shift is the mean, from a read of its own. SHIFTED:
-    # the mean of the row's first chunk; the sums of the shifted values then correct the mean, the
-    # squares and the scores. A mean of CHUNK of the row's own values is within √(D/CHUNK) σ of the
-    # row's mean, so E[(x - s)²] - (μ - s)² loses at most a factor 1 + D/CHUNK (33 at 16 of 512) of
-    # float32's precision on σ² to cancellation; with the mean read first it loses none.
-    shift = tl.zeros((BLOCK_P,), tl.float32)
+    # LNPre (as forward.layer_norm_pre): the mean from a read of its own, then the rows read less it;
+    # 1/σ is applied to the sums, so the rows are never scaled
+    mean = tl.zeros((BLOCK_P,), tl.float32)
     if LAYER_NORM:
-        if SHIFTED:
-            first = ok_p[:, None] & (dc < D)[None, :]
-            shift = tl.sum(_residual(rows, added, bias_ptr, 0, dc, first, D, ADD), axis=1) / tl.minimum(D, CHUNK)
-        else:
-            sums = tl.zeros((BLOCK_P, CHUNK), tl.float32)
-            for d0 in range(0, D, CHUNK):
-                sums += _residual(rows, added, bias_ptr, d0, dc, ok_p[:, None] & (d0 + dc < D)[None, :], D, ADD)
-            shift = tl.sum(sums, axis=1) / D
-    sums = tl.zeros((BLOCK_P, CHUNK), tl.float32)  # Σ_d (x_pd - shift_p), SHIFTED only
-    u_sums = tl.zeros((BLOCK_H, CHUNK), tl.float32)  # Σ_d u_hd, SHIFTED only
+        sums = tl.zeros((BLOCK_P, CHUNK), tl.float32)
+        for d0 in range(0, D, CHUNK):
+            sums += _residual(rows, added, bias_ptr, d0, dc, ok_p[:, None] & (d0 + dc < D)[None, :], D, ADD)
+        mean = tl.sum(sums, axis=1) / D
     squares = tl.zeros((BLOCK_P, CHUNK), tl.float32)
-    dots = tl.zeros((BLOCK_P, BLOCK_H, CHUNK), tl.float32)  # Σ_d (x_pd - shift_p) u_hd, chunk by chunk, elementwise
+    dots = tl.zeros((BLOCK_P, BLOCK_H, CHUNK), tl.float32)  # Σ_d (x_pd - mean_p) u_hd, chunk by chunk, elementwise
     for d0 in range(0, D, CHUNK):
         ok = ok_p[:, None] & (d0 + dc < D)[None, :]
-        x = tl.where(ok, _residual(rows, added, bias_ptr, d0, dc, ok, D, ADD) - shift[:, None], 0.0)
+        x = tl.where(ok, _residual(rows, added, bias_ptr, d0, dc, ok, D, ADD) - mean[:, None], 0.0)
         u = tl.load(u_rows + d0, mask=ok_h[:, None] & (d0 + dc < D)[None, :], other=0.0)
-        if SHIFTED and LAYER_NORM:
-            sums += x
-            u_sums += u
         squares += x * x
         dots += x[:, None, :] * u[None, :, :]
-    offset = tl.zeros((BLOCK_P,), tl.float32)  # the mean less the shift
-    if SHIFTED and LAYER_NORM:
-        offset = tl.sum(sums, axis=1) / D
-    mean = shift + offset
-    variance = tl.maximum(tl.sum(squares, axis=1) / D - offset * offset, 0.0)
-    rstd = tl.rsqrt(variance + eps) if LAYER_NORM else tl.full((BLOCK_P,), 1.0, tl.float32)
+    rstd = tl.rsqrt(tl.sum(squares, axis=1) / D + eps) if LAYER_NORM else tl.full((BLOCK_P,), 1.0, tl.float32)
     rstd = tl.where(ok_p, rstd, 0.0)  # padding rows: 1/√eps, infinite where eps is 0 (0 × inf in the mix)
-    centred_dots = tl.sum(dots, axis=2) - offset[:, None] * tl.sum(u_sums, axis=1)[None, :]  # Σ_d (x_pd - mean_p) u_hd
+    centred_dots = tl.sum(dots, axis=2)
     # score_ph = LN(x_p) · W_K^T q_h + q_h · (b_K + positions)_p (the second term made outside)
     c = tl.load(c_ptr + (b * N_HEADS + hs)[None, :] * P + pos[:, None], mask=ok_h[None, :] & ok_p[:, None], other=0.0)
     scores = tl.where(ok_p[:, None], (centred_dots * rstd[:, None] + c) * scale_inv, float("-inf"))
@@ -257,7 +234,7 @@ def _last_attention(x: Tensor, tokens: Tensor | None, added: Tensor | None, bias
     pattern = x.new_empty(batch, n_heads, n_pos)
     gather, add = tokens is not None, added is not None
     # the kernel assumes rows laid out back to back, but for u's: as W_K^T q comes out of the
-    # product, heads first (a copy cost 0.5–0.9 ms of a bf16 step); absent parts are never read (x stands in)
+    # product, heads first (a copy would cost a pass over it); absent parts are never read (x stands in)
     x, u, c = x.contiguous(), (u if u.stride(2) == 1 else u.contiguous()), c.contiguous()
     tokens, added, bias = (x if t is None else t.contiguous() for t in (tokens, added, bias))
     _last_attention_kernel[(batch,)](
@@ -284,82 +261,8 @@ def last_attention(
     each position's token; with ``added`` and ``bias`` (the layer before's output and b_O, both or
     neither), those rows + (added + bias), summed as they are read.
     The mix comes heads first and rounded to ``mixed_dtype`` (to nearest), as W_V's batched product
-    reads it: a float32 [batch, heads, d_model] mix was written, read back and written again
-    transposed and rounded (1 GB, 1 GB and 0.5 GB at batch 65536 and 8 heads of 512, bf16); everything
+    reads it, so that no float32 [batch, heads, d_model] mix is written and transposed; everything
     else is float32."""
     assert (added is None) == (bias is None)
     parts = (None if t is None else t.float() for t in (added, bias))
     return _last_attention(x.float(), tokens, *parts, u.float(), c.float(), layer_norm, eps, scale, mixed_dtype)
-
-
-# The last layer's query side: q = LN(x_last) W_Q + b, then per head u = W_Kᵀq over d_model and
-# c = q · (b_K + positions) per position. In torch these are float32 products on CUDA cores under the bf16
-# precision: 1 of a forward's 65 MFLOP, yet the query's product took 1.05 ms of a 23.5-ms bf16 step on an
-# H200 and W_Kᵀq's is among 1.7 ms of bmm (docs/PERFORMANCE.md). Here tensor cores run them as three TF32
-# products of each value's high and low parts (``tf32x3``), near float32's error. A program takes a block
-# of rows and one head: q is made and used in registers, never written. Configs: none spills, compiled
-# for sm_90 (scripts/kernel_registers.py).
-@triton.autotune(configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in
-                          ([(16, 32, 1, 1)] if INTERPRET else
-                           [(64, 64, 4, 3), (64, 128, 4, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 2), (32, 64, 4, 3),
-                            (64, 64, 8, 3), (128, 64, 8, 2)])],
-                 key=["D", "P", "N_HEADS", "D_HEAD", "BIG_BATCH", "DOT"], **AUTOTUNE_CACHE)
-@triton.jit
-def _query_kernel(
-    h_ptr, w_q_ptr, q_bias_ptr, w_k_ptr, k_bias_ptr, u_ptr, c_ptr, B, D, P,
-    N_HEADS: tl.constexpr, D_HEAD: tl.constexpr, BIG_BATCH: tl.constexpr, DOT: tl.constexpr,
-    BLOCK_E: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    head = tl.program_id(1)
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    e, k, pos, n = tl.arange(0, BLOCK_E), tl.arange(0, BLOCK_K), tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
-    ok_m, ok_e, ok_p = rows < B, e < D_HEAD, pos < P
-    columns = head * D_HEAD + e  # the head's columns of W_Q, b_Q and the key bias
-    q = tl.zeros((BLOCK_M, BLOCK_E), tl.float32)
-    for k0 in range(0, D, BLOCK_K):
-        ok_k = k0 + k < D
-        h = tl.load(h_ptr + rows[:, None] * D + (k0 + k)[None, :], mask=ok_m[:, None] & ok_k[None, :], other=0.0)
-        w = tl.load(w_q_ptr + (k0 + k)[:, None] * (N_HEADS * D_HEAD) + columns[None, :], mask=ok_k[:, None] & ok_e[None, :], other=0.0)
-        q = tl.dot(h, w, q, input_precision=DOT)
-    q += tl.load(q_bias_ptr + columns, mask=ok_e, other=0.0)[None, :]
-    key_bias = tl.load(k_bias_ptr + pos[None, :] * (N_HEADS * D_HEAD) + columns[:, None], mask=ok_e[:, None] & ok_p[None, :], other=0.0)
-    c = tl.dot(q, key_bias, input_precision=DOT)  # [rows, pos]
-    tl.store(c_ptr + (rows[:, None] * N_HEADS + head) * P + pos[None, :], c, mask=ok_m[:, None] & ok_p[None, :])
-    for n0 in range(0, D, BLOCK_N):  # u: heads first, as last_attention reads it
-        ok_n = n0 + n < D
-        w = tl.load(w_k_ptr + (head * D + n0 + n)[None, :] * D_HEAD + e[:, None], mask=ok_e[:, None] & ok_n[None, :], other=0.0)
-        u = tl.dot(q, w, input_precision=DOT)
-        tl.store(u_ptr + (head * B + rows)[:, None] * D + (n0 + n)[None, :], u, mask=ok_m[:, None] & ok_n[None, :])
-
-
-@torch.library.custom_op("induction_sweep::query_side", mutates_args=())
-def _query_side(h: Tensor, W_Q: Tensor, q_bias: Tensor, W_K: Tensor, k_bias: Tensor, exact: bool) -> tuple[Tensor, Tensor]:
-    batch, d_model = h.shape
-    n_heads, _, d_head = W_K.shape
-    n_pos = k_bias.shape[0]
-    h, W_Q, q_bias, W_K, k_bias = (t.contiguous() for t in (h, W_Q, q_bias, W_K, k_bias))
-    u = h.new_empty(n_heads, batch, d_model)
-    c = h.new_empty(batch, n_heads, n_pos)
-    _query_kernel[lambda meta: (triton.cdiv(batch, meta["BLOCK_M"]), n_heads)](
-        h, W_Q, q_bias, W_K, k_bias, u, c, batch, d_model, n_pos, N_HEADS=n_heads, D_HEAD=d_head, BIG_BATCH=batch >= 8192,
-        DOT="ieee" if exact and _dot_precision(h.device, False) == "ieee" else "tf32x3", BLOCK_E=_block(d_head), BLOCK_P=_block(n_pos),
-        BLOCK_K=min(64, _block(d_model)))
-    return u, c
-
-
-@_query_side.register_fake
-def _(h, W_Q, q_bias, W_K, k_bias, exact):
-    return h.new_empty(W_K.shape[0], h.shape[0], h.shape[1]), h.new_empty(h.shape[0], W_K.shape[0], k_bias.shape[0])
-
-
-def query_side(
-    h: Float[Tensor, "batch d_model"], W_Q: Float[Tensor, "d_model heads_x_d_head"], q_bias: Float[Tensor, " heads_x_d_head"],
-    W_K: Float[Tensor, "heads d_model d_head"], k_bias: Float[Tensor, "pos heads d_head"], exact: bool = False,
-) -> tuple[Float[Tensor, "heads batch d_model"], Float[Tensor, "batch heads pos"]]:
-    """The last layer's query ``q = h W_Q + q_bias`` (``h``: the LayerNorm'd stream at the last
-    position) folded into its keys: ``u = W_Kᵀ q`` per head, heads first, and ``c[p] = q · k_bias[p]``.
-    Everything float32. The products: three TF32 products on tensor cores each (tf32x3), near float32's
-    error, where torch's are full float32 on CUDA cores (the bf16 precision) or TF32 (tf32); with
-    ``exact`` and torch's TF32 flag off (fp32) full float32, as torch's."""
-    assert h.dtype == W_Q.dtype == W_K.dtype == k_bias.dtype == torch.float32
-    return _query_side(h, W_Q, q_bias, W_K, k_bias, exact)

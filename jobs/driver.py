@@ -131,12 +131,13 @@ def finish(store: Store, cfg: RunConfig, partials: list[Accumulator], circuit_sc
         if circuit_scores is not None:
             aggregate.add_circuits(agg, circuit_scores)
         agg.write(store)
-    extra = {"model_loading": model_loading, "load_checks": load_checks, **neighbors_definition(cfg)}
+    done = manifest.build(cfg, len(partials), "complete", model_loading=model_loading, load_checks=load_checks,
+                          phases=phases.as_dict(), **neighbors_definition(cfg))
     with phases.phase("report"):
         from jobs import report  # matplotlib (already imported in the background during a run)
 
-        report.render(store, manifest.build(cfg, len(partials), "complete", phases=phases.as_dict(), **extra), agg)
-    manifest.write(store, cfg, len(partials), "complete", phases=phases.as_dict(), **extra)
+        report.render(store, done, agg)
+    manifest.put(store, {**done, "phases": phases.as_dict()})  # the report's own phase included
     return agg.summary
 
 

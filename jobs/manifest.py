@@ -44,7 +44,10 @@ def read(store: Store) -> dict | None:
 
 
 def write(store: Store, cfg: RunConfig, n_shards: int, status: str, **extra) -> dict:
-    manifest = build(cfg, n_shards, status, **extra)
+    return put(store, build(cfg, n_shards, status, **extra))
+
+
+def put(store: Store, manifest: dict) -> dict:
     store.put(MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
     return manifest
 

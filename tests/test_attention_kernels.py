@@ -210,7 +210,7 @@ def test_a_kernel_that_fails_to_build_falls_back_to_products(toy_model, monkeypa
         raise RuntimeError("PassManager::run failed\nlong compiler log")
 
     monkeypatch.setattr(workers.kernels.attention, "causal_attention", broken)
-    with pytest.warns(UserWarning, match="the Triton attention failed .RuntimeError: PassManager::run failed.; using the products attention"):
+    with pytest.warns(UserWarning, match="the Triton attention failed .RuntimeError: PassManager::run failed.; using the products"):
         scorer = scorer_for(toy_model, "fp32", compile=compile, attention="triton")
     batch = seed_style(4, toy_model.cfg.d_vocab)
     got = scorer.logodds(batch.tokens, batch.b[:, None])

@@ -5,9 +5,9 @@
 #   here (with network):  scripts/device/bench.sh fetch
 #       puts the pure-Python wheels TransformerLens 3.9 needs and that machine lacks into .whl/
 #       (git-ignored; about 1 MB), to travel with the working tree;
-#   there:                scripts/device/bench.sh [bench options, e.g. --profile --check toy-2l --bias 200]
-#       (--check toy-2l runs every scorer variant against TransformerLens on the device; --bias 200 the
-#       precision bias; the whole set took 314 s on an H200, docs/PERFORMANCE.md "GPU scorer")
+#   there:                scripts/device/bench.sh [bench options, e.g. --shape gelu-2l]
+#       (the variants, --check and --bias are scripts/bench_lab.py's; scripts/device/gpu.sh runs them
+#       with the end-to-end runs in one call)
 #       installs .whl/ into /tmp/site, puts the `datasets` stub (scripts/device/stubs) on the path and
 #       runs the bench; the log and the JSON go to $OUT (or ./bench-out).
 set -euo pipefail

@@ -4,7 +4,7 @@ Each field is
   * ``SHAPE``: a size, checked for range here and against the safetensors header (``check_tensors``);
   * ``INERT``: cannot change the function of the stored weights (names, devices, initialisation,
     hooks, checkpoint labels, tokenizer flags, how TransformerLens lays out its own computation);
-  * ``COMPACT``: the compact forward (workers/fast.py) computes the values in ``compact``; other
+  * ``COMPACT``: the compact forward (workers/compact/forward.py) computes the values in ``compact``; other
     values TransformerLens knows (``known``) send the model to TransformerLens' path;
   * ``TRANSFORMER_LENS``: only TransformerLens' path computes it: any value but the default sends
     the model there;
@@ -40,7 +40,7 @@ NORMALIZATIONS = ("LN", "LNPre", "RMS", "RMSPre", None)  # what HookedTransforme
 POSITIONS = ("standard", "shortformer", "rotary", "alibi")
 # TransformerLens' SUPPORTED_ACTIVATIONS (the test checks this copy against the installed one)
 TL_ACTIVATIONS = ("solu", "solu_ln", "gelu_new", "gelu_fast", "silu", "relu", "gelu", "gelu_pytorch_tanh", "xielu", "relu2")
-# the compact forward's (workers/fast.py ACTIVATIONS has one function per name)
+# the compact forward's (compact/forward.py ACTIVATIONS has one function per name)
 COMPACT_ACTIVATIONS = ("relu", "gelu", "silu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh", "solu", "solu_ln")
 # architectures whose blocks HookedTransformer changes by name (post-norm, OLMo's QK norms, GPT-Neo's local layers)
 TL_ARCHITECTURES = ("Olmo2ForCausalLM", "Olmo3ForCausalLM", "OlmoeForCausalLM", "GPTNeoForCausalLM")

@@ -95,7 +95,7 @@ def load_weights(spec: str, device: str | torch.device = "cpu") -> CompactWeight
 @dataclass
 class CompactWeights:
     """A model's weights with its LayerNorms' weights folded in, as plain tensors (see
-    workers/fast.py); ``layer_norm``: a LayerNorm without weights (LNPre) before each attention,
+    workers/compact/forward.py); ``layer_norm``: a LayerNorm without weights (LNPre) before each attention,
     MLP and the unembedding. Attention-only models have no MLP weights (empty lists)."""
 
     W_E: Float[Tensor, "vocab d_model"]
@@ -120,7 +120,7 @@ class CompactWeights:
     b_in: list[Float[Tensor, " d_mlp"]] = dataclasses.field(default_factory=list)
     W_out: list[Float[Tensor, "d_mlp d_model"]] = dataclasses.field(default_factory=list)
     b_out: list[Float[Tensor, " d_model"]] = dataclasses.field(default_factory=list)
-    act_fn: str | None = None  # a key of fast.ACTIVATIONS
+    act_fn: str | None = None  # a key of compact.forward.ACTIVATIONS
     mlp_layer_norm: bool = False  # SoLU's LayerNorm after the activation (its weights folded into W_out)
     unembedding: Tensor | None = None  # the stored weights' effective unembedding (``effective_unembedding``)
     loading: dict | None = None  # how they were read (the manifest's model_loading)

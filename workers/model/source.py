@@ -158,7 +158,7 @@ class ModelInfo:
 
     @property
     def compact(self) -> bool:
-        """Whether the actors will score this model with the compact forward (workers/fast.py)."""
+        """Whether the actors will score this model with the compact forward (workers/compact/forward.py)."""
         return compact_supported(self.cfg)
 
     @property
@@ -342,5 +342,5 @@ def describe_checkpoint(directory: Path, name: str, safetensors_size: int | None
 
 
 def compact_supported(cfg: SimpleNamespace) -> bool:
-    """Whether workers/fast.py computes this (resolved) config exactly: ``config_fields.route``."""
+    """Whether workers/compact/forward.py computes this (resolved) config exactly: ``config_fields.route``."""
     return config_fields.route(cfg)[0] == "compact"

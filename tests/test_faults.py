@@ -59,7 +59,7 @@ def test_actor_killed_mid_run(baseline, tmp_path):
     thread = threading.Thread(target=lambda: errors.append(driver.run(sweep(out), progress=False)))
     thread.start()
     wait_for_shards(open_store(out), 2)
-    victims = [p for p in psutil.process_iter(["cmdline"]) if "ShardRunner" in " ".join(p.info["cmdline"] or [])]
+    victims = [p for p in psutil.process_iter(["cmdline"]) if "ray::Runner" in " ".join(p.info["cmdline"] or [])]
     assert victims, "no actor process found"
     victims[0].send_signal(signal.SIGKILL)
     thread.join(600)

@@ -224,8 +224,9 @@ def test_a_sweep_grows_onto_a_new_node_and_survives_losing_one(ray_cluster, shor
 
 
 def test_actors_that_cannot_load_fail_the_run_with_their_error(ray_cluster, tmp_path):
-    """A constructor that raises is not a lost node: no replacements, the run fails (exit 1) with its error."""
-    from jobs.errors import RunFailed
+    """A model an actor cannot load is not a lost node: no replacements; the run is refused (exit 2) with
+    the actor's one line, as every actor would refuse it."""
+    from jobs.errors import ConfigError
     from workers.model import hooked, source
 
     checkpoint = tmp_path / "ckpt"
@@ -234,7 +235,7 @@ def test_actors_that_cannot_load_fail_the_run_with_their_error(ray_cluster, tmp_
                              neighbors=3, actors=2), None)
     info = source.describe(str(checkpoint))
     (checkpoint / "model.safetensors").unlink()  # gone after the driver read its header
-    with pytest.raises(RunFailed, match="model.safetensors"):
+    with pytest.raises(ConfigError, match="model.safetensors"):
         driver.run(cfg, info, progress=False)
 
 

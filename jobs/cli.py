@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
+from dataclasses import replace
 
 PROG = "induction-sweep"
 
@@ -34,17 +35,17 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
                    "all (the post's three, default), controls, or a comma-separated list")
     p.add_argument("--tokens", default=None, help="fixed tokens are ids 4..4+N-1; 'all' for the whole vocabulary "
                    f"(default: {d['tokens']}, or all where the vocabulary is smaller)")
-    p.add_argument("--seqs", type=int, default=d["seqs"], help="sequences per token and role (default %(default)s)")
-    p.add_argument("--pairs", type=int, default=d["pairs"], help="sequences per scenario of the other experiments (default %(default)s)")
-    p.add_argument("--neighbors", type=int, default=d["neighbors"], help="K nearest neighbours of B to score (default %(default)s)")
-    p.add_argument("--seed", type=int, default=d["seed"])
+    p.add_argument("--seqs", default=d["seqs"], help="sequences per token and role (default %(default)s)")
+    p.add_argument("--pairs", default=d["pairs"], help="sequences per scenario of the other experiments (default %(default)s)")
+    p.add_argument("--neighbors", default=d["neighbors"], help="K nearest neighbours of B to score (default %(default)s)")
+    p.add_argument("--seed", default=d["seed"])
     p.add_argument("--precision", default=d["precision"], help="auto (bf16 on GPU, fp32 on CPU), fp32, tf32 or bf16")
-    p.add_argument("--batch-size", type=int, default=d["batch_size"], help="sequences per forward (default: by device)")
-    p.add_argument("--shard-size", type=int, default=d["shard_size"], help="sequences per shard file (default %(default)s)")
+    p.add_argument("--batch-size", default=d["batch_size"], help="sequences per forward (default: by device)")
+    p.add_argument("--shard-size", default=d["shard_size"], help="sequences per shard file (default %(default)s)")
     p.add_argument("--actors", default=None, help="N or auto (one per GPU, or per --resources-per-actor slot, that "
                    "the cluster holds or its autoscaler reports it can reach; else one per 2 CPUs); actors that do not "
                    "fit yet wait for the cluster to grow")
-    p.add_argument("--gpus-per-actor", type=float, default=d["gpus_per_actor"], help="GPUs per actor, fractions allowed")
+    p.add_argument("--gpus-per-actor", default=d["gpus_per_actor"], help="GPUs per actor, fractions allowed")
     p.add_argument("--resources-per-actor", default=None, metavar="JSON",
                    help='Ray custom resources each actor needs, e.g. \'{"gpu_node": 1}\' (places actors on chosen node types)')
     p.add_argument("--address", default=d["address"], help="join a running Ray cluster (default: start a local one)")
@@ -61,13 +62,60 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def add_aws_options(p: argparse.ArgumentParser) -> None:
+    """The AWS CLI's names for the S3 settings (each also read from the environment as the AWS tools do)."""
+    g = p.add_argument_group("S3 (as for the AWS CLI)")
+    g.add_argument("--profile", default=None, help="a profile of ~/.aws/config or credentials (default: AWS_PROFILE, "
+                   "else boto3's standard chain)")
+    g.add_argument("--region", default=None, help="the bucket's region (default: AWS_REGION, AWS_DEFAULT_REGION or the profile's)")
+    g.add_argument("--endpoint-url", default=None, metavar="URL",
+                   help="an S3-compatible endpoint, e.g. http://minio:9000 (default: AWS_ENDPOINT_URL)")
+
+
+def apply_aws_options(args: argparse.Namespace) -> None:
+    """Set the S3 options as the environment variables boto3 reads (actors and jobs get the region and
+    endpoint through storage.store FORWARDED_ENV); ConfigError for a profile or endpoint that cannot be."""
+    import os
+    import re
+
+    from jobs.errors import ConfigError
+    from jobs.inputs import redact, shown_value
+
+    profile, region, endpoint = (getattr(args, k, None) for k in ("profile", "region", "endpoint_url"))
+    if profile is not None:
+        import botocore.session
+
+        known = botocore.session.Session().available_profiles
+        if profile not in known:
+            raise ConfigError(f"--profile {shown_value(profile)}: no such AWS profile (known: {', '.join(known) or 'none'})")
+        os.environ["AWS_PROFILE"] = profile
+    if region is not None:
+        if not re.fullmatch(r"[a-z]{2}(-[a-z0-9]+)+", region):
+            raise ConfigError(f"--region must be an AWS region name such as us-east-1, not {shown_value(region)}")
+        os.environ["AWS_REGION"] = os.environ["AWS_DEFAULT_REGION"] = region
+    if endpoint is not None:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(endpoint)
+        try:
+            parts.port  # noqa: B018 - a port that is not a number raises
+        except ValueError:
+            parts = parts._replace(netloc="")
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"--endpoint-url must be http(s)://HOST[:PORT], not {shown_value(redact(endpoint))}")
+        os.environ["AWS_ENDPOINT_URL"] = endpoint
+
+
 def build_parser() -> Parser:
     parser = Parser(prog=PROG, description="Measure induction strength across a vocabulary, on Ray.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    add_run_options(sub.add_parser("run", help="run a sweep (local Ray cluster unless --address)"))
+    p = sub.add_parser("run", help="run a sweep (local Ray cluster unless --address)")
+    add_run_options(p)
+    add_aws_options(p)
 
     p = sub.add_parser("plan", help="shards, forwards, rows, bytes and estimated time of a run; writes nothing")
     add_run_options(p)
+    add_aws_options(p)
     p.add_argument("--rates", default=None, metavar="FILE",
                    help="a `bench --json` output to estimate from (default: jobs/rates.json, the measured rates)")
     p.add_argument("--json", action="store_true", help="one JSON object")
@@ -77,19 +125,25 @@ def build_parser() -> Parser:
                    "RAY_API_SERVER_ADDRESS or RAY_ADDRESS, as for `ray job submit`)")
     p.add_argument("--wait", action="store_true", help="stream the job's logs and return its outcome")
     p.add_argument("--python", default="python", help="interpreter on the cluster (default: python)")
+    add_aws_options(p)
     p.add_argument("run_args", nargs=argparse.REMAINDER, help="the run's options (as for `run`)")
 
     p = sub.add_parser("status", help="shards done/total of a run, and its rate and time left while it runs")
     p.add_argument("uri")
     p.add_argument("--json", action="store_true", help="one JSON object, for scripts")
-    p = sub.add_parser("fetch", help="copy a run's aggregates, plots and report to a directory")
+    add_aws_options(p)
+    p = sub.add_parser("fetch", help="copy a run's aggregates, plots and report to a directory, skipping files "
+                       "already there with the same size and ETag")
     p.add_argument("uri")
-    p.add_argument("--to", required=True)
+    p.add_argument("--to", required=True, help="a local directory (created if needed)")
     p.add_argument("--shards", action="store_true", help="the shards too")
+    p.add_argument("--dry-run", action="store_true", help="list what would be copied, with sizes; write nothing")
+    add_aws_options(p)
     p = sub.add_parser("report", help="merge a run's shard partials again and rewrite its aggregates and report")
     p.add_argument("uri")
     p.add_argument("--from-rows", action="store_true", help="recompute every aggregate from the shards' rows "
                    "instead of their footers' partials (a check: both give the same)")
+    add_aws_options(p)
 
     p = sub.add_parser("bench", help="forwards per second of the default scorer against the plain TransformerLens loop")
     p.add_argument("--model", default=None, help="a model to bench (default: toy-2l on a CPU, random weights of --shape on a GPU)")
@@ -106,26 +160,34 @@ def build_parser() -> Parser:
     p = sub.add_parser("export-model", help="write a model as a checkpoint directory (local or s3://)")
     p.add_argument("model")
     p.add_argument("dir")
+    add_aws_options(p)
     return parser
 
 
-def run_config(args: argparse.Namespace):
+def run_config(args: argparse.Namespace, join: bool = True):
     """The full, resolved RunConfig of ``run``'s options, and the model's description: every check
-    that needs no cluster, before any work."""
-    from jobs.config import RunConfig, parse_count, parse_experiments, parse_resources, resolve
+    that needs no cluster, before any work. ``join``: the cluster address (--address, RAY_ADDRESS) is
+    this process's to join, and is checked to answer (not for ``submit``: the job joins its own)."""
+    from jobs import manifest
+    from jobs.address import cluster_address
+    from jobs.config import RunConfig, parse_experiments, parse_gpus, parse_int, parse_resources, resolve
     from storage import open_store
     from workers.model import source
 
     cfg = RunConfig(
         model=args.model, out=args.out, experiments=parse_experiments(args.experiment),
-        seqs=args.seqs, pairs=args.pairs, neighbors=args.neighbors, seed=args.seed, precision=args.precision,
-        save_tokens=args.save_tokens, shard_size=args.shard_size, heads=args.heads, batch_size=args.batch_size,
-        actors=parse_count("--actors", args.actors, "auto"), gpus_per_actor=args.gpus_per_actor,
+        seqs=parse_int("seqs", args.seqs), pairs=parse_int("pairs", args.pairs), neighbors=parse_int("neighbors", args.neighbors),
+        seed=parse_int("seed", args.seed), precision=args.precision, save_tokens=args.save_tokens,
+        shard_size=parse_int("shard_size", args.shard_size), heads=args.heads, batch_size=parse_int("batch_size", args.batch_size),
+        actors=parse_int("actors", args.actors, "auto"), gpus_per_actor=parse_gpus(args.gpus_per_actor),
         address=args.address, overwrite=args.overwrite, processing=args.processing,
         resources_per_actor=parse_resources(args.resources_per_actor))
-    if args.tokens is not None:
-        parse_count("--tokens", args.tokens, "all")  # before the model is read
-    open_store(cfg.out).check()
+    parse_int("tokens", args.tokens, "all")  # before the model is read
+    store = open_store(cfg.out)
+    store.check()
+    manifest.read(store)  # a run there has a manifest this tool can read
+    if join:
+        cfg = replace(cfg, address=cluster_address(cfg.address))  # answers, or refused before Ray starts
     info = source.describe(cfg.model)
     return resolve(cfg, info, args.tokens, args.pair_a, args.pair_b, args.bos), info
 
@@ -167,7 +229,6 @@ def cluster_resources(address: str | None) -> tuple[dict, dict | None]:
         from jobs import driver
         from jobs.pool import reachable_resources
 
-        driver.check_reachable(address)
         ray = driver.connect(address)
         return ray.cluster_resources(), reachable_resources(ray)
     import os
@@ -179,9 +240,12 @@ def cluster_resources(address: str | None) -> tuple[dict, dict | None]:
 
 def cmd_submit(args) -> int:
     from jobs import submit
+    from jobs.address import check_dashboard
+    from jobs.submit import cluster_address as cluster_dashboard
 
     run_args = [a for a in args.run_args if a != "--"]
-    cfg, _ = run_config(build_parser().parse_args(["run", *run_args]))  # refuse bad options before submitting
+    cfg, _ = run_config(build_parser().parse_args(["run", *run_args]), join=False)  # refuse bad options before submitting
+    check_dashboard(cluster_dashboard(args.address))  # answers within a deadline, or refused
     return submit.submit(args.address, run_args, cfg.out, cfg.config_hash, wait=args.wait, python=args.python)
 
 
@@ -193,10 +257,9 @@ def cmd_status(args) -> int:
 
 
 def cmd_fetch(args) -> int:
-    from jobs import results
+    from jobs import fetch
 
-    for path in results.fetch(args.uri, args.to, shards=args.shards):
-        print(path)
+    fetch.fetch(args.uri, args.to, shards=args.shards, dry_run=args.dry_run)
     return 0
 
 
@@ -220,11 +283,17 @@ def cmd_bench(args) -> int:
 
 
 def cmd_export(args) -> int:
+    from storage import open_store
     from workers.model import hooked
 
+    open_store(args.dir).check()  # before the model is loaded
     hooked.export_model(hooked.load_model(args.model, "cpu"), args.dir)
     print(f"exported {args.model} to {args.dir}")
     return 0
+
+
+def one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 COMMANDS = {"run": cmd_run, "plan": cmd_plan, "submit": cmd_submit, "status": cmd_status, "fetch": cmd_fetch, "report": cmd_report,
@@ -234,6 +303,7 @@ COMMANDS = {"run": cmd_run, "plan": cmd_plan, "submit": cmd_submit, "status": cm
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from jobs.errors import ConfigError, RunFailed, Terminated
+    from jobs.inputs import redact
     from storage import StorageError, StorageInputError
     from workers.model.source import ModelInputError
 
@@ -243,17 +313,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, terminate)
     try:
+        apply_aws_options(args)
         return COMMANDS[args.command](args)
     except (ConfigError, ModelInputError, StorageInputError) as exc:
-        sys.stderr.write(f"{PROG}: error: {exc}\n")
+        sys.stderr.write(f"{PROG}: error: {redact(one_line(exc))}\n")
         return 2
     except (RunFailed, StorageError) as exc:
-        resumes = "; rerunning the same command resumes" if getattr(exc, "resumable", True) else ""
-        sys.stderr.write(f"{PROG}: run failed: {exc}{resumes}\n")
+        retry = ("; rerunning the same command resumes" if args.command == "run" else "; the command can be retried") \
+            if getattr(exc, "resumable", True) else ""
+        sys.stderr.write(f"{PROG}: {'run failed' if args.command == 'run' else 'failed'}: {redact(one_line(exc))}{retry}\n")
         return 1
     except (KeyboardInterrupt, Terminated) as exc:
-        sys.stderr.write(f"{PROG}: {'interrupted' if isinstance(exc, KeyboardInterrupt) else exc}; "
-                         "rerunning the same command resumes\n")
+        resumes = "; rerunning the same command resumes" if args.command == "run" else ""
+        sys.stderr.write(f"{PROG}: {'interrupted' if isinstance(exc, KeyboardInterrupt) else exc}{resumes}\n")
         return 130 if isinstance(exc, KeyboardInterrupt) else 143
 
 

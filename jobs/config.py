@@ -12,6 +12,7 @@ import json
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 
 from jobs.errors import ConfigError
+from jobs.inputs import integer, number, shown_value
 from workers import experiments
 from workers.layout import FIRST_TOKEN
 from workers.model import source
@@ -23,6 +24,14 @@ DEFAULT_TOKENS = 10000  # the post's "first 10000 tokens"
 MAX_SEQUENCE_INDEX = 2**31 - 1  # the rows' seq column is int32
 MAX_SHARDS = 1_000_000  # a plan beyond this is a mistake (or needs a larger --shard-size)
 PRECISIONS = ("auto", *variant.PRECISIONS)
+MAX_ACTORS = 10_000
+MAX_SHARD_SIZE = 1 << 24  # sequences in one shard file (an actor holds a shard's rows in memory)
+MAX_BATCH_SIZE = 1 << 20  # sequences per forward: beyond any device's memory for the last position's logits
+MAX_GPUS_PER_ACTOR = 1024.0
+# the bounds of the numeric options, for the command line and a manifest's config alike
+INT_BOUNDS = {"tokens": (1, None), "seqs": (1, MAX_SEQUENCE_INDEX), "pairs": (1, MAX_SEQUENCE_INDEX),
+              "neighbors": (1, None), "seed": (0, 2**64 - 1),  # the sequence keys take the seed mod 2**64
+              "shard_size": (1, MAX_SHARD_SIZE), "batch_size": (1, MAX_BATCH_SIZE), "actors": (1, MAX_ACTORS)}
 
 
 @dataclass(frozen=True)
@@ -55,10 +64,38 @@ class RunConfig:
         return {f.name: (list(d[f.name]) if isinstance(d[f.name], tuple) else d[f.name])
                 for f in fields(self) if f.compare}
 
+    def hashed(self) -> dict:
+        """The science fields that change what the run's experiments compute: --tokens and --seqs only
+        with a per-token experiment, --pairs only with another one, --neighbors only where neighbours
+        are scored, the pair only where an experiment fixes it."""
+        specs = self.experiment_specs
+        unused = set()
+        if not any(e.per_token for e in specs):
+            unused |= {"tokens", "seqs"}
+        if all(e.per_token for e in specs):
+            unused.add("pairs")
+        if not self.n_neighbors:
+            unused.add("neighbors")
+        if not self.fixes_pair:
+            unused.add("pair")
+        return {k: v for k, v in self.science().items() if k not in unused}
+
     @property
     def config_hash(self) -> str:
-        blob = json.dumps({"schema": SCHEMA_VERSION, **self.science()}, sort_keys=True)
+        blob = json.dumps({"schema": SCHEMA_VERSION, **self.hashed()}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    @property
+    def hashes(self) -> tuple[str, str]:
+        """``config_hash``, and the hash of every science field, which runs stored before the hash left
+        out unused fields carry: both name this config's shards."""
+        blob = json.dumps({"schema": SCHEMA_VERSION, **self.science()}, sort_keys=True)
+        return self.config_hash, hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    @property
+    def fixes_pair(self) -> bool:
+        """Whether an experiment of the run puts the run's pair (A, B) in its sequences."""
+        return any(not e.per_token and any(s.fix_a or s.fix_b for s in e.scenarios) for e in self.experiment_specs)
 
     @property
     def experiment_specs(self) -> list[experiments.Experiment]:
@@ -100,37 +137,48 @@ def parse_resources(text: str | None) -> tuple[tuple[str, float], ...]:
     """``--resources-per-actor '{"node_type_gpu": 1}'``: Ray custom resources, as Ray's APIs take them."""
     if not text:
         return ()
+    def finite(constant: str):
+        raise ValueError(constant)  # NaN and Infinity, which Python's json reads
+
     try:
-        given = json.loads(text)
-    except json.JSONDecodeError:
+        given = json.loads(text, parse_constant=finite)
+    except ValueError:
         given = None
     if not isinstance(given, dict) or not given or not all(
-            isinstance(k, str) and k and isinstance(v, int | float) and not isinstance(v, bool) and v > 0
-            for k, v in given.items()):
-        raise ConfigError(f"--resources-per-actor must be a JSON object of resource names to positive amounts, not {text!r}")
+            isinstance(k, str) and k and isinstance(v, int | float) and not isinstance(v, bool) and 0 < v <= 1e9
+            and (v <= 1 or float(v).is_integer()) for k, v in given.items()):
+        raise ConfigError("--resources-per-actor must be a JSON object of resource names to finite positive amounts "
+                          f"(fractions up to 1, whole numbers beyond, as Ray takes them), not {shown_value(text)}")
     reserved = {"CPU", "GPU", "memory", "object_store_memory"} & set(given)
     if reserved:
         raise ConfigError(f"--resources-per-actor takes custom resources; use --gpus-per-actor for {', '.join(sorted(reserved))}")
     return tuple(sorted((k, float(v)) for k, v in given.items()))
 
 
-def parse_count(option: str, text: str | None, allowed: str) -> int | None:
-    """A positive integer, or None for the ``allowed`` word (``all``, ``auto``) or no value."""
-    if text is None or text == allowed:
+def parse_int(name: str, value: object, word: str | None = None) -> int | None:
+    """An integer option (``name`` as in RunConfig) within INT_BOUNDS; None for ``word`` (``all``, ``auto``) or no value."""
+    if value is None:
         return None
-    if not text.isdigit() or int(text) <= 0:
-        raise ConfigError(f"{option} must be a positive integer or {allowed!r}, not {text!r}")
-    return int(text)
+    return integer(f"--{name.replace('_', '-')}", value, *INT_BOUNDS[name], word=word)
+
+
+def parse_gpus(value: object) -> float | None:
+    """``--gpus-per-actor``: a finite number of GPUs, fractions up to 1, whole numbers beyond (Ray's rule)."""
+    if value is None:
+        return None
+    gpus = number("--gpus-per-actor", value, 0.0, MAX_GPUS_PER_ACTOR)
+    if gpus > 1 and not gpus.is_integer():
+        raise ConfigError(f"--gpus-per-actor above 1 must be a whole number (Ray's rule), not {gpus:g}")
+    return gpus
 
 
 def check_counts(cfg: RunConfig) -> None:
     """Checks that need no model."""
-    for name in ("seqs", "pairs", "shard_size", "batch_size", "gpus_per_actor"):
+    for name in INT_BOUNDS:
         value = getattr(cfg, name)
-        if value is not None and value <= 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be positive, not {value}")
-    if cfg.neighbors < 1:
-        raise ConfigError(f"--neighbors must be at least 1, not {cfg.neighbors}")
+        if value is not None and not isinstance(value, bool):
+            parse_int(name, value)
+    parse_gpus(cfg.gpus_per_actor)
     if cfg.precision not in PRECISIONS:
         raise ConfigError(f"unknown precision {cfg.precision!r}: choose {', '.join(PRECISIONS)}")
     if cfg.processing not in source.PROCESSING:
@@ -144,19 +192,17 @@ def resolve(cfg: RunConfig, info: source.ModelInfo, tokens: str | None = None, p
     ``bos``: an id, ``tokenizer`` (the tokenizer's BOS), or None for the model's default (source.default_bos)."""
     check_counts(cfg)
     available = info.d_vocab - FIRST_TOKEN
-    count = parse_count("--tokens", tokens, "all")
+    count = parse_int("tokens", tokens, "all")
     n = available if tokens == "all" else min(DEFAULT_TOKENS, available) if count is None else count
     if n > available:
         raise ConfigError(f"--tokens {n} is beyond the vocabulary: {cfg.model} has d_vocab {info.d_vocab}, "
                           f"so at most {available} tokens (ids {FIRST_TOKEN}..{info.d_vocab - 1}); use --tokens all")
-    if cfg.neighbors > available - 1:
-        raise ConfigError(f"--neighbors {cfg.neighbors} exceeds the {available - 1} candidate neighbours of {cfg.model}")
+    if cfg.n_neighbors > available - 1:
+        raise ConfigError(f"--neighbors {cfg.neighbors} is more than {cfg.model} has: its ids {FIRST_TOKEN}..{info.d_vocab - 1} "
+                          f"leave B at most {max(available - 1, 0)} candidate neighbours")
     if cfg.heads and not info.attn_only_compact:
         raise ConfigError(f"--heads needs an attention-only model the compact forward scores (LayerNorm, LNPre or none, "
                           f"standard or shortformer positions); {cfg.model} is not one")
-    for name in ("seqs", "pairs"):
-        if getattr(cfg, name) > MAX_SEQUENCE_INDEX:
-            raise ConfigError(f"--{name} {getattr(cfg, name)} is beyond the rows' int32 sequence index ({MAX_SEQUENCE_INDEX})")
     shards = count_shards(replace(cfg, tokens=n))
     if shards > MAX_SHARDS:
         raise ConfigError(f"this run would plan {shards:,} shards (at most {MAX_SHARDS:,}): raise --shard-size")
@@ -166,9 +212,8 @@ def resolve(cfg: RunConfig, info: source.ModelInfo, tokens: str | None = None, p
         b = info.resolve_token(pair_b, "--pair-b") if pair_b is not None else default_b
     except source.ModelInputError as exc:
         raise ConfigError(str(exc)) from None
-    fixes_pair = any(not e.per_token and any(s.fix_a or s.fix_b for s in e.scenarios) for e in cfg.experiment_specs)
     outside = [t for t in (a, b) if not FIRST_TOKEN <= t < info.d_vocab]
-    if fixes_pair and outside:  # only the fallback ids can be: given ones are checked above
+    if cfg.fixes_pair and outside:  # only the fallback ids can be: given ones are checked above
         raise ConfigError(f"the default pair ids {a} and {b} do not fit {cfg.model}'s vocabulary "
                           f"(ids {FIRST_TOKEN}..{info.d_vocab - 1}): give --pair-a and --pair-b")
     return replace(cfg, tokens=n, pair=(a, b), bos=resolve_bos(info, bos))
@@ -181,9 +226,7 @@ def resolve_bos(info: source.ModelInfo, bos: str | None) -> int:
         if info.tokenizer is None or info.tokenizer.bos_token_id is None:
             raise ConfigError(f"--bos tokenizer: {info.name} has no tokenizer with a BOS token; give an id")
         return int(info.tokenizer.bos_token_id)
-    if not bos.isdigit() or int(bos) >= info.d_vocab:
-        raise ConfigError(f"--bos must be 'tokenizer' or an id in 0..{info.d_vocab - 1}, not {bos!r}")
-    return int(bos)
+    return integer("--bos", bos, 0, info.d_vocab - 1, word="tokenizer")
 
 
 def per_token_shard(cfg: RunConfig) -> tuple[int, int]:

@@ -14,7 +14,6 @@ import importlib
 import io
 import os
 import signal
-import socket
 import sys
 import threading
 from dataclasses import replace
@@ -24,6 +23,7 @@ import pandas as pd
 from jobs import aggregate, manifest
 from jobs.config import RunConfig, plan_shards
 from jobs.errors import ConfigError, RunFailed, Terminated
+from jobs.inputs import redact
 from jobs.phases import Phases
 from jobs.pool import ActorPool, failure, plan_actors, reachable_resources
 from storage import Store, open_store
@@ -42,8 +42,6 @@ def run(cfg: RunConfig, info: source.ModelInfo | None = None, progress: bool = T
     info = info or source.describe(cfg.model)
     token_strings = info.token_strings()
     store = open_store(cfg.out)
-    if cfg.address:
-        check_reachable(cfg.address)
     with phases.phase("ray start"):
         ray = connect(cfg.address)
         plan = plan_actors(cfg, ray.cluster_resources(), reachable_resources(ray))  # ConfigError before any write
@@ -62,7 +60,7 @@ def run(cfg: RunConfig, info: source.ModelInfo | None = None, progress: bool = T
     try:
         with phases.phase("plan"):
             specs = plan_shards(cfg)
-            if existing is not None and cfg.overwrite and existing.get("config_hash") != cfg.config_hash:
+            if existing is not None and cfg.overwrite and existing.get("config_hash") not in cfg.hashes:
                 manifest.clear(store)
             manifest.write(store, cfg, len(specs), "running")
             write_vocab(store, token_strings)
@@ -202,22 +200,9 @@ def read_vocab(store: Store) -> list[str]:
     return pd.read_parquet(io.BytesIO(store.get("vocab.parquet")))["token_str"].tolist()
 
 
-def check_reachable(address: str) -> None:
-    """A TCP connect first: ray.init on a dead address retries for minutes."""
-    if address == "auto":
-        return
-    hostport = address.split("://", 1)[-1].rstrip("/")
-    host, _, port = hostport.rpartition(":")
-    if not host or not port.isdigit():
-        raise ConfigError(f"--address {address!r} is not HOST:PORT")
-    try:
-        socket.create_connection((host, int(port)), timeout=3).close()
-    except OSError as exc:
-        raise ConfigError(f"cannot reach a Ray cluster at {address}: {exc.strerror or exc}") from None
-
-
 def connect(address: str | None):
-    """Join ``address`` (or $RAY_ADDRESS, as inside a Ray Job); else start an embedded local cluster."""
+    """Join ``address`` (jobs/address.py cluster_address: --address or $RAY_ADDRESS, checked to answer);
+    else start an embedded local cluster."""
     import ray
 
     if ray.is_initialized():
@@ -230,9 +215,12 @@ def connect(address: str | None):
 
 
 def _connect(ray, address: str | None) -> None:
-    inherited = os.environ.get("RAY_ADDRESS", "")
-    if address or (inherited and "://" not in inherited):  # an http:// RAY_ADDRESS is the Jobs API, for submit
-        ray.init(address=address or inherited, log_to_driver=True)
+    if address:
+        try:
+            ray.init(address=address, log_to_driver=True)
+        except Exception as exc:  # noqa: BLE001 - a version mismatch, a refused connection: nothing was started here
+            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(f"cannot join the Ray cluster at {redact(address)}: {reason}") from None
     else:
         os.environ.pop("RAY_ADDRESS", None)  # ray.init would read it
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private in-process cluster needs no token

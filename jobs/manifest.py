@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from jobs.config import RunConfig, plan_shards
+from jobs.config import RunConfig, check_counts, plan_shards
 from jobs.errors import ConfigError
 from storage import Store
 from storage.arrow import parquet_footer
@@ -36,11 +36,51 @@ def code_version() -> str:
     return f"{v}+{commit}" if commit else v
 
 
+STATUSES = ("running", "failed", "complete")
+REQUIRED = {"config": dict, "config_hash": str, "status": str, "shards": int}
+
+
 def read(store: Store) -> dict | None:
+    """The run's manifest, checked; None where there is none. ConfigError, one line, for one that is
+    not a manifest this tool wrote (corrupt, empty, foreign, a directory) or a URI that is a file."""
+    where = store.join(MANIFEST)
     try:
-        return json.loads(store.get(MANIFEST))
+        data = store.get(MANIFEST)
     except FileNotFoundError:
         return None
+    except NotADirectoryError:
+        raise ConfigError(f"{store.uri} is a file, not a run's directory") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{where} is a directory, not a run's manifest") from None
+    except PermissionError:
+        raise ConfigError(f"{where} cannot be read: permission denied") from None
+    try:
+        found = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        found = None
+    problem = schema_problem(found)
+    if problem:
+        raise ConfigError(f"{where} is not an induction-sweep manifest ({problem}); "
+                          "move it away, or rerun with another --out")
+    return found
+
+
+def schema_problem(found: object) -> str | None:
+    """What makes ``found`` no manifest of this tool's: a missing or mistyped key, a config RunConfig refuses."""
+    if not isinstance(found, dict):
+        return "not a JSON object" if found is not None else "not JSON"
+    for key, kind in REQUIRED.items():
+        if not isinstance(found.get(key), kind) or isinstance(found.get(key), bool):
+            return f"{key!r} missing or not a {kind.__name__}"
+    if found["status"] not in STATUSES:
+        return f"unknown status {found['status']!r}"
+    try:
+        cfg = RunConfig.from_science(found["config"], out="")
+        check_counts(cfg)
+        cfg.experiment_specs  # noqa: B018 - known experiments
+    except (TypeError, ValueError, KeyError) as exc:
+        return f"its config: {str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__}"
+    return None
 
 
 def write(store: Store, cfg: RunConfig, n_shards: int, status: str, **extra) -> dict:
@@ -67,7 +107,7 @@ def build(cfg: RunConfig, n_shards: int, status: str, **extra) -> dict:
 def check_compatible(store: Store, cfg: RunConfig) -> dict | None:
     """The existing manifest if it is this config's; ConfigError for another config (unless --overwrite)."""
     existing = read(store)
-    if existing is None or existing.get("config_hash") == cfg.config_hash or cfg.overwrite:
+    if existing is None or existing.get("config_hash") in cfg.hashes or cfg.overwrite:
         return existing
     raise ConfigError(f"{store.uri} holds a run with another config (hash {existing.get('config_hash')}, "
                       f"this one {cfg.config_hash}); use another --out or --overwrite")

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from jobs.config import RunConfig
-from jobs.errors import ConfigError, RunFailed
+from jobs.errors import ConfigError, RunFailed, Terminated
 from jobs.manifest import PROGRESS
 from jobs.phases import Phases, format_eta
 from storage import StorageError, Store, open_store
@@ -30,6 +30,8 @@ from workers.work import ShardSpec, ShardSummary
 IN_FLIGHT_PER_ACTOR = 2  # one shard computing while the previous one encodes and uploads
 CPU_THREADS_PER_ACTOR = 2
 PLACEMENT_WAIT_S = float(os.environ.get("INDUCTION_SWEEP_PLACEMENT_WAIT_S", "60"))  # then say how many are ready
+# a run whose every actor is lost fails after this long without one ready (replacements pending)
+NO_ACTOR_WAIT_S = float(os.environ.get("INDUCTION_SWEEP_NO_ACTOR_WAIT_S", "900"))
 PROGRESS_EVERY_S = 10.0  # a progress line (and progress.json) this often where there is no terminal
 TICK_S = 1.0
 RATE_WINDOW_S = 60.0  # the progress rate is over this much recent time
@@ -91,9 +93,10 @@ def plan_actors(cfg: RunConfig, resources: dict, reachable: dict | None = None) 
         fit = _fit(custom, 0, resources)
         threads = max(1, int(cpus) // max(1, fit, cfg.actors or 0))
         return ActorPlan(cfg.actors or _fit(custom, 0, possible), 0, 1, threads, custom, fit)
+    # each CPU actor asks Ray for the CPUs its torch threads use: actors beyond the CPUs stay pending
     count = cfg.actors or max(1, int(cpus) // CPU_THREADS_PER_ACTOR)
     threads = max(1, int(cpus) // count)
-    return ActorPlan(count, 0, min(threads, cpus / count), threads, custom, count)
+    return ActorPlan(count, 0, min(float(threads), cpus), threads, custom, min(count, max(1, int(cpus) // threads)))
 
 
 def _fit(custom: dict[str, float], gpus_per_actor: float, resources: dict) -> int:
@@ -226,6 +229,9 @@ class ActorPool:
         except (RunFailed, ConfigError):
             raise
         except Exception as exc:
+            stopped = exc.__cause__ or exc.__context__  # SIGTERM or Ctrl-C inside Ray's wait arrives wrapped
+            if isinstance(stopped, Terminated | KeyboardInterrupt):
+                raise stopped from None
             raise RunFailed(failure(exc)) from None
         finally:
             report.close()
@@ -255,7 +261,7 @@ class Progress:
         self.bar = tqdm(total=sequences, unit="seq", unit_scale=True, disable=not enabled or self.lines,
                         desc=f"shards {already}/{total}", mininterval=1.0)
         self.scored, self.start, self.last, self.placement_said = 0, None, time.monotonic(), False
-        self.placed, self.none_since, self.history = 0, None, deque()
+        self.placed, self.none_since, self.none_lost_at, self.history = 0, None, 0.0, deque()
 
     def shard_done(self, sequences: int) -> None:
         self.done += 1
@@ -268,12 +274,15 @@ class Progress:
         if placed and self.start is None:
             self.start = now  # the rate counts from the first ready actor
         if placed == 0 and self.placed > 0:
-            self.none_since = now
+            self.none_since = self.none_lost_at = now
         self.placed = placed
         if not self.placement_said and placed < asked and self.phases.now() - self.requested > PLACEMENT_WAIT_S:
             self.placement_said = True
             print(f"induction-sweep: {placed} of {asked} actors ready after {PLACEMENT_WAIT_S:.0f} s; going on with "
                   f"those that are (the rest join when the cluster has room)", file=sys.stderr, flush=True)
+        if placed == 0 and self.none_since is not None and now - self.none_lost_at >= NO_ACTOR_WAIT_S:
+            raise RunFailed(f"no actor ready for {NO_ACTOR_WAIT_S:.0f} s after all were lost (replacements pending: the "
+                            "cluster has no room for one); give the cluster room (`ray status` shows it)")
         if placed == 0 and self.none_since is not None and now - self.none_since > PLACEMENT_WAIT_S:
             self.none_since = now  # said again each PLACEMENT_WAIT_S while it lasts
             print(f"induction-sweep: no actor has been ready for {PLACEMENT_WAIT_S:.0f} s (all lost, replacements "

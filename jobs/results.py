@@ -1,4 +1,4 @@
-"""Finished runs, read through the storage layer: ``status``, ``fetch`` and the notebook API.
+"""Finished runs, read through the storage layer: ``status`` and the notebook API.
 
     from jobs.results import open_run
     run = open_run("s3://bucket/sweeps/attn-only-2l")     # or a local path
@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import pyarrow.dataset as pads
 
@@ -21,9 +19,6 @@ from jobs.aggregate import Aggregates
 from jobs.phases import format_eta
 from storage import Store, open_store
 from storage.arrow import filesystem
-
-FETCH_THREADS = 16
-FETCHED = ("manifest.json", "report.html", "vocab.parquet", "aggregates/", "plots/")
 
 
 @dataclass
@@ -83,18 +78,3 @@ def status_text(uri: str) -> str:
         lines.append("complete")
     return "\n".join(lines)
 
-
-def fetch(uri: str, to: str, shards: bool = False) -> list[Path]:
-    """Copy aggregates, plots, report and manifest (and shards with ``shards``) into ``to``."""
-    store = open_store(uri)
-    manifest.require(store)
-    keys = sorted(k for prefix in FETCHED + (("shards/",) if shards else ()) for k in store.list(prefix))
-
-    def copy(key: str) -> Path:
-        path = Path(to) / key
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(store.get(key))
-        return path
-
-    with ThreadPoolExecutor(FETCH_THREADS) as pool:  # S3 GETs are latency-bound: many at once
-        return list(pool.map(copy, keys))

@@ -32,6 +32,8 @@ class StorageError(RuntimeError):
 
 def open_store(uri: str) -> Store:
     uri = str(uri)
+    if re.match(r"[sS]3:(?!//)", uri) or uri.startswith("S3://"):  # s3:/bucket, s3:bucket, S3://: never a local path
+        raise StorageInputError(f"malformed S3 URI {uri!r}: write s3://bucket/prefix")
     if uri.startswith("s3://"):
         bucket, _, prefix = uri[len("s3://") :].partition("/")
         if not _BUCKET.match(bucket):
@@ -53,6 +55,10 @@ class Store:
     def list(self, prefix: str = "") -> dict[str, int]:
         """{key: size} of every object under ``prefix``."""
         ...
+    def entries(self, prefix: str = "") -> dict[str, tuple[int, str | None]]:
+        """{key: (size, ETag)} of every object under ``prefix`` (ETag None where the store keeps none)."""
+        return {key: (size, None) for key, size in self.list(prefix).items()}
+
     def delete_prefix(self, prefix: str) -> None: ...
     def check(self) -> None:
         """Raise StorageInputError if the store cannot be written (missing bucket, credentials)."""
@@ -111,11 +117,35 @@ class LocalStore(Store):
             target.unlink()
 
     def check(self) -> None:
-        probe = self.root
-        while not probe.exists():
-            probe = probe.parent
-        if not probe.is_dir() or not os.access(probe, os.W_OK):
-            raise StorageInputError(f"cannot write under {self.root}: {probe} is not a writable directory")
+        check_directory(self.root, "cannot write under")
+
+
+KEY_ROOM = 128  # the longest key a run writes under its root (shards/<experiment>/part-NNNNNN.parquet, .tmp/<uuid>.part)
+
+
+def check_directory(root: Path, doing: str) -> None:
+    """StorageInputError unless ``root`` is, or can be made, a writable directory whose files' paths
+    (``KEY_ROOM`` characters more) the file system takes: no component over its name limit, the
+    whole within its path limit, no file where a directory is needed."""
+    name_max, path_max = 255, 4096
+    try:
+        name_max, path_max = os.pathconf("/", "PC_NAME_MAX"), os.pathconf("/", "PC_PATH_MAX")
+    except (OSError, ValueError):
+        pass
+    long = next((part for part in root.parts if len(part.encode()) > name_max), None)
+    if long is not None:
+        raise StorageInputError(f"{doing} {str(root)[:80]}…: a path component of {len(long.encode())} bytes "
+                                f"(the file system takes at most {name_max})")
+    if len(str(root.absolute()).encode()) + KEY_ROOM > path_max:
+        raise StorageInputError(f"{doing} {str(root)[:80]}…: the path is {len(str(root.absolute()).encode())} bytes; "
+                                f"its files need {KEY_ROOM} more, within the file system's {path_max}")
+    probe = root.absolute()
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise StorageInputError(f"{doing} {root}: {probe} is a file, not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise StorageInputError(f"{doing} {root}: {probe} is not writable")
 
 
 def s3_client():
@@ -166,6 +196,8 @@ class S3Store(Store):
             code = exc.response.get("Error", {}).get("Code", "")
             if code in ("NoSuchKey", "404"):
                 raise FileNotFoundError(f"{self.uri}: {kwargs.get('Key', '')} not found") from None
+            if code == "NoSuchBucket":  # a rerun cannot help: bad input wherever it is met
+                raise StorageInputError(f"bucket {self.bucket!r} does not exist") from None
             raise StorageError(f"S3 {method} on {self.uri} failed: {code or exc}") from None
         except BotoCoreError as exc:
             raise StorageError(f"S3 {method} on {self.uri} failed after retries: {exc}") from None
@@ -182,6 +214,9 @@ class S3Store(Store):
         return self._call("get_object", Key=self._key(key), Range=f"bytes={start}-{end - 1}")["Body"].read()
 
     def list(self, prefix: str = "") -> dict[str, int]:
+        return {key: size for key, (size, _) in self.entries(prefix).items()}
+
+    def entries(self, prefix: str = "") -> dict[str, tuple[int, str | None]]:
         full = self._key(prefix)
         base = len(self.prefix) + 1 if self.prefix else 0
         found, token = {}, None
@@ -189,7 +224,7 @@ class S3Store(Store):
             kwargs = {"Prefix": full, **({"ContinuationToken": token} if token else {})}
             page = self._call("list_objects_v2", **kwargs)
             for obj in page.get("Contents", []):
-                found[obj["Key"][base:]] = obj["Size"]
+                found[obj["Key"][base:]] = (obj["Size"], obj.get("ETag", "").strip('"') or None)
             if not page.get("IsTruncated"):
                 return found
             token = page["NextContinuationToken"]

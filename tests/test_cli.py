@@ -30,7 +30,7 @@ def refused(capsys, argv, match):
     (["--tokens", "0"], "--tokens must be a positive integer"),
     (["--tokens", "-3"], "--tokens must be a positive integer"),
     (["--tokens", "5000"], "d_vocab 2048"),
-    (["--seqs", "0"], "--seqs must be positive"),
+    (["--seqs", "0"], "--seqs must be an integer in 1..2147483647"),
     (["--experiment", "induction"], "unknown experiment 'induction'"),
     (["--pair-a", " Fab"], "has no tokenizer"),
     (["--pair-b", "99999"], "outside 4..2047"),
@@ -142,4 +142,4 @@ def test_commands_on_a_uri_with_no_run(capsys, tmp_path, command):
     argv = [command[0], str(tmp_path / "empty"), *[str(tmp_path / "to") if a == "TO" else a for a in command[1:]]]
     refused(capsys, argv, "no run at")
     assert not (tmp_path / "to").exists()
-    refused(capsys, ["run", "--model", "toy-2l", "--out", str(tmp_path / "big"), "--seqs", "3000000000"], "int32")
+    refused(capsys, ["run", "--model", "toy-2l", "--out", str(tmp_path / "big"), "--seqs", "3000000000"], "1..2147483647")

@@ -6,7 +6,7 @@ import pandas as pd
 import pyarrow.dataset as pads
 import pytest
 
-from jobs import driver, manifest, results
+from jobs import driver, fetch, manifest, results
 from jobs.config import RunConfig, plan_shards, resolve
 from jobs.errors import ConfigError
 from storage import open_store
@@ -86,11 +86,12 @@ def test_status_and_fetch(s3_run, tmp_path):
     text = results.status_text(uri)
     n = len(plan_shards(manifest.config_of(open_store(uri))))
     assert f"shards {n}/{n} done" in text and "complete" in text
-    paths = {p.relative_to(tmp_path / "got").as_posix() for p in results.fetch(uri, str(tmp_path / "got"))}
+    got = tmp_path.resolve() / "got"
+    paths = {i.path.relative_to(got).as_posix() for i in fetch.fetch(uri, str(got), echo=lambda line: None)}
     assert {"report.html", "manifest.json", "aggregates/token_powers.parquet", "plots/token_powers.png"} <= paths
     assert not any(p.startswith("shards/") for p in paths)
-    with_shards = results.fetch(uri, str(tmp_path / "all"), shards=True)
-    assert sum(p.as_posix().count("/shards/") for p in with_shards) == n
+    with_shards = fetch.fetch(uri, str(tmp_path / "all"), shards=True, echo=lambda line: None)
+    assert sum(i.path.as_posix().count("/shards/") for i in with_shards) == n
 
 
 def test_resume_recomputes_only_what_is_missing_and_matches(ray_cluster, tmp_path):

@@ -140,7 +140,10 @@ def test_open_run_reads_s3_shards_natively(bucket):
     from jobs.results import open_run
 
     store = open_store(f"s3://{bucket}/run")
-    store.put("manifest.json", b'{"status": "complete"}')
+    from jobs import manifest
+    from jobs.config import RunConfig
+
+    manifest.write(store, RunConfig(model="toy-2l", out=store.uri), 2, "complete")
     tables = [shard_like(100, 0), shard_like(50, 100)]
     put_shards(store, tables)
     run = open_run(f"s3://{bucket}/run")

@@ -88,4 +88,4 @@ def test_submit_needs_a_cluster_address(capsys, monkeypatch):
 def test_submit_refuses_bad_run_options_before_submitting(capsys):
     assert main(["submit", "--address", "http://127.0.0.1:1", "--", "--model", "toy-2l", "--out", "x",
                  "--seqs", "0"]) == 2
-    assert "--seqs must be positive" in capsys.readouterr().err
+    assert "--seqs must be an integer in 1..2147483647" in capsys.readouterr().err

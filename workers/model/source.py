@@ -176,7 +176,7 @@ class ModelInfo:
         """An id from an integer (``123`` or ``#123``) or a string that is exactly one token."""
         text = str(text)
         digits = text[1:] if text.startswith("#") else text
-        if digits.isdigit():
+        if re.fullmatch(r"[+-]?[0-9]+", digits):  # ASCII digits: "¹²".isdigit() is true, int() refuses it
             token = int(digits)
         elif self.tokenizer is None:
             raise ModelInputError(f"{option} {text!r}: model {self.name} has no tokenizer; give an integer id")

@@ -28,14 +28,14 @@ def literal(text: str) -> str:
     return text.replace("$", r"\$")
 
 
-def _png(fig) -> bytes:
+def png(fig) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
     return buffer.getvalue()
 
 
-def _figure(*args, **kwargs):
+def figure(*args, **kwargs):
     return plt.subplots(*args, layout="constrained", **kwargs)
 
 
@@ -45,7 +45,7 @@ def outside_text(h: Histogram) -> str:
 
 def token_powers_plot(hists: list[Histogram], summary: dict) -> bytes:
     """The post's first figure: histograms of A and B power over the tokens."""
-    fig, ax = _figure(figsize=(7, 4))
+    fig, ax = figure(figsize=(7, 4))
     for h, color in zip(hists, ("tab:blue", "tab:orange")):
         role = h.name.split("/")[1]
         mean = summary.get(f"mean_{role.lower()}_power", float("nan"))
@@ -53,19 +53,19 @@ def token_powers_plot(hists: list[Histogram], summary: dict) -> bytes:
     ax.set(xlabel="power: mean induction strength (nats of log-odds)", ylabel="tokens",
            title=f"A and B power over {summary.get('tokens')} tokens × {summary.get('seqs')} sequences")
     ax.legend()
-    return _png(fig)
+    return png(fig)
 
 
 def strength_hist_plot(hists: list[Histogram], labels: list[str], title: str, legend_title: str) -> bytes:
     """Strength histograms on one axis, as the post overlays them; each legend entry says how many
     values fell outside the range drawn."""
-    fig, ax = _figure(figsize=(7, 4))
+    fig, ax = figure(figsize=(7, 4))
     for h, label in zip(hists, labels):
         ax.stairs(h.counts, h.edges, lw=1.5, label=f"{label} (n {h.counts.sum() + h.outside}{outside_text(h)})")
     ax.set(xlabel="induction strength (nats of log-odds)", ylabel="sequences", xlim=(hists[0].edges[0], hists[0].edges[-1]),
            title=title)
     ax.legend(title=legend_title, fontsize=8)
-    return _png(fig)
+    return png(fig)
 
 
 def fixed_pair_logodds_plot(hists: list[Histogram2D], strengths: dict[str, float]) -> bytes:
@@ -77,7 +77,7 @@ def fixed_pair_logodds_plot(hists: list[Histogram2D], strengths: dict[str, float
 
     cols = min(2, len(hists))
     rows = -(-len(hists) // cols)
-    fig, axes = _figure(rows, cols, figsize=(4.3 * cols + 1.2, 4.2 * rows), squeeze=False, sharex=True, sharey=True)
+    fig, axes = figure(rows, cols, figsize=(4.3 * cols + 1.2, 4.2 * rows), squeeze=False, sharex=True, sharey=True)
     top = max(1, max(int(h.counts.max()) for h in hists))
     mesh = None
     for ax, h in zip(axes.flat, hists):
@@ -102,12 +102,12 @@ def fixed_pair_logodds_plot(hists: list[Histogram2D], strengths: dict[str, float
         ax.set_visible(False)
     bar = fig.colorbar(mesh, ax=axes, label="sequences per cell", shrink=0.7, aspect=30)
     bar.ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    return _png(fig)
+    return png(fig)
 
 
 def neighbors_curve_plot(neigh: pd.DataFrame) -> bytes:
     """Mean strength on B's k-th neighbour against k, beside a random token's."""
-    fig, ax = _figure(figsize=(7, 4))
+    fig, ax = figure(figsize=(7, 4))
     curve = neigh[neigh.k >= 0].sort_values("k")
     ax.errorbar(curve.k, curve["mean"], yerr=curve["sem"], marker="o", ms=3, label="B (k = 0) and its neighbours")
     r = neigh[neigh.target == "R"]
@@ -117,7 +117,7 @@ def neighbors_curve_plot(neigh: pd.DataFrame) -> bytes:
     ax.legend()
     ax.set(xlabel="k (0 = B itself, k = k-th nearest neighbour of B)", ylabel="mean induction strength (± SE)",
            title="Induction bleeding to neighbours of B")
-    return _png(fig)
+    return png(fig)
 
 
 def controls_plot(controls: pd.DataFrame, neighbors: pd.DataFrame | None) -> bytes:
@@ -129,7 +129,7 @@ def controls_plot(controls: pd.DataFrame, neighbors: pd.DataFrame | None) -> byt
         table.loc["induction"] = {"B": base.loc["B", "mean"], "R": base.loc["R", "mean"]}
         errors.loc["induction"] = {"B": base.loc["B", "sem"], "R": base.loc["R", "sem"]}
     order = [e for e in ("induction", *controls.experiment.unique()) if e in table.index]
-    fig, ax = _figure(figsize=(8, 4))
+    fig, ax = figure(figsize=(8, 4))
     width = 0.27
     for i, target in enumerate(("B", "A", "R")):
         ax.bar(np.arange(len(order)) + (i - 1) * width, table.loc[order, target], width,
@@ -138,14 +138,14 @@ def controls_plot(controls: pd.DataFrame, neighbors: pd.DataFrame | None) -> byt
     ax.axhline(0, color="black", lw=0.5)
     ax.set(ylabel="mean induction strength", title="Is it B's presence or the A→B pair?")
     ax.legend()
-    return _png(fig)
+    return png(fig)
 
 
 def heads_plot(heads: pd.DataFrame) -> bytes:
     """Each last-layer head's share of logit(B) - mean logit (induction minus shuffled), and its attention to B."""
     groups = list(dict.fromkeys(heads.experiment + " / " + heads.scenario))
     names = list(dict.fromkeys(heads["head"]))
-    fig, (left, right) = _figure(1, 2, figsize=(12, 4))
+    fig, (left, right) = figure(1, 2, figsize=(12, 4))
     width = 0.8 / len(groups)
     for i, group in enumerate(groups):
         g = heads[(heads.experiment + " / " + heads.scenario) == group].set_index("head").loc[names]
@@ -158,19 +158,19 @@ def heads_plot(heads: pd.DataFrame) -> bytes:
     right.set_xticks(np.arange(len(names) - 1), names[:-1])
     right.set(ylabel="attention", ylim=(0, 1), title="Attention from the final A to the slot after the first A")
     left.legend(fontsize=8)
-    return _png(fig)
+    return png(fig)
 
 
 def circuits_plot(table: pd.DataFrame, corr: pd.DataFrame) -> bytes:
     pairs = [(s, p) for s, p in (("ov_rank_best", "b_power"), ("qk_rank_best", "a_power")) if s in table]
-    fig, axes = _figure(1, len(pairs), figsize=(6 * len(pairs), 4), squeeze=False)
+    fig, axes = figure(1, len(pairs), figsize=(6 * len(pairs), 4), squeeze=False)
     for ax, (score, power) in zip(axes[0], pairs):
         rho = corr[(corr.score == score) & (corr.power == power)].spearman.iloc[0]
         ax.scatter(np.log10(1 + table[score]), table[power], s=4, alpha=0.4)
         kind = "OV copying of B" if score.startswith("ov") else "QK prefix matching of A"
         ax.set(xlabel=f"log10(1 + rank) — {kind}, best head (0 = perfect)", ylabel=power.replace("_", " "),
                title=f"{power[0].upper()} power against {kind} (Spearman {rho:.2f})")
-    return _png(fig)
+    return png(fig)
 
 
 def render(store: Store, manifest: dict, agg: Aggregates) -> dict[str, bytes]:
@@ -253,7 +253,7 @@ def rule_text(experiment: str) -> str:
     return (rule.__doc__ or "").strip().splitlines()[0].rstrip(".") if rule is not None else ""
 
 
-def _img(data: bytes, alt: str) -> str:
+def img_html(data: bytes, alt: str) -> str:
     return f'<img src="data:image/png;base64,{base64.b64encode(data).decode()}" alt="{html.escape(alt)}">'
 
 
@@ -332,7 +332,7 @@ def report_html(manifest: dict, agg: Aggregates, plots: dict[str, bytes], neighb
                   f"<p>For each of {tp['tokens']} tokens, {tp['seqs']} sequences with it as A and {tp['seqs']} with it "
                   f"as B. Correlation of A and B power over tokens: {tp['corr_a_b']:.2f}.</p>",
                   table_html(moments, "A and B power over the tokens"),
-                  _img(plots["token_powers.png"], "Histograms of A power and B power over the tokens"),
+                  img_html(plots["token_powers.png"], "Histograms of A power and B power over the tokens"),
                   "<h3>Token explorer</h3>",
                   explorer_section(agg, neighbors, [("vocab.parquet", "vocab.parquet"), *aggregate_links, *shard_links], vocab)]
     if agg.fixed_pair is not None:
@@ -341,16 +341,16 @@ def report_html(manifest: dict, agg: Aggregates, plots: dict[str, bytes], neighb
                   f"<p>A = {html.escape(repr(fp['pair_str'][0]))} (id {fp['pair'][0]}), B = {html.escape(repr(fp['pair_str'][1]))} "
                   f"(id {fp['pair'][1]}); {cfg.get('pairs')} sequences per scenario, the rest random.</p>",
                   table_html(agg.fixed_pair, "Strength per scenario (what is fixed) and target: mean, SE, n"),
-                  _img(plots["fixed_pair_strength.png"], "Histograms of the strength on B per fixed-pair scenario"),
-                  _img(plots["fixed_pair_logodds.png"],
+                  img_html(plots["fixed_pair_strength.png"], "Histograms of the strength on B per fixed-pair scenario"),
+                  img_html(plots["fixed_pair_logodds.png"],
                        "2-D histograms of the log-odds of B after the induction sequence (x) and the shuffled control (y), "
                        "per scenario, with the diagonal and the mean strength")]
     if agg.neighbors is not None:
         parts += ["<h2>Neighbours of B</h2>",
                   "<p>Strength on B, on its k nearest neighbours (defined above), and on a random token R.</p>"]
         if "neighbors_hist.png" in plots:
-            parts.append(_img(plots["neighbors_hist.png"], "Histograms of the strength on B, N1, N5, N15 and R"))
-        parts += [_img(plots["neighbors.png"], "Mean strength against the neighbour rank k"),
+            parts.append(img_html(plots["neighbors_hist.png"], "Histograms of the strength on B, N1, N5, N15 and R"))
+        parts += [img_html(plots["neighbors.png"], "Mean strength against the neighbour rank k"),
                   table_html(agg.neighbors, "Strength per target: mean, SE, n")]
     if agg.controls is not None:
         nan = float("nan")
@@ -360,7 +360,7 @@ def report_html(manifest: dict, agg: Aggregates, plots: dict[str, bytes], neighb
         parts += ["<h2>Mechanism controls</h2>",
                   "<p>Each control alters the induction sequence before it is shuffled, and is scored against its "
                   "own shuffled control.</p>", f"<ul>{lines}</ul>",
-                  _img(plots["controls.png"], "Mean strength on B, A and R for plain induction and each control"),
+                  img_html(plots["controls.png"], "Mean strength on B, A and R for plain induction and each control"),
                   table_html(agg.controls, "Strength per control and target: mean, SE, n")]
     if agg.heads is not None:
         h = agg.heads
@@ -373,7 +373,7 @@ def report_html(manifest: dict, agg: Aggregates, plots: dict[str, bytes], neighb
                   "biases) add up to logit(B) − mean logit; <i>contribution</i> is induction minus shuffled. "
                   f"Largest: head {top['head']} of {top['experiment']} / {top['scenario']}, {top['contribution']:.2f} "
                   f"nats of logit, attention to B {top['attn_b']:.2f}.</p>",
-                  _img(plots["heads.png"], "Each last-layer head's contribution to the logit of B, and its attention to B"),
+                  img_html(plots["heads.png"], "Each last-layer head's contribution to the logit of B, and its attention to B"),
                   table_html(h, "Per-head means over n sequences")]
     if agg.circuits is not None:
         corr = agg.circuit_correlations
@@ -384,7 +384,7 @@ def report_html(manifest: dict, agg: Aggregates, plots: dict[str, bytes], neighb
                   "circuits (prefix matching). Spearman correlations with A and B power:</p>",
                   table_html(corr.pivot(index="score", columns="power", values="spearman").reset_index(),
                              "Spearman correlation over tokens"),
-                  _img(plots["circuits.png"], "Power against circuit score per token")]
+                  img_html(plots["circuits.png"], "Power against circuit score per token")]
     parts += ["<h2>Files</h2><p>" + " · ".join(f'<a href="{html.escape(h)}">{html.escape(t)}</a>' for h, t in aggregate_links)
               + "</p>",
               f"<details><summary>Manifest</summary><pre>{html.escape(json.dumps(manifest, indent=2))}</pre></details>"]

@@ -37,7 +37,7 @@ class Side:
     @property
     def label(self) -> str:
         cfg = self.manifest["config"]
-        return f"{cfg['model']} (seed {cfg['seed']})"
+        return f"{cfg['model'].rstrip('/').rsplit('/', 1)[-1]} (seed {cfg['seed']})"  # a checkpoint by its directory's name
 
 
 def open_side(uri: str) -> Side:
@@ -121,7 +121,7 @@ def scatter_plot(joined: pd.DataFrame, i: int, corr: list[dict], labels: list[st
         ax.scatter(x, y, s=4, alpha=0.4)
         lo, hi = float(np.nanmin([x.min(), y.min()])), float(np.nanmax([x.max(), y.max()]))
         ax.plot([lo, hi], [lo, hi], "--", color="0.3", lw=1, label="equal")
-        ax.set(xlabel=literal(f"{p.upper()} power, run 0: {labels[0]}"), ylabel=literal(f"{p.upper()} power, run {i}: {labels[i]}"),
+        ax.set(xlabel=literal(f"{p.upper()} power, run 0: {labels[0]}"), ylabel=literal(f"run {i}: {labels[i]}"),
                title=f"{p.upper()} power: Pearson {r['pearson']:.3f}, Spearman {r['spearman']:.3f}")
         ax.legend(loc="upper left")
     return png(fig)

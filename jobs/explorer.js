@@ -115,6 +115,7 @@
     more.addEventListener("click", () => { limit += PAGE * 10; render(); });
     const first = data.presets && data.presets[0];
     if (first) sortBy(first.key, first.dir); else render();
+    root.dataset.readyMs = performance.now().toFixed(0);  // since navigation: the time to interactive
     root.dataset.ready = "1";
   }
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import html
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,13 +31,17 @@ class Preset:
 
 
 def _values(series: pd.Series, kind: str) -> list:
+    """A column as JSON values, vectorised (a 256,000-token table takes seconds otherwise)."""
     if kind == "num":
-        return [None if not math.isfinite(v) else round(float(v), 4) for v in series.to_numpy(dtype=np.float64)]
+        values = series.to_numpy(dtype=np.float64)
+        out = np.round(values, 4).astype(object)
+        out[~np.isfinite(values)] = None  # JSON has no NaN
+        return out.tolist()
     if kind == "int":
-        return [int(v) for v in series]
+        return series.to_numpy(dtype=np.int64).tolist()
     if kind == "ids":
-        return [[int(t) for t in ids] for ids in series]
-    return [str(v) for v in series]
+        return np.stack(series.to_numpy()).astype(np.int64).tolist() if len(series) else []
+    return series.astype(str).tolist()
 
 
 def data_json(table: pd.DataFrame, columns: list[Column], presets: list[Preset], vocab: list[str] | None = None) -> str:
@@ -50,9 +53,10 @@ def data_json(table: pd.DataFrame, columns: list[Column], presets: list[Preset],
     blob = {"columns": [{k: v for k, v in c.__dict__.items() if v != ""} for c in columns],
             "presets": [p.__dict__ for p in presets],
             "values": {k: _values(table[k], kinds[k]) for k in keys}}
-    listed = {int(t) for c in columns if c.type == "ids" for ids in table[c.key] for t in ids}
-    if vocab is not None:
-        blob["strings"] = {t: vocab[t] for t in sorted(listed - set(blob["values"]["token"])) if t < len(vocab)}
+    listed = [np.stack(table[c.key].to_numpy()).ravel() for c in columns if c.type == "ids" and len(table)]
+    if vocab is not None and listed:
+        outside = np.setdiff1d(np.concatenate(listed), table.token.to_numpy())
+        blob["strings"] = {int(t): vocab[t] for t in outside if t < len(vocab)}
     return json.dumps(blob, ensure_ascii=False, separators=(",", ":")).replace("</", "<\\/")
 
 

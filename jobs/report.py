@@ -14,12 +14,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
 
 from jobs.aggregate import Aggregates, Histogram, Histogram2D  # noqa: E402
 from jobs.explorer import STYLE as EXPLORER_STYLE  # noqa: E402
 from jobs.explorer import Column, Preset, explorer_html, script_html  # noqa: E402
 from storage import Store  # noqa: E402
 from workers import experiments  # noqa: E402
+from workers.sequences import FIRST_TOKEN  # noqa: E402
 from workers.shard import NEIGHBORS_KEY  # noqa: E402
 
 
@@ -214,12 +216,12 @@ def vocab_strings(store: Store) -> list[str] | None:
     return pd.read_parquet(io.BytesIO(store.get("vocab.parquet")))["token_str"].tolist() if store.exists("vocab.parquet") else None
 
 
-def token_neighbors(store: Store, shown: int = 5) -> pd.DataFrame | None:
-    """Each token's first neighbours, where the run scored neighbours (``neighbors.parquet``)."""
+def token_neighbors(store: Store, shown: int = 5) -> np.ndarray | None:
+    """Each token's first neighbours (rows from id FIRST_TOKEN on), where the run scored neighbours."""
     if not store.exists(NEIGHBORS_KEY):
         return None
-    table = pd.read_parquet(io.BytesIO(store.get(NEIGHBORS_KEY)))
-    return pd.DataFrame({"token": table.token, "neighbors": [list(n[:shown]) for n in table.neighbors]})
+    column = pq.read_table(io.BytesIO(store.get(NEIGHBORS_KEY))).column("neighbors").combine_chunks()
+    return column.flatten().to_numpy().reshape(len(column), -1)[:, :shown]
 
 
 def loading_text(loading: dict | None) -> str:
@@ -291,7 +293,7 @@ def header_html(manifest: dict, agg: Aggregates) -> str:
             f"{loading_text(manifest.get('model_loading'))}.</p>")
 
 
-def explorer_section(agg: Aggregates, neighbors: pd.DataFrame | None, links: list[tuple[str, str]],
+def explorer_section(agg: Aggregates, neighbors: np.ndarray | None, links: list[tuple[str, str]],
                      vocab: list[str] | None) -> str:
     table = agg.token_powers
     columns = [Column("token", "id", "int"), Column("token_str", "token", "str"),
@@ -300,8 +302,7 @@ def explorer_section(agg: Aggregates, neighbors: pd.DataFrame | None, links: lis
                Column("b_power", "B power", "num", "mean strength on B, this token as B"),
                Column("b_sem", "B SE", "num", digits=3), Column("b_n", "B n", "int")]
     if neighbors is not None:
-        table = table.merge(neighbors, on="token", how="left")
-        table["neighbors"] = [n if isinstance(n, list) else [] for n in table.neighbors]
+        table = table.assign(neighbors=list(neighbors[table.token.to_numpy() - FIRST_TOKEN]))
         columns.append(Column("neighbors", "nearest neighbours", "ids"))
     presets = [Preset("weakest as A", "a_power", 1), Preset("strongest as A", "a_power", -1),
                Preset("weakest as B", "b_power", 1), Preset("strongest as B", "b_power", -1), Preset("by id", "token", 1)]
@@ -309,7 +310,7 @@ def explorer_section(agg: Aggregates, neighbors: pd.DataFrame | None, links: lis
                          vocab)
 
 
-def report_html(manifest: dict, agg: Aggregates, plots: dict[str, bytes], neighbors: pd.DataFrame | None = None,
+def report_html(manifest: dict, agg: Aggregates, plots: dict[str, bytes], neighbors: np.ndarray | None = None,
                 vocab: list[str] | None = None) -> str:
     cfg, summary = manifest["config"], agg.summary
     parts = [f"<h1>Induction sweep: {html.escape(str(cfg['model']))}</h1>", header_html(manifest, agg),

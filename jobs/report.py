@@ -21,8 +21,8 @@ from jobs.explorer import STYLE as EXPLORER_STYLE  # noqa: E402
 from jobs.explorer import Column, Preset, explorer_html, script_html  # noqa: E402
 from storage import Store  # noqa: E402
 from workers import experiments  # noqa: E402
-from workers.sequences import FIRST_TOKEN  # noqa: E402
-from workers.shard import NEIGHBORS_KEY  # noqa: E402
+from workers.layout import FIRST_TOKEN  # noqa: E402
+from workers.work import NEIGHBORS_KEY  # noqa: E402
 
 
 def literal(text: str) -> str:

@@ -24,7 +24,7 @@ import torch
 from jobs import report
 from jobs.aggregate import Aggregates, Histogram, Summary
 from storage import open_store
-from workers.sequences import FIRST_TOKEN
+from workers.layout import FIRST_TOKEN
 from workers.shard import save_neighbors
 
 

@@ -33,14 +33,13 @@ from workers.scoring import check as load_check
 from workers.scoring import compile_cache
 from workers.scoring.check import Reference, prove
 from workers.sequences import FIRST_TOKEN, SEQ_LEN, SequenceBatch, make_batch, sequence_keys, target_tokens
-from workers.work import ShardSpec, ShardSummary, WorkParams
+from workers.work import NEIGHBORS_KEY, ShardSpec, ShardSummary, WorkParams
 
 if TYPE_CHECKING:
     from workers.scoring.scorer import Scorer
 
 SCORER_KEY = b"induction_sweep.scorer"
 ORIGIN_KEY = b"induction_sweep.origin"  # host, pid and (in Ray) node and actor ids of the computing actor
-NEIGHBORS_KEY = "neighbors.parquet"  # every token's K nearest neighbours (token, neighbors), for the report's explorer
 
 
 class ShardRunner:

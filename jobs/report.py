@@ -104,6 +104,8 @@ def fixed_pair_logodds_plot(hists: list[Histogram2D], strengths: dict[str, float
         ax.set_visible(False)
     bar = fig.colorbar(mesh, ax=axes, label="sequences per cell", shrink=0.7, aspect=30)
     bar.ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    if top < 10:  # no decade inside the range: label every count
+        bar.set_ticks(range(1, top + 1))
     return png(fig)
 
 
@@ -260,7 +262,7 @@ def img_html(data: bytes, alt: str) -> str:
 
 
 def table_html(frame: pd.DataFrame, caption: str) -> str:
-    out = frame.to_html(index=False, float_format="%.3f", na_rep="–", border=0)
+    out = frame.rename(columns={"sem": "SE"}).to_html(index=False, float_format="%.3f", na_rep="–", border=0)
     return out.replace(">", f"><caption>{html.escape(caption)}</caption>", 1)  # inside the opening <table ...>
 
 

@@ -61,7 +61,7 @@ def test_the_report_has_tables_with_se_and_n_a_header_definitions_and_the_manife
         assert term in page
     table = re.search(r"<table.*?</table>", page.split("<h2>Fixed pair</h2>")[1], re.S).group(0)
     heads = re.findall(r"<th>(.*?)</th>", table)
-    assert heads == ["scenario", "target", "mean", "sem", "n"] and table.count("</tr>") == 1 + 4 * 6  # every scenario and target
+    assert heads == ["scenario", "target", "mean", "SE", "n"] and table.count("</tr>") == 1 + 4 * 6  # every scenario and target
     assert re.search(r"<details><summary>Manifest</summary><pre>", page)
     assert page.count("<img") == page.count(' alt="') == 5
     assert "<script src" not in page and "http" not in page.split("<h2>Files</h2>")[0]  # nothing fetched from anywhere

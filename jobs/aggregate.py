@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from jobs.config import RunConfig
+from jobs.errors import ConfigError
 from storage import Store
 from workers import experiments
 from workers.accumulator import HIST_LOGODDS, HIST_STRENGTH, LOGODDS_BINS, STRENGTH, STRENGTH_BINS, Accumulator, bin_edges
@@ -28,34 +29,37 @@ POWER_BINS = 30
 
 @dataclass
 class Histogram:
-    name: str  # "A", "B" (token powers) or "fixed-pair <scenario>"
+    name: str  # "<experiment>/<scenario>/<target>": token powers (A and B power) or strength per sequence
     edges: np.ndarray  # bins + 1
     counts: np.ndarray
+    outside: int = 0  # values beyond the edges, not counted in any bin
 
     def frame(self) -> pd.DataFrame:
-        return pd.DataFrame({"role": self.name, "bin_lo": self.edges[:-1], "bin_hi": self.edges[1:], "count": self.counts})
+        return pd.DataFrame({"name": self.name, "bin_lo": self.edges[:-1], "bin_hi": self.edges[1:], "count": self.counts,
+                             "outside": self.outside})
 
 
 @dataclass
 class Histogram2D:
     scenario: str
-    x_edges: np.ndarray  # shuffled log-odds of B
-    y_edges: np.ndarray  # induction log-odds of B
+    x_edges: np.ndarray  # induction log-odds of B
+    y_edges: np.ndarray  # shuffled log-odds of B
     counts: np.ndarray  # [x bins, y bins]
+    outside: int = 0  # sequences with either log-odds beyond the edges
 
     def frame(self) -> pd.DataFrame:
         x, y = np.meshgrid(np.arange(len(self.x_edges) - 1), np.arange(len(self.y_edges) - 1), indexing="ij")
         x, y = x.ravel(), y.ravel()
-        return pd.DataFrame({"scenario": self.scenario, "shuffled_lo": self.x_edges[x], "shuffled_hi": self.x_edges[x + 1],
-                             "induction_lo": self.y_edges[y], "induction_hi": self.y_edges[y + 1],
-                             "count": self.counts.ravel()})
+        return pd.DataFrame({"scenario": self.scenario, "induction_lo": self.x_edges[x], "induction_hi": self.x_edges[x + 1],
+                             "shuffled_lo": self.y_edges[y], "shuffled_hi": self.y_edges[y + 1],
+                             "count": self.counts.ravel(), "outside": self.outside})
 
     @classmethod
     def from_frame(cls, f: pd.DataFrame) -> Histogram2D:
-        x_edges = np.append(np.unique(f.shuffled_lo), f.shuffled_hi.max())
-        y_edges = np.append(np.unique(f.induction_lo), f.induction_hi.max())
+        x_edges = np.append(np.unique(f.induction_lo), f.induction_hi.max())
+        y_edges = np.append(np.unique(f.shuffled_lo), f.shuffled_hi.max())
         counts = f["count"].to_numpy().reshape(len(x_edges) - 1, len(y_edges) - 1)
-        return cls(f.scenario.iloc[0], x_edges, y_edges, counts)
+        return cls(f.scenario.iloc[0], x_edges, y_edges, counts, int(f.outside.iloc[0]))
 
 
 @dataclass
@@ -117,8 +121,12 @@ class Aggregates:
         agg = cls(Summary(**json.loads(store.get("aggregates/summary.json"))),
                   **{name: frames[name] for name in TABLES if name in frames})
         if "histograms" in frames:
-            agg.histograms = [Histogram(role, np.append(h.bin_lo.to_numpy(), h.bin_hi.iloc[-1]), h["count"].to_numpy())
-                              for role, h in frames["histograms"].groupby("role", sort=False)]
+            if "name" not in frames["histograms"]:
+                raise ConfigError(f"{store.uri} was aggregated by an older version of induction-sweep; rerun its command "
+                                  "with --overwrite")
+            agg.histograms = [Histogram(name, np.append(h.bin_lo.to_numpy(), h.bin_hi.iloc[-1]), h["count"].to_numpy(),
+                                        int(h.outside.iloc[0]))
+                              for name, h in frames["histograms"].groupby("name", sort=False)]
         if "fixed_pair_logodds" in frames:
             agg.logodds = [Histogram2D.from_frame(f) for _, f in frames["fixed_pair_logodds"].groupby("scenario", sort=False)]
         return agg
@@ -139,13 +147,13 @@ def derive(acc: Accumulator, cfg: RunConfig, token_strings: list[str]) -> Aggreg
             agg.fixed_pair = table[["scenario", "target", "mean", "sem", "n"]]
             agg.summary.fixed_pair = {"pair": list(cfg.pair), "pair_str": [token_strings[t] for t in cfg.pair],
                                       **{s: float(m) for s, m in table[table.target == "B"][["scenario", "mean"]].values}}
-            add_pair_histograms(agg, acc, experiment)
         elif experiment.view == NEIGHBORS:
             agg.neighbors = table.assign(k=[experiments.neighbor_rank(t) for t in table.target])[["target", "k", "mean", "sem", "n"]]
             means = dict(zip(table.target, table["mean"]))
             agg.summary.neighbors = {t: float(means[t]) for t in ("B", "N1", "N5", "N15", "R") if t in means}
         elif experiment.view == CONTROL:
             controls.append(table.assign(experiment=experiment.name)[["experiment", "target", "mean", "sem", "n"]])
+        add_histograms(agg, acc, experiment, strength, cfg.n_neighbors)
     if controls:
         agg.controls = pd.concat(controls, ignore_index=True)
         agg.summary.controls = {e: {t: float(m) for t, m in g[["target", "mean"]].values if t in ("B", "A", "R")}
@@ -177,7 +185,9 @@ def add_powers(agg: Aggregates, experiment: experiments.Experiment, strength: pd
     agg.token_powers = table
     powers = [table[f"{r.lower()}_power"] for r in roles]
     edges = np.histogram_bin_edges(np.concatenate(powers), POWER_BINS)
-    agg.histograms += [Histogram(r, edges, np.histogram(p, edges)[0]) for r, p in zip(roles, powers)]
+    target = experiment.target_names(0)[0]  # the power is the mean strength on this target
+    agg.histograms += [Histogram(histogram_name(experiment.name, r, target), edges, np.histogram(p, edges)[0])
+                       for r, p in zip(roles, powers)]
     summary = {"tokens": int(cfg.tokens), "seqs": cfg.seqs}
     for r, p in zip(roles, powers):
         summary[f"mean_{r.lower()}_power"], summary[f"std_{r.lower()}_power"] = float(p.mean()), float(p.std())
@@ -189,20 +199,32 @@ def add_powers(agg: Aggregates, experiment: experiments.Experiment, strength: pd
     agg.summary.token_powers = summary
 
 
-def add_pair_histograms(agg: Aggregates, acc: Accumulator, experiment: experiments.Experiment) -> None:
-    """Strength on B per scenario (fixed edges) and the 2-D log-odds histogram per scenario."""
+def histogram_name(experiment: str, scenario: str, target: str) -> str:
+    return f"{experiment}/{scenario}/{target}"
+
+
+def add_histograms(agg: Aggregates, acc: Accumulator, experiment: experiments.Experiment, strength: pd.DataFrame,
+                   n_neighbors: int) -> None:
+    """The declared strength histograms per scenario and target (fixed edges), and the 2-D log-odds
+    histogram of B per scenario; each with the count of values beyond its edges (n less the counts)."""
     hist, grid = acc.select(HIST_STRENGTH, experiment.name), acc.select(HIST_LOGODDS, experiment.name)
+    total = strength.groupby(["scenario", "target"]).n.sum()
     n_lo = LOGODDS_BINS[0]
     for scenario in experiment.scenarios:
-        counts = np.zeros(STRENGTH_BINS[0], dtype=np.int64)
-        h = hist[hist.scenario == scenario.name]
-        counts[h.bin.to_numpy()] = h.n.to_numpy()
-        agg.histograms.append(Histogram(f"{experiment.name} {scenario.name}", bin_edges(STRENGTH_BINS), counts))
-        cells = np.zeros(n_lo * n_lo, dtype=np.int64)
-        g = grid[grid.scenario == scenario.name]
-        cells[g.bin.to_numpy()] = g.n.to_numpy()
-        agg.logodds.append(Histogram2D(scenario.name, bin_edges(LOGODDS_BINS), bin_edges(LOGODDS_BINS),
-                                       cells.reshape(n_lo, n_lo)))
+        for target in experiment.histogram_targets(n_neighbors):
+            counts = np.zeros(STRENGTH_BINS[0], dtype=np.int64)
+            h = hist[(hist.scenario == scenario.name) & (hist.target == target)]
+            counts[h.bin.to_numpy()] = h.n.to_numpy()
+            outside = int(total.get((scenario.name, target), 0)) - int(counts.sum())
+            agg.histograms.append(Histogram(histogram_name(experiment.name, scenario.name, target), bin_edges(STRENGTH_BINS),
+                                            counts, outside))
+        if experiment.logodds:
+            cells = np.zeros(n_lo * n_lo, dtype=np.int64)
+            g = grid[grid.scenario == scenario.name]
+            cells[g.bin.to_numpy()] = g.n.to_numpy()
+            outside = int(total.get((scenario.name, "B"), 0)) - int(cells.sum())
+            agg.logodds.append(Histogram2D(scenario.name, bin_edges(LOGODDS_BINS), bin_edges(LOGODDS_BINS),
+                                           cells.reshape(n_lo, n_lo), outside))
 
 
 def heads_table(acc: Accumulator) -> pd.DataFrame:

@@ -145,6 +145,11 @@ def build_parser() -> Parser:
                    "instead of their footers' partials (a check: both give the same)")
     add_aws_options(p)
 
+    p = sub.add_parser("compare", help="per-token A and B power of runs side by side, each against the first")
+    p.add_argument("uris", nargs="+", metavar="RUN", help="finished runs with token powers (local or s3://); the first is the reference")
+    p.add_argument("--out", required=True, help="where compare.html, tokens.parquet and compare.json go (local or s3://)")
+    add_aws_options(p)
+
     p = sub.add_parser("bench", help="forwards per second of the default scorer against the plain TransformerLens loop")
     p.add_argument("--model", default=None, help="a model to bench (default: toy-2l on a CPU, random weights of --shape on a GPU)")
     p.add_argument("--shape", default=None,
@@ -276,6 +281,17 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from jobs import compare
+
+    summary = compare.compare(args.uris, args.out)
+    for c in summary["correlations"]:
+        print(f"run {c['run']} against run 0, {c['power']} power: Pearson {c['pearson']:.3f}, Spearman {c['spearman']:.3f} "
+              f"over {c['tokens']} tokens")
+    print(f"compare: {args.out.rstrip('/')}/compare.html")
+    return 0
+
+
 def cmd_bench(args) -> int:
     from jobs import bench
 
@@ -297,7 +313,7 @@ def one_line(exc: BaseException) -> str:
 
 
 COMMANDS = {"run": cmd_run, "plan": cmd_plan, "submit": cmd_submit, "status": cmd_status, "fetch": cmd_fetch, "report": cmd_report,
-            "bench": cmd_bench, "export-model": cmd_export}
+            "compare": cmd_compare, "bench": cmd_bench, "export-model": cmd_export}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -19,7 +19,7 @@ from workers.model import source
 from workers.scoring import variant
 from workers.work import ShardSpec, WorkParams
 
-SCHEMA_VERSION = 2  # bump when a change alters what shards hold (2: partial aggregates in the footer, BOS)
+SCHEMA_VERSION = 3  # bump when a change alters what shards hold (3: histograms per declared target, 2-D histogram as induction × shuffled)
 DEFAULT_TOKENS = 10000  # the post's "first 10000 tokens"
 MAX_SEQUENCE_INDEX = 2**31 - 1  # the rows' seq column is int32
 MAX_SHARDS = 1_000_000  # a plan beyond this is a mistake (or needs a larger --shard-size)

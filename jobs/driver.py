@@ -150,7 +150,7 @@ def report(store: Store, from_rows: bool = False, phases: Phases | None = None) 
     """Aggregates and report of a finished run again: from the shards' footers (kilobytes each), or
     with ``from_rows`` recomputed from every row, as a check of the partials."""
     phases = phases or Phases()
-    found, cfg = manifest.read_run(store)
+    found, cfg = manifest.read_current(store)
     with phases.phase("read shards"):
         specs = plan_shards(cfg)
         states = manifest.shard_states(store, cfg, specs)

@@ -18,7 +18,7 @@ from workers.work import ShardSpec
 
 MANIFEST = "manifest.json"
 PROGRESS = "progress.json"  # a running run's rate and time left (jobs/pool.py Progress), read by ``status``
-RUN_PREFIXES = ("shards/", "aggregates/", "plots/", "report.html", "vocab.parquet", PROGRESS, MANIFEST)
+RUN_PREFIXES = ("shards/", "aggregates/", "plots/", "report.html", "vocab.parquet", "neighbors.parquet", PROGRESS, MANIFEST)
 
 
 def code_version() -> str:
@@ -168,6 +168,16 @@ def read_run(store: Store) -> tuple[dict, RunConfig]:
     """The run's manifest and its config, from one read; ConfigError where there is no run."""
     manifest = require(store)
     return manifest, RunConfig.from_science(manifest["config"], out=store.uri)
+
+
+def read_current(store: Store) -> tuple[dict, RunConfig]:
+    """As ``read_run``, for a run whose shards this version reads: ConfigError for one written under
+    another SCHEMA_VERSION (its config hash, which includes the schema, differs)."""
+    found, cfg = read_run(store)
+    if found.get("config_hash") != cfg.config_hash:
+        raise ConfigError(f"{store.uri} was written by another version of induction-sweep (its shards' layout differs); "
+                          "rerun its command with --overwrite")
+    return found, cfg
 
 
 def config_of(store: Store) -> RunConfig:

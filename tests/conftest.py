@@ -129,3 +129,25 @@ def tokenized_checkpoint(tmp_path_factory):
     hooked.export_model(model, str(path))
     fast.save_pretrained(str(path))  # the optional tokenizer files of a checkpoint directory
     return path
+
+
+@pytest.fixture(scope="session")
+def toy_runs(ray_cluster, tmp_path_factory):
+    """Three small finished runs of the post's experiments for the report and compare tests: toy-2l
+    under seeds 0 and 1, and a random-weight checkpoint of toy-2l's shape (no induction)."""
+    from jobs import driver
+    from jobs.config import RunConfig, resolve
+    from workers.model import hooked, source
+
+    root = tmp_path_factory.mktemp("toy-runs")
+    random_dir = root / "random-toy"
+    hooked.export_model(hooked.random_model(d_vocab=2048, d_model=128, n_heads=4, d_head=32, n_ctx=64,
+                                            normalization_type="LNPre", seed=5), str(random_dir))
+    runs = {}
+    for name, model, seed in (("seed0", "toy-2l", 0), ("seed1", "toy-2l", 1), ("random", str(random_dir), 0)):
+        cfg = RunConfig(model=model, out=str(root / name), seqs=256, pairs=64, neighbors=15, seed=seed, shard_size=4096,
+                        actors=1, batch_size=512)
+        cfg = resolve(cfg, source.describe(model), "64")
+        driver.run(cfg, progress=False)
+        runs[name] = str(root / name)
+    return runs

@@ -73,7 +73,8 @@ def test_s3_run_writes_every_row_once(s3_run):
                 "aggregates/histograms.parquet", "aggregates/fixed_pair.parquet", "aggregates/neighbors.parquet",
                 "aggregates/summary.json", "manifest.json"):
         assert key in keys
-    assert run.aggregates.histogram("A").counts.sum() == 24 and len(run.aggregates.histogram("B").counts) == 30
+    a_power, b_power = run.aggregates.histogram("token-powers/A/B"), run.aggregates.histogram("token-powers/B/B")
+    assert a_power.counts.sum() == 24 and len(b_power.counts) == 30
     assert run.manifest["model_loading"]["loader"] == "safetensors"  # toy-2l: read without TransformerLens
     phases = {p["phase"] for p in run.manifest["phases"]["phases"]}  # where the time went, in the manifest
     assert {"ray start", "plan", "actor start-up", "scoring", "aggregation", "report"} <= phases

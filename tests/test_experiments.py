@@ -51,7 +51,7 @@ def test_the_post_experiments_and_controls_are_declared_once():
     with pytest.raises(ValueError, match="already shows 'neighbors'"):
         experiments.register(Experiment("more-neighbors", 91, FREE, pair_targets, experiments.NEIGHBORS))
     with pytest.raises(ValueError, match="does not score"):
-        experiments.register(Experiment("a-only", 92, FREE, lambda k: ("A",), CONTROL, histograms=True))
+        experiments.register(Experiment("a-only", 92, FREE, lambda k: ("A",), CONTROL, logodds=True))
     assert "more-neighbors" not in experiments.REGISTRY and "a-only" not in experiments.REGISTRY
     assert experiments.get("fixed-pair").target_names(20) == ("B", "A", "N1", "N2", "N3", "R")
     assert experiments.get("neighbors").target_names(2) == ("B", "N1", "N2", "R")

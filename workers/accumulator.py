@@ -31,8 +31,10 @@ STRENGTH = "strength"
 # NONFINITE_EXAMPLES of them, each keyed by its target, fixed token and sequence index (bin)
 NONFINITE = "nonfinite"
 NONFINITE_EXAMPLES = 5
-HIST_STRENGTH = "hist:strength"  # strength on B, per scenario
-HIST_LOGODDS = "hist2d:logodds"  # (shuffled, induction) log-odds of B, per scenario; bin = x * bins + y
+# Histograms count only the values inside their range: the values outside are the target's strength
+# n (every value that went in) less the counts (jobs/aggregate.py).
+HIST_STRENGTH = "hist:strength"  # strength per scenario and declared target (Experiment.histograms)
+HIST_LOGODDS = "hist2d:logodds"  # (induction, shuffled) log-odds of B, per scenario; bin = induction bin * bins + shuffled bin
 # Fixed bin edges, so that every shard counts into the same bins (the post's figures).
 STRENGTH_BINS = (30, -10.0, 20.0)
 LOGODDS_BINS = (100, -18.0, 6.0)
@@ -83,10 +85,10 @@ class Accumulator:
         return cls(frame.astype({"target": str, "token": np.int64, "bin": np.int64}))
 
     @classmethod
-    def counts(cls, stat: str, experiment: str, scenario: str, bins: np.ndarray) -> Accumulator:
+    def counts(cls, stat: str, experiment: str, scenario: str, bins: np.ndarray, target: str = "") -> Accumulator:
         """A histogram: the count of each bin index (values outside, -1, are dropped)."""
         bins = bins[bins >= 0]
-        return cls.of(stat, experiment, scenario, np.zeros(len(bins)), bin=bins)
+        return cls.of(stat, experiment, scenario, np.zeros(len(bins)), target=target, bin=bins)
 
     @staticmethod
     def concat(parts: Sequence[Accumulator]) -> Accumulator:
@@ -163,11 +165,15 @@ def shard_partials(experiment: Experiment, scenario: str, batch: ScoredBatch, na
         parts.append(Accumulator.of(NONFINITE, name, scenario, np.zeros(len(bad_seq[first])),
                                     target=np.asarray(names)[bad_target[first]], token=batch.fixed[bad_seq[first]].astype(np.int64),
                                     bin=batch.seq[bad_seq[first]].astype(np.int64)))
-    if experiment.histograms:
+    for target in experiment.histograms:
+        if target in names:
+            parts.append(Accumulator.counts(HIST_STRENGTH, name, scenario, bin_index(strength[:, names.index(target)], STRENGTH_BINS),
+                                            target=target))
+    if experiment.logodds:
         on_b = names.index("B")
-        parts.append(Accumulator.counts(HIST_STRENGTH, name, scenario, bin_index(strength[:, on_b], STRENGTH_BINS)))
-        x = bin_index(batch.shuffled[:, on_b], LOGODDS_BINS)
-        y = bin_index(batch.induction[:, on_b], LOGODDS_BINS)
-        parts.append(Accumulator.counts(HIST_LOGODDS, name, scenario, np.where((x >= 0) & (y >= 0), x * LOGODDS_BINS[0] + y, -1)))
+        x = bin_index(batch.induction[:, on_b], LOGODDS_BINS)  # the post's axes: induction on x, shuffled on y
+        y = bin_index(batch.shuffled[:, on_b], LOGODDS_BINS)
+        parts.append(Accumulator.counts(HIST_LOGODDS, name, scenario, np.where((x >= 0) & (y >= 0), x * LOGODDS_BINS[0] + y, -1),
+                                        target="B"))
     parts += [Accumulator.of(column, name, scenario, values) for column, values in batch.heads.items()]
     return Accumulator.concat(parts)

@@ -58,7 +58,10 @@ class Experiment:
     per_token: bool = False  # each fixed token of the sweep gets --seqs sequences per scenario
     rule: str | Callable | None = None  # alters the induction sequence before it is shuffled (sequences.RULES)
     group: str = ""  # "all" (the post's three) or "controls": what --experiment GROUP selects
-    histograms: bool = False  # strength-on-B and log-odds histograms per scenario
+    # targets whose strength histogram is stored per scenario (STRENGTH_BINS in workers/accumulator.py;
+    # targets the run does not score are skipped), and whether the 2-D log-odds histogram of B is
+    logodds: bool = False
+    histograms: tuple[str, ...] = ()
 
     @property
     def key(self) -> tuple[str, ...]:
@@ -67,6 +70,11 @@ class Experiment:
 
     def target_names(self, n_neighbors: int) -> tuple[str, ...]:
         return self.targets(n_neighbors)
+
+    def histogram_targets(self, n_neighbors: int) -> tuple[str, ...]:
+        """The declared histogram targets this run scores (N15 needs --neighbors 15 or more)."""
+        names = self.target_names(n_neighbors)
+        return tuple(t for t in self.histograms if t in names)
 
     def uses_neighbors(self, n_neighbors: int) -> bool:
         return any(t.startswith("N") for t in self.targets(n_neighbors))
@@ -82,6 +90,11 @@ REGISTRY: dict[str, Experiment] = {}
 SINGLE_VIEWS = (POWERS, PAIR, NEIGHBORS)  # one experiment each: their tables have no experiment column
 
 
+def neighbor_rank(name: str) -> int:
+    """k of a target name: 0 for B, k for Nk, -1 for A and R."""
+    return 0 if name == "B" else int(name[1:]) if name.startswith("N") else -1
+
+
 def register(experiment: Experiment) -> Experiment:
     others = [e for e in REGISTRY.values() if e.name != experiment.name]
     clash = [e.name for e in others if e.code == experiment.code]
@@ -90,8 +103,10 @@ def register(experiment: Experiment) -> Experiment:
     taken = [e.name for e in others if e.view == experiment.view and e.view in SINGLE_VIEWS]
     if taken:
         raise ValueError(f"the {experiment.view} view already shows {taken[0]!r}; declare a {CONTROL} experiment instead")
-    if experiment.histograms and "B" not in experiment.targets(1):
-        raise ValueError(f"{experiment.name}: histograms are of the strength on B, which it does not score")
+    scored = experiment.targets(max([1, *map(neighbor_rank, experiment.histograms)]))
+    missing = [t for t in experiment.histograms + (("B",) if experiment.logodds else ()) if t not in scored]
+    if missing:
+        raise ValueError(f"{experiment.name}: histograms of {', '.join(missing)}, which it does not score")
     REGISTRY[experiment.name] = experiment
     return experiment
 
@@ -115,15 +130,12 @@ register(Experiment(
 register(Experiment(
     "fixed-pair", 2, (Scenario("A+B", 0, True, True), Scenario("A only", 1, True, False),
                       Scenario("B only", 2, False, True), Scenario("none", 3, False, False)),
-    pair_targets, PAIR, group="all", histograms=True))
-register(Experiment("neighbors", 3, FREE, neighbor_targets, NEIGHBORS, group="all"))
+    pair_targets, PAIR, group="all", histograms=("B",), logodds=True))
+# the post's five histograms of strength: B, its 1st, 5th and 15th neighbours, a random token
+register(Experiment("neighbors", 3, FREE, neighbor_targets, NEIGHBORS, group="all", histograms=("B", "N1", "N5", "N15", "R")))
 # mechanism controls: is it B's presence, or the A→B pair, that carries the prediction?
 register(Experiment("no-b", 4, FREE, pair_targets, CONTROL, rule="no_b", group="controls"))
 register(Experiment("b-elsewhere", 5, FREE, pair_targets, CONTROL, rule="b_elsewhere", group="controls"))
 register(Experiment("no-first-a", 6, FREE, pair_targets, CONTROL, rule="no_first_a", group="controls"))
 
-
-def neighbor_rank(name: str) -> int:
-    """k of a target name: 0 for B, k for Nk, -1 for A and R."""
-    return 0 if name == "B" else int(name[1:]) if name.startswith("N") else -1
 

@@ -33,7 +33,7 @@ from workers.scoring import check as load_check
 from workers.scoring import compile_cache
 from workers.scoring.check import Reference, prove
 from workers.sequences import FIRST_TOKEN, SEQ_LEN, SequenceBatch, make_batch, sequence_keys, target_tokens
-from workers.work import ShardSpec, ShardSummary, WorkParams
+from workers.work import NEIGHBORS_KEY, ShardSpec, ShardSummary, WorkParams
 
 if TYPE_CHECKING:
     from workers.scoring.scorer import Scorer
@@ -69,6 +69,8 @@ class ShardRunner:
             unembedding = neighbors.centred_unembedding(hooked.unembedding_of(self.model).to(self.device))
             self.neighbors = self._timed("neighbors", neighbors.cosine_neighbors, unembedding, params.n_neighbors, FIRST_TOKEN)
         self.store = open_store(out)
+        if self.neighbors is not None and not self.store.exists(NEIGHBORS_KEY):  # the same table from every actor
+            self._timed("neighbors save", save_neighbors, self.store, self.neighbors)
         # kernels that another actor of the run compiled already; the warm-up compiles the rest
         cache = None
         if self.scorer.options["compiled"]:
@@ -215,3 +217,14 @@ def default_batch_size(device: torch.device, scorer: Scorer) -> int:
         fits = MLP_HIDDEN_BYTES // (2 * SEQ_LEN * scorer.compact.d_mlp * 4)
         return min(32768, 1 << max(fits.bit_length() - 1, 8))
     return 1024
+
+
+def save_neighbors(store, neighbors: Int[Tensor, "vocab k"]) -> None:
+    import pyarrow as pa
+
+    ids = neighbors[FIRST_TOKEN:].cpu().numpy().astype(np.int32)
+    table = pa.table({"token": np.arange(FIRST_TOKEN, FIRST_TOKEN + len(ids), dtype=np.int32),
+                      "neighbors": pa.FixedSizeListArray.from_arrays(pa.array(ids.ravel()), ids.shape[1])})
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    store.put(NEIGHBORS_KEY, buffer.getvalue())

@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass
 from workers import experiments
 from workers.experiments import Experiment
 
+NEIGHBORS_KEY = "neighbors.parquet"  # every token's K nearest neighbours (token, neighbors): actors write it, the report reads it
+
 
 @dataclass(frozen=True)
 class WorkParams:

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from jobs.errors import ConfigError
+from jobs.inputs import integer, number
 from workers import experiments
 from workers.model import hooked, source
 from workers.scoring.logodds import logodds
@@ -146,6 +147,8 @@ def commit() -> str | None:
 
 
 def main(args) -> int:
+    if args.device not in (None, "cpu", "cuda"):
+        raise ConfigError(f"--device {args.device!r}: choose cpu or cuda")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device here")
@@ -159,10 +162,13 @@ def main(args) -> int:
     spec = args.model or (None if args.shape else source.TOY_MODEL if device.type == "cpu" else None)
     shape = None if spec else args.shape or "attn-only-2l"
     precisions = args.precisions or known
-    batches = args.batches or BATCHES[device.type]
-    seconds = args.seconds or SECONDS[device.type]
+    batches = [integer("--batches", b, 2, 1 << 24) for b in args.batches.split(",")] if args.batches else BATCHES[device.type]
+    seconds = number("--seconds", args.seconds, 0, 3600) if args.seconds else SECONDS[device.type]
+    layers = integer("--layers", args.layers, 1, 1000) if args.layers else None
+    if layers and not shape:
+        raise ConfigError("--layers scales a --shape's random weights; give --shape")
 
-    model = hooked.load_model(spec, device) if spec else random_shape(shape, device, **({"n_layers": args.layers} if args.layers else {}))
+    model = hooked.load_model(spec, device) if spec else random_shape(shape, device, **({"n_layers": layers} if layers else {}))
     name, d_vocab, bos = spec or shape, hooked.d_vocab(model), hooked.bos_id(model)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     steps = 1 + len(precisions)

@@ -154,12 +154,12 @@ def build_parser() -> Parser:
     p.add_argument("--model", default=None, help="a model to bench (default: toy-2l on a CPU, random weights of --shape on a GPU)")
     p.add_argument("--shape", default=None,
                    help="random weights of this hub model's shape: attn-only-2l (the default on a GPU), gelu-2l or gpt2-small")
-    p.add_argument("--layers", type=int, default=None, help="with --shape: this many layers instead of the shape's")
+    p.add_argument("--layers", default=None, help="with --shape: this many layers instead of the shape's")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--precisions", type=lambda v: v.split(","), default=None, help="comma-separated (default: all)")
-    p.add_argument("--batches", type=lambda v: [int(b) for b in v.split(",")], default=None,
+    p.add_argument("--batches", default=None,
                    help="comma-separated batch sizes to try (default 256,1024 on CPU; 8192,32768,65536 on CUDA)")
-    p.add_argument("--seconds", type=float, default=None, help="time per measurement (default 1 on CPU, 2 on GPU)")
+    p.add_argument("--seconds", default=None, help="time per measurement (default 1 on CPU, 2 on GPU)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line (what plan --rates reads)")
 
     p = sub.add_parser("export-model", help="write a model as a checkpoint directory (local or s3://)")

@@ -359,13 +359,14 @@ def test_old_runs_resume_under_the_narrower_hash(tmp_path):
 
 
 def test_token_strings_reach_plots_as_literal_text():
-    import numpy as np
+    """What matplotlib draws for a token string is the string itself: no mathtext, no escape left showing."""
+    from matplotlib.text import Text
 
-    from jobs.aggregate import Histogram
-    from jobs.report import fixed_pair_strength_plot
+    from jobs.report import literal
 
-    png = fixed_pair_strength_plot([Histogram("B fixed-both", np.linspace(0, 1, 5), np.ones(4))], '("$x_{", "$")')
-    assert png.startswith(b"\x89PNG")
+    for token in ("$x_{", "$", "a$b$c", "50$ ", r"\frac"):
+        text = Text(0, 0, literal(token))
+        assert text._preprocess_math(text.get_text()) == (token, False)  # (drawn text, as mathtext)
 
 
 def test_fetch_refuses_a_file_where_a_directory_goes(capsys, tmp_path):

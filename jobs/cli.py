@@ -51,7 +51,9 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-tokens", action="store_true", help="store each row's exact model inputs")
     p.add_argument("--heads", action="store_true", help="store per-head attention and logit attribution "
                    "of the last layer in every row (attention-only models)")
-    p.add_argument("--overwrite", action="store_true", help="replace a run with another config at --out")
+    p.add_argument("--overwrite", action="store_true", help="start again: delete the run at --out (its manifest, shards, "
+                   "aggregates, plots, report; nothing else there) first. Without it a run of this config resumes, or "
+                   "is reported already complete, and a run of another config is refused")
     p.add_argument("--pair-a", default=None, help='fixed A: a token string (" Fab") or an id')
     p.add_argument("--pair-b", default=None, help='fixed B: a token string ("ien") or an id')
     p.add_argument("--bos", default=None, help="BOS id, or 'tokenizer' (default: 1 for the attn-only-Nl models and "
@@ -61,13 +63,20 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def build_parser() -> Parser:
+def build_parser(run_options: bool = True) -> Parser:
+    """The whole command line; without ``run_options`` the options of ``run`` and ``plan`` are left out
+    (their defaults come from the config module, which imports torch: ``status`` must not wait for it)."""
     parser = Parser(prog=PROG, description="Measure induction strength across a vocabulary, on Ray.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    add_run_options(sub.add_parser("run", help="run a sweep (local Ray cluster unless --address)"))
+    p = sub.add_parser("run", help="run a sweep (local Ray cluster unless --address)")
+    if run_options:
+        add_run_options(p)
+        p.add_argument("--json", action="store_true", help="print the run's summary as JSON")
 
     p = sub.add_parser("plan", help="shards, forwards, rows, bytes and estimated time of a run; writes nothing")
-    add_run_options(p)
+    if run_options:
+        add_run_options(p)
     p.add_argument("--rates", default=None, metavar="FILE",
                    help="a `bench --json` output of the attn-only-2l shape to estimate from (default: the measured rates)")
     p.add_argument("--json", action="store_true", help="one JSON object")
@@ -90,6 +99,7 @@ def build_parser() -> Parser:
     p.add_argument("uri")
     p.add_argument("--from-rows", action="store_true", help="recompute every aggregate from the shards' rows "
                    "instead of their footers' partials (a check: both give the same)")
+    p.add_argument("--json", action="store_true", help="print the run's summary as JSON")
 
     p = sub.add_parser("bench", help="throughput of the scorer against the plain TransformerLens loop")
     p.add_argument("--model", default=None, help="a model to bench (default: random weights of --shape)")
@@ -150,14 +160,58 @@ def cmd_run(args) -> int:
     phases = Phases()
     with phases.phase("validate"):
         cfg, info = run_config(args)
+    done = already_complete(cfg)
+    if done is not None:
+        print(json.dumps(done, indent=2) if args.json else summary_table(done))
+        print(f"{cfg.out}: already complete (config {done['config_hash']}); nothing to do. "
+              f"--overwrite computes it again; report: {cfg.out.rstrip('/')}/report.html")
+        return 0
     try:
         summary = driver.run(cfg, info, progress=not args.quiet, phases=phases)
     finally:
         driver.stop_embedded(phases)
-    print(json.dumps(summary.as_dict(), indent=2))
-    print(phases.text())
-    print(f"report: {cfg.out.rstrip('/')}/report.html")
+    finished(summary.as_dict(), phases, cfg.out, args.json)
     return 0
+
+
+def already_complete(cfg) -> dict | None:
+    """The stored summary of a complete run of this config at ``cfg.out`` (None: there is work, or
+    --overwrite asks to start again)."""
+    from jobs import manifest
+    from jobs.config import possible_hashes
+    from storage import open_store
+
+    store = open_store(cfg.out)
+    found = manifest.read(store)
+    if cfg.overwrite or not found or found.get("status") != "complete" or found.get("config_hash") not in possible_hashes(cfg):
+        return None
+    try:
+        return json.loads(store.get("aggregates/summary.json"))
+    except FileNotFoundError:  # a complete manifest without its summary: the run is redone
+        return None
+
+
+def summary_table(summary: dict) -> str:
+    """The headline numbers, one line per experiment and figure, 4 significant digits."""
+    def leaves(value, path: str):
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                yield from leaves(inner, f"{path} {key}".strip())
+        else:
+            yield path, f"{value:.4g}" if isinstance(value, float) else str(value)
+
+    rows = [(k, v) for section, value in summary.items() if section not in ("config_hash", "model", "seed")
+            for k, v in leaves(value, section)]
+    width = max((len(k) for k, _ in rows), default=0)
+    head = f"model {summary.get('model')}, seed {summary.get('seed')}, config {summary.get('config_hash')}"
+    return "\n".join([head, *(f"  {k:<{width}}  {v:>10}" for k, v in rows)])
+
+
+def finished(summary: dict, phases, out: str, as_json: bool) -> None:
+    """How ``run`` and ``report`` end: the headline numbers (JSON with --json), the time breakdown, the report's path."""
+    print(json.dumps(summary, indent=2) if as_json else summary_table(summary))
+    print(phases.text())
+    print(f"report: {out.rstrip('/')}/report.html")
 
 
 def cmd_plan(args) -> int:
@@ -220,9 +274,7 @@ def cmd_report(args) -> int:
 
     phases = Phases()
     summary = driver.report(open_store(args.uri), from_rows=args.from_rows, phases=phases)
-    print(json.dumps(summary.as_dict(), indent=2))
-    print(phases.text())
-    print(f"report: {args.uri.rstrip('/')}/report.html")
+    finished(summary.as_dict(), phases, args.uri, args.json)
     return 0
 
 
@@ -240,15 +292,32 @@ def cmd_export(args) -> int:
     return 0
 
 
+def model_errors() -> tuple[type[Exception], ...]:
+    """The model's bad-input error where the model module was imported: ``status`` and ``fetch`` import
+    neither it nor torch, and cannot raise it."""
+    models = sys.modules.get("workers.models")
+    return (models.ModelInputError,) if models else ()
+
+
 COMMANDS = {"run": cmd_run, "plan": cmd_plan, "submit": cmd_submit, "status": cmd_status, "fetch": cmd_fetch, "report": cmd_report,
             "bench": cmd_bench, "export-model": cmd_export}
 
 
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("induction-sweep")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(run_options=command in ("run", "plan")).parse_args(argv)
     from jobs.errors import ConfigError, RunFailed, Terminated
     from storage import StorageError, StorageInputError
-    from workers.models import ModelInputError
 
     def terminate(signum, frame):
         raise Terminated("terminated by SIGTERM")
@@ -257,7 +326,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, terminate)
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, ModelInputError, StorageInputError) as exc:
+    except (ConfigError, StorageInputError, *model_errors()) as exc:
         sys.stderr.write(f"{PROG}: error: {exc}\n")
         return 2
     except (RunFailed, StorageError) as exc:

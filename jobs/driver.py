@@ -27,6 +27,7 @@ from jobs.errors import ConfigError, RunFailed, Terminated
 from jobs.phases import Phases
 from jobs.pool import ActorPool, failure, plan_actors, reachable_resources
 from storage import Store, open_store
+from storage.store import TMP_DIR
 from workers import experiments, models
 from workers.accumulator import Accumulator, shard_partials
 from workers.rows import ScoredBatch
@@ -61,8 +62,9 @@ def run(cfg: RunConfig, info: models.ModelInfo | None = None, progress: bool = T
     try:
         with phases.phase("plan"):
             specs = plan_shards(cfg)
-            if existing is not None and cfg.overwrite and existing.get("config_hash") != cfg.config_hash:
+            if existing is not None and cfg.overwrite:
                 manifest.clear(store)
+                existing = None
             manifest.write(store, cfg, len(specs), "running")
             write_vocab(store, token_strings)
             states = manifest.shard_states(store, cfg, specs)
@@ -70,7 +72,8 @@ def run(cfg: RunConfig, info: models.ModelInfo | None = None, progress: bool = T
         todo = states.missing + states.corrupt
         circuits = wants_circuits(cfg)
         if todo or circuits:  # each shard's partials are decoded as it completes, merged at the end
-            for summary in pool.execute(todo, phases, requested, progress, len(states.done), len(specs)):
+            for summary in pool.execute(todo, phases, requested, progress, len(states.done), len(specs),
+                                        sum(s.n_sequences for s in states.done)):
                 partials[summary.key] = Accumulator.from_bytes(summary.partials)
                 if summary.nonfinite:  # fails now: the rest of the run cannot make it valid
                     raise nonfinite_failure(summary.nonfinite, summary.nonfinite_example, summary.key)
@@ -136,6 +139,7 @@ def finish(store: Store, cfg: RunConfig, partials: list[Accumulator], circuit_sc
 
         report.render(store, manifest.build(cfg, len(partials), "complete", phases=phases.as_dict(), **extra), agg)
     manifest.write(store, cfg, len(partials), "complete", phases=phases.as_dict(), **extra)
+    store.delete_prefix(TMP_DIR)  # a local store's in-flight writes (none are left in flight now)
     return agg.summary
 
 

@@ -1,4 +1,7 @@
-"""The run's manifest (``manifest.json``) and the state of its shards, read from storage alone."""
+"""The run's manifest (``manifest.json``) and the state of its shards, read from storage alone.
+
+Importing this module imports neither torch nor Ray (``status`` relies on it): the config and the
+shard plan are imported where they are used."""
 
 from __future__ import annotations
 
@@ -8,13 +11,15 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from jobs.config import RunConfig, plan_shards
 from jobs.errors import ConfigError
 from storage import Store
 from storage.arrow import parquet_footer
-from workers.accumulator import FOOTER_KEY
-from workers.shard import ShardSpec
+
+if TYPE_CHECKING:
+    from jobs.config import RunConfig
+    from workers.shard import ShardSpec
 
 MANIFEST = "manifest.json"
 PROGRESS = "progress.json"  # a running run's rate and time left (jobs/pool.py Progress), read by ``status``
@@ -91,6 +96,9 @@ class ShardStates:
 def shard_states(store: Store, cfg: RunConfig, specs: list[ShardSpec] | None = None) -> ShardStates:
     """Which planned shards are stored whole (a readable footer with the expected row count and its
     partial aggregates), and those partials: footers only, kilobytes per shard."""
+    from jobs.config import plan_shards
+    from workers.accumulator import FOOTER_KEY
+
     specs = plan_shards(cfg) if specs is None else specs
     listing = store.list("shards/")
 
@@ -123,6 +131,8 @@ def require(store: Store) -> dict:
 
 def read_run(store: Store) -> tuple[dict, RunConfig]:
     """The run's manifest and its config, from one read; ConfigError where there is no run."""
+    from jobs.config import RunConfig
+
     manifest = require(store)
     return manifest, RunConfig.from_science(manifest["config"], out=store.uri)
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from jobs.config import RunConfig
 from jobs.errors import ConfigError, RunFailed
 from jobs.manifest import PROGRESS
-from jobs.phases import Phases
+from jobs.phases import Phases, driver_identity, format_eta
 from storage import StorageError, Store, open_store
 from storage.store import FORWARDED_ENV
 from workers.models import ModelInputError
@@ -192,12 +192,13 @@ class ActorPool:
         self.live, self.starting = [], {}
 
     def execute(self, todo: list[ShardSpec], phases: Phases, requested: float, progress: bool,
-                already: int, total: int) -> Iterator[ShardSummary]:
+                already: int, total: int, sequences_before: int = 0) -> Iterator[ShardSummary]:
         """Run ``todo`` on the actors, each from the moment it is ready; yields each shard's summary as it completes."""
         from ray.exceptions import RayActorError
 
         queue, running = deque(todo), {}  # shard ref -> (actor, spec)
-        report = Progress(progress, sum(s.n_sequences for s in todo), already, total, requested, phases, self.store)
+        report = Progress(progress, sum(s.n_sequences for s in todo), already, total, requested, phases, self.store,
+                          sequences_before)
         first_ready = None
 
         def feed(actor) -> None:
@@ -249,14 +250,6 @@ class ActorPool:
             phases.add("scoring", first_ready)
 
 
-def format_eta(seconds: float | None) -> str:
-    """H:MM:SS, hours unbounded; ``unknown`` without a rate or an actor."""
-    if seconds is None:
-        return "unknown"
-    minutes, secs = divmod(int(seconds), 60)
-    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
-
-
 def failure(exc: Exception) -> str:
     """The error's last line, from the actor's side where Ray wraps one."""
     cause = getattr(exc, "cause", None) or exc
@@ -266,26 +259,32 @@ def failure(exc: Exception) -> str:
 class Progress:
     """A progress bar on a terminal; elsewhere (a Ray Job's log) a line every PROGRESS_EVERY_S seconds
     with shards done, sequences per second and the time left. The same figures go to the run's
-    ``progress.json`` at that pace, for ``status``. Says once how many actors are ready if not all
-    are after PLACEMENT_WAIT_S (a cluster that cannot grow)."""
+    ``progress.json`` at that pace (and at the start and the first shard), with the driver's host,
+    pid and job id, for ``status``. Shard and sequence counts are the whole run's (``already`` shards
+    holding ``sequences_before`` sequences were done before); the rate is this process's. Says once
+    how many actors are ready if not all are after PLACEMENT_WAIT_S (a cluster that cannot grow)."""
 
     def __init__(self, enabled: bool, sequences: int, already: int, total: int, requested: float, phases: Phases,
-                 store: Store):
+                 store: Store, sequences_before: int = 0):
         from tqdm import tqdm
 
         self.sequences, self.done, self.total, self.store = sequences, already, total, store
+        self.before = sequences_before
         self.requested, self.phases = requested, phases
         self.lines = enabled and not sys.stderr.isatty()
         self.bar = tqdm(total=sequences, unit="seq", unit_scale=True, disable=not enabled or self.lines,
                         desc=f"shards {already}/{total}", mininterval=1.0)
         self.scored, self.start, self.last, self.placement_said = 0, None, time.monotonic(), False
         self.placed, self.none_since, self.history = 0, None, deque()
+        self.publish(self.last)  # status knows the driver from the start
 
     def shard_done(self, sequences: int) -> None:
         self.done += 1
         self.scored += sequences
         self.bar.set_description(f"shards {self.done}/{self.total}", refresh=False)
         self.bar.update(sequences)
+        if self.scored == sequences:  # the first shard: status has a rate from here on
+            self.publish(time.monotonic())
 
     def tick(self, placed: int, asked: int) -> None:
         now = time.monotonic()
@@ -316,10 +315,10 @@ class Progress:
         since, scored_then = self.history[0] if len(self.history) > 1 else (start, 0)
         elapsed = now - max(since, start)
         rate = (self.scored - scored_then) / elapsed if elapsed > 0 else 0.0
-        return {"shards_done": self.done, "shards_total": self.total, "sequences_done": self.scored,
-                "sequences_todo": self.sequences, "seq_per_s": round(rate, 1), "actors": self.placed,
+        return {"shards_done": self.done, "shards_total": self.total, "sequences_done": self.before + self.scored,
+                "sequences_total": self.before + self.sequences, "seq_per_s": round(rate, 1), "actors": self.placed,
                 "eta_s": round((self.sequences - self.scored) / rate, 1) if rate > 0 and self.placed else None,
-                "updated_unix": round(time.time(), 3)}
+                "updated_unix": round(time.time(), 3), "driver": driver_identity()}
 
     def publish(self, now: float) -> None:
         f = self.figures(now)
@@ -334,5 +333,4 @@ class Progress:
 
     def close(self) -> None:
         self.bar.close()
-        if self.scored:
-            self.publish(time.monotonic())
+        self.publish(time.monotonic())

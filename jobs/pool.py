@@ -277,6 +277,7 @@ class Progress:
         self.scored, self.start, self.last, self.placement_said = 0, None, time.monotonic(), False
         self.placed, self.none_since, self.history = 0, None, deque()
         self.publish(self.last)  # status knows the driver from the start
+        self.history.clear()  # that publish's sample is no rate's start: the rate counts from the first ready actor
 
     def shard_done(self, sequences: int) -> None:
         self.done += 1

@@ -84,9 +84,20 @@ def build_parser(run_options: bool = True) -> Parser:
     p = sub.add_parser("submit", help="submit a run to a Ray cluster as a Ray Job")
     p.add_argument("--address", default=None, help="the cluster's dashboard, http://HEAD:8265 (default: "
                    "RAY_API_SERVER_ADDRESS or RAY_ADDRESS, as for `ray job submit`)")
-    p.add_argument("--wait", action="store_true", help="stream the job's logs and return its outcome")
-    p.add_argument("--python", default="python", help="interpreter on the cluster (default: python)")
+    p.add_argument("--wait", action=argparse.BooleanOptionalAction, default=True,
+                   help="stream the job's logs and return its outcome (default, as `ray job submit`); --no-wait "
+                        "returns once the job is submitted")
+    p.add_argument("--python", default="python", help="the job's interpreter on the cluster, which must import the "
+                   "project's requirements (checked before submitting; default: python)")
     p.add_argument("run_args", nargs=argparse.REMAINDER, help="the run's options (as for `run`)")
+    for name, text in (("list", "this tool's Ray Jobs on the cluster"), ("stop", "stop one of this tool's Ray Jobs")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--address", default=None, help="the cluster's dashboard, http://HEAD:8265 (default: "
+                       "RAY_API_SERVER_ADDRESS or RAY_ADDRESS)")
+        if name == "stop":
+            p.add_argument("job_id")
+        else:
+            p.add_argument("--json", action="store_true", help="one JSON list")
 
     p = sub.add_parser("status", help="shards done/total of a run, and its rate and time left while it runs")
     p.add_argument("uri")
@@ -249,7 +260,25 @@ def cmd_submit(args) -> int:
 
     run_args = [a for a in args.run_args if a != "--"]
     cfg, _ = run_config(build_parser().parse_args(["run", *run_args]))  # refuse bad options before submitting
-    return submit.submit(args.address, run_args, cfg.out, cfg.config_hash, wait=args.wait, python=args.python)
+    return submit.submit(args.address, run_args, cfg, wait=args.wait, python=args.python)
+
+
+def cmd_list(args) -> int:
+    from jobs import submit
+
+    jobs = submit.list_jobs(args.address)
+    if args.json:
+        print(json.dumps(jobs))
+    for job in [] if args.json else jobs:
+        print(f"{job['job_id']}  {job['status']:<9}  {job['start_time'] or '-'}  {job['out'] or '-'}")
+    return 0
+
+
+def cmd_stop(args) -> int:
+    from jobs import submit
+
+    print(submit.stop(args.address, args.job_id))
+    return 0
 
 
 def cmd_status(args) -> int:
@@ -299,8 +328,8 @@ def model_errors() -> tuple[type[Exception], ...]:
     return (models.ModelInputError,) if models else ()
 
 
-COMMANDS = {"run": cmd_run, "plan": cmd_plan, "submit": cmd_submit, "status": cmd_status, "fetch": cmd_fetch, "report": cmd_report,
-            "bench": cmd_bench, "export-model": cmd_export}
+COMMANDS = {"run": cmd_run, "plan": cmd_plan, "submit": cmd_submit, "list": cmd_list, "stop": cmd_stop,
+            "status": cmd_status, "fetch": cmd_fetch, "report": cmd_report, "bench": cmd_bench, "export-model": cmd_export}
 
 
 def package_version() -> str:

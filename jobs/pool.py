@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from jobs.config import RunConfig
-from jobs.errors import ConfigError, RunFailed
+from jobs.errors import ConfigError, RunFailed, Terminated
 from jobs.manifest import PROGRESS
 from jobs.phases import Phases, driver_identity, format_eta
 from storage import StorageError, Store, open_store
@@ -243,11 +243,19 @@ class ActorPool:
         except (RunFailed, ConfigError):
             raise
         except Exception as exc:
-            raise RunFailed(failure(exc)) from None
+            raise signal_behind(exc) or RunFailed(failure(exc)) from None
         finally:
             report.close()
         if todo:
             phases.add("scoring", first_ready)
+
+
+def signal_behind(exc: BaseException) -> BaseException | None:
+    """The SIGTERM or Ctrl-C behind ``exc``: a signal handler's exception raised while Ray's C code
+    waits comes back wrapped (a SystemError whose context it is)."""
+    while exc is not None and not isinstance(exc, Terminated | KeyboardInterrupt):
+        exc = exc.__context__
+    return exc
 
 
 def failure(exc: Exception) -> str:
@@ -328,7 +336,7 @@ class Progress:
         except (StorageError, OSError):  # only the progress is lost; a shard's write failing is what fails the run
             pass
         if self.lines:
-            print(f"progress: shards {f['shards_done']}/{f['shards_total']}, {f['sequences_done']:,}/{f['sequences_todo']:,} "
+            print(f"progress: shards {f['shards_done']}/{f['shards_total']}, {f['sequences_done']:,}/{f['sequences_total']:,} "
                   f"sequences, {f['seq_per_s']:,.0f} seq/s, ETA {format_eta(f['eta_s'])}, {f['actors']} actor(s)",
                   file=sys.stderr, flush=True)
 

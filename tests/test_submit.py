@@ -163,5 +163,8 @@ def test_no_wait_list_stop_and_the_status_of_a_stopped_job(ray_head, bucket, cap
     manifest.write(store, cfg, found["shards"], "running")
     monkeypatch.setattr(results, "STALE_S", -1.0)
     monkeypatch.setenv("RAY_ADDRESS", ray_head)
+    while results.status(out)["driver"]["state"] == "running":  # Ray marks the job once its driver has exited
+        assert time.time() < deadline, "the job was not marked stopped"
+        time.sleep(1)
     assert results.status(out)["driver"]["state"] == "stopped"
     assert f"job {job_id} is stopped at {ray_head}" in results.status_text(out)

@@ -68,13 +68,15 @@ def run(cfg: RunConfig, info: models.ModelInfo | None = None, progress: bool = T
             manifest.write(store, cfg, len(specs), "running")
             write_vocab(store, token_strings)
             states = manifest.shard_states(store, cfg, specs)
-        partials = {key: Accumulator.from_bytes(data) for key, data in states.partials.items()}  # kept shards
+        merges = BlockMerge(specs, ray.remote(num_cpus=1, max_retries=3)(merge_block).remote)
+        for key, data in states.partials.items():  # kept shards
+            merges.add(key, data)
         todo = states.missing + states.corrupt
         circuits = wants_circuits(cfg)
-        if todo or circuits:  # each shard's partials are decoded as it completes, merged at the end
+        if todo or circuits:  # each shard's partials go to its block's merge, away from the driver
             for summary in pool.execute(todo, phases, requested, progress, len(states.done), len(specs),
                                         sum(s.n_sequences for s in states.done)):
-                partials[summary.key] = Accumulator.from_bytes(summary.partials)
+                merges.add(summary.key, summary.partials)
                 if summary.nonfinite:  # fails now: the rest of the run cannot make it valid
                     raise nonfinite_failure(summary.nonfinite, summary.nonfinite_example, summary.key)
         scores = None
@@ -85,7 +87,9 @@ def run(cfg: RunConfig, info: models.ModelInfo | None = None, progress: bool = T
                 except Exception as exc:  # an actor lost here, or its error: rerunning resumes
                     raise RunFailed(failure(exc)) from None
         pool.kill()
-        return finish(store, cfg, [partials[s.key] for s in specs], scores, phases, token_strings,
+        with phases.phase("merge"):
+            merged = merges.result(ray.get)
+        return finish(store, cfg, merged, len(specs), scores, phases, token_strings,
                       model_loading=phases.model_loading or (existing or {}).get("model_loading"),
                       load_checks=phases.load_checks or (existing or {}).get("load_checks"))
     except BaseException as exc:
@@ -119,13 +123,48 @@ def nonfinite_failure(count: int, example: dict | None, where: str) -> RunFailed
     return exc
 
 
-def finish(store: Store, cfg: RunConfig, partials: list[Accumulator], circuit_scores: dict | None, phases: Phases,
+MERGE_BLOCK = 64  # consecutive shards of the plan whose partials are merged together, away from the driver
+
+
+def merge_block(parts: list[bytes]) -> bytes:
+    """The merge of a block's encoded partials, in their order, encoded (a Ray task during a run)."""
+    return Accumulator.merge([Accumulator.from_bytes(p) for p in parts]).to_bytes()
+
+
+class BlockMerge:
+    """The run's aggregate, merged in a fixed tree: blocks of MERGE_BLOCK consecutive shards of the
+    plan, each merged in plan order as soon as all its shards are in (by ``remote``, a Ray task, so the
+    driver only passes bytes on), then the blocks in order. A resumed run and ``report`` merge the same
+    blocks the same way, so their aggregates equal an undisturbed run's bit for bit."""
+
+    def __init__(self, specs: list[ShardSpec], remote=None):
+        self.blocks = [[s.key for s in specs[i:i + MERGE_BLOCK]] for i in range(0, len(specs), MERGE_BLOCK)]
+        self.block_of = {key: i for i, keys in enumerate(self.blocks) for key in keys}
+        self.waiting: list[dict[str, bytes]] = [{} for _ in self.blocks]
+        self.merged: list = [None] * len(self.blocks)  # a block's merged bytes, or the ref of its Ray task
+        self.remote = remote or merge_block
+
+    def add(self, key: str, data: bytes) -> None:
+        i = self.block_of[key]
+        self.waiting[i][key] = data
+        if self.merged[i] is None and len(self.waiting[i]) == len(self.blocks[i]):
+            self.merged[i] = self.remote([self.waiting[i][k] for k in self.blocks[i]])
+            self.waiting[i] = {}
+
+    def result(self, get=None) -> Accumulator:
+        missing = sum(m is None for m in self.merged)
+        if missing:
+            raise RunFailed(f"{missing} blocks of shards have no partials to merge")
+        blocks = [m if isinstance(m, bytes) else get(m) for m in self.merged]
+        return Accumulator.merge([Accumulator.from_bytes(b) for b in blocks])
+
+
+def finish(store: Store, cfg: RunConfig, merged: Accumulator, n_shards: int, circuit_scores: dict | None, phases: Phases,
            token_strings: list[str] | None = None, model_loading: dict | None = None,
            load_checks: list | None = None) -> aggregate.Summary:
-    """Merge the shards' partials (in plan order, so a resumed run equals an undisturbed one), derive
-    and write the aggregates, draw the report; mark the run complete with its phase breakdown."""
+    """From the run's merged partials (BlockMerge): derive and write the aggregates, draw the report;
+    mark the run complete with its phase breakdown."""
     with phases.phase("aggregation"):
-        merged = Accumulator.merge(partials)
         count, example = merged.nonfinite()
         if count:
             raise nonfinite_failure(count, example, "the stored shards")
@@ -137,8 +176,8 @@ def finish(store: Store, cfg: RunConfig, partials: list[Accumulator], circuit_sc
     with phases.phase("report"):
         from jobs import report  # matplotlib (already imported in the background during a run)
 
-        report.render(store, manifest.build(cfg, len(partials), "complete", phases=phases.as_dict(), **extra), agg)
-    manifest.write(store, cfg, len(partials), "complete", phases=phases.as_dict(), **extra)
+        report.render(store, manifest.build(cfg, n_shards, "complete", phases=phases.as_dict(), **extra), agg)
+    manifest.write(store, cfg, n_shards, "complete", phases=phases.as_dict(), **extra)
     store.delete_prefix(TMP_DIR)  # a local store's in-flight writes (none are left in flight now)
     return agg.summary
 
@@ -160,15 +199,17 @@ def report(store: Store, from_rows: bool = False, phases: Phases | None = None) 
         states = manifest.shard_states(store, cfg, specs)
         if states.missing or states.corrupt:
             raise RunFailed(f"{len(states.missing)} shards missing and {len(states.corrupt)} corrupt under {store.uri}")
-        partials = [rows_partials(store, cfg, s) if from_rows else Accumulator.from_bytes(states.partials[s.key])
-                    for s in specs]
+        merges = BlockMerge(specs)
+        for s in specs:
+            merges.add(s.key, rows_partials(store, cfg, s).to_bytes() if from_rows else states.partials[s.key])
+        merged = merges.result()
     scores = None
     if wants_circuits(cfg):
         from workers.circuits import model_scores
 
         with phases.phase("circuits"):
             scores = model_scores(models.load_for_scoring(cfg.model, "cpu", cfg.processing)[0], circuit_tokens(cfg))
-    return finish(store, cfg, partials, scores, phases, model_loading=found.get("model_loading"),
+    return finish(store, cfg, merged, len(specs), scores, phases, model_loading=found.get("model_loading"),
                   load_checks=found.get("load_checks"))
 
 

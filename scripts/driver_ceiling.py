@@ -19,6 +19,7 @@ import os
 import resource
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -131,11 +132,22 @@ def main() -> None:
     pool.Runner = stand_in(refs, interval)
 
     phases = Phases()
+    samples, done = [], threading.Event()
+
+    def sample() -> None:  # the driver process's CPU seconds over time (its threads and Ray's included)
+        while not done.wait(0.05):
+            use = resource.getrusage(resource.RUSAGE_SELF)
+            samples.append((phases.now(), use.ru_utime + use.ru_stime))
+
+    threading.Thread(target=sample, daemon=True).start()
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     driver.run(cfg, info, progress=False, phases=phases)
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+    done.set()
     times = [t for t, _ in phases.completions]
     absorbed = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else float("nan")
+    during = [c for t, c in samples if times[0] <= t <= times[-1]]
+    cpu_per_shard = (during[-1] - during[0]) / (len(times) - 1) if len(during) > 1 else float("nan")
     scoring = next((r["seconds"] for r in phases.rows if r["phase"] == "scoring"), None)
     cpu_s = (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
     per_gpu = H200_SEQ_PER_S / args.shard_size
@@ -143,7 +155,8 @@ def main() -> None:
         "shards": len(specs), "shard_size": args.shard_size, "tokens_per_shard": tokens_per_shard,
         "partials_bytes_mean": round(float(np.mean(sizes))), "decode_ms": round(decode_ms, 2),
         "actors": args.actors, "offered_per_s": args.rate or None, "absorbed_per_s": round(absorbed, 1),
-        "driver_cpu_s": round(cpu_s, 2), "run_s": round(phases.now(), 2), "scoring_s": scoring,
+        "driver_cpu_s": round(cpu_s, 2), "driver_cpu_ms_per_shard": round(cpu_per_shard * 1e3, 3),
+        "cpu_bound_per_s": round(1 / cpu_per_shard, 1), "run_s": round(phases.now(), 2), "scoring_s": scoring,
         "aggregation_s": next((r["seconds"] for r in phases.rows if r["phase"] == "aggregation"), None),
         "report_s": next((r["seconds"] for r in phases.rows if r["phase"] == "report"), None),
         "driver_max_rss_mib": round(cpu1.ru_maxrss / 1024), "prepare_s": round(prepared_s, 1),
@@ -151,6 +164,7 @@ def main() -> None:
         "target_per_s": round(TARGET_GPUS * per_gpu * 10, 1),
     }
     result["ratio_to_target"] = round(absorbed / result["target_per_s"], 2)
+    result["cpu_bound_ratio_to_target"] = round(result["cpu_bound_per_s"] / result["target_per_s"], 2)
     ray.shutdown()
     if args.json:
         print(json.dumps(result))
@@ -158,11 +172,13 @@ def main() -> None:
         print(f"{result['shards']} shards of {args.shard_size:,} sequences ({tokens_per_shard} tokens; partials "
               f"{result['partials_bytes_mean']:,} B, {decode_ms:.1f} ms to decode) from {args.actors} stand-in actors")
         print(f"absorbed {absorbed:,.1f} shards/s (offered: {args.rate or 'unlimited'}); driver CPU {cpu_s:.1f} s over "
-              f"{result['run_s']:.1f} s; max RSS {result['driver_max_rss_mib']} MiB; aggregation "
+              f"{result['run_s']:.1f} s, {result['driver_cpu_ms_per_shard']} ms a shard while they came in (a "
+              f"driver with a core of its own: {result['cpu_bound_per_s']:,.0f} shards/s); "
+              f"max RSS {result['driver_max_rss_mib']} MiB; aggregation "
               f"{result['aggregation_s']} s, report {result['report_s']} s")
         print(f"one H200 on the post's model finishes {per_gpu:.2f} shards/s of this size: this driver feeds "
               f"{result['h200s_fed']:,} of them; 10x 64 H200s is {result['target_per_s']} shards/s "
-              f"(ratio {result['ratio_to_target']})")
+              f"(ratio {result['ratio_to_target']}; with a core of its own {result['cpu_bound_ratio_to_target']})")
 
 
 if __name__ == "__main__":

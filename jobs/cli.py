@@ -52,7 +52,9 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-tokens", action="store_true", help="store each row's exact model inputs")
     p.add_argument("--heads", action="store_true", help="store per-head attention and logit attribution "
                    "of the last layer in every row (attention-only models)")
-    p.add_argument("--overwrite", action="store_true", help="replace a run with another config at --out")
+    p.add_argument("--overwrite", action="store_true", help="start again: delete the run at --out (its manifest, shards, "
+                   "aggregates, plots, report; nothing else there) first. Without it a run of this config resumes, or "
+                   "is reported already complete, and a run of another config is refused")
     p.add_argument("--pair-a", default=None, help='fixed A: a token string (" Fab") or an id')
     p.add_argument("--pair-b", default=None, help='fixed B: a token string ("ien") or an id')
     p.add_argument("--bos", default=None, help="BOS id, or 'tokenizer' (default: 1 for the attn-only-Nl models and "
@@ -108,9 +110,11 @@ def apply_aws_options(args: argparse.Namespace) -> None:
 
 def build_parser() -> Parser:
     parser = Parser(prog=PROG, description="Measure induction strength across a vocabulary, on Ray.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     p = sub.add_parser("run", help="run a sweep (local Ray cluster unless --address)")
     add_run_options(p)
+    p.add_argument("--json", action="store_true", help="print the run's summary as JSON")
     add_aws_options(p)
 
     p = sub.add_parser("plan", help="shards, forwards, rows, bytes and estimated time of a run; writes nothing")
@@ -123,10 +127,21 @@ def build_parser() -> Parser:
     p = sub.add_parser("submit", help="submit a run to a Ray cluster as a Ray Job")
     p.add_argument("--address", default=None, help="the cluster's dashboard, http://HEAD:8265 (default: "
                    "RAY_API_SERVER_ADDRESS or RAY_ADDRESS, as for `ray job submit`)")
-    p.add_argument("--wait", action="store_true", help="stream the job's logs and return its outcome")
-    p.add_argument("--python", default="python", help="interpreter on the cluster (default: python)")
+    p.add_argument("--wait", action=argparse.BooleanOptionalAction, default=True,
+                   help="stream the job's logs and return its outcome (default, as `ray job submit`); --no-wait "
+                        "returns once the job is submitted")
+    p.add_argument("--python", default="python", help="the job's interpreter on the cluster, which must import the "
+                   "project's requirements (checked before submitting; default: python)")
     add_aws_options(p)
     p.add_argument("run_args", nargs=argparse.REMAINDER, help="the run's options (as for `run`)")
+    for name, text in (("list", "this tool's Ray Jobs on the cluster"), ("stop", "stop one of this tool's Ray Jobs")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--address", default=None, help="the cluster's dashboard, http://HEAD:8265 (default: "
+                       "RAY_API_SERVER_ADDRESS or RAY_ADDRESS)")
+        if name == "stop":
+            p.add_argument("job_id")
+        else:
+            p.add_argument("--json", action="store_true", help="one JSON list")
 
     p = sub.add_parser("status", help="shards done/total of a run, and its rate and time left while it runs")
     p.add_argument("uri")
@@ -143,6 +158,7 @@ def build_parser() -> Parser:
     p.add_argument("uri")
     p.add_argument("--from-rows", action="store_true", help="recompute every aggregate from the shards' rows "
                    "instead of their footers' partials (a check: both give the same)")
+    p.add_argument("--json", action="store_true", help="print the run's summary as JSON")
     add_aws_options(p)
 
     p = sub.add_parser("compare", help="per-token A and B power of runs side by side, each against the first")
@@ -204,14 +220,58 @@ def cmd_run(args) -> int:
     phases = Phases()
     with phases.phase("validate"):
         cfg, info = run_config(args)
+    done = already_complete(cfg)
+    if done is not None:
+        print(json.dumps(done, indent=2) if args.json else summary_table(done))
+        print(f"{cfg.out}: already complete (config {done['config_hash']}); nothing to do. "
+              f"--overwrite computes it again; report: {cfg.out.rstrip('/')}/report.html")
+        return 0
     try:
         summary = driver.run(cfg, info, progress=not args.quiet, phases=phases)
     finally:
         driver.stop_embedded(phases)
-    print(json.dumps(summary.as_dict(), indent=2))
-    print(phases.text())
-    print(f"report: {cfg.out.rstrip('/')}/report.html")
+    finished(summary.as_dict(), phases, cfg.out, args.json)
     return 0
+
+
+def already_complete(cfg) -> dict | None:
+    """The stored summary of a complete run of this config at ``cfg.out`` (None: there is work, or
+    --overwrite asks to start again)."""
+    from jobs import manifest
+    from jobs.config import possible_hashes
+    from storage import open_store
+
+    store = open_store(cfg.out)
+    found = manifest.read(store)
+    if cfg.overwrite or not found or found.get("status") != "complete" or found.get("config_hash") not in possible_hashes(cfg):
+        return None
+    try:
+        return json.loads(store.get("aggregates/summary.json"))
+    except FileNotFoundError:  # a complete manifest without its summary: the run is redone
+        return None
+
+
+def summary_table(summary: dict) -> str:
+    """The headline numbers, one line per experiment and figure, 4 significant digits."""
+    def leaves(value, path: str):
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                yield from leaves(inner, f"{path} {key}".strip())
+        else:
+            yield path, f"{value:.4g}" if isinstance(value, float) else str(value)
+
+    rows = [(k, v) for section, value in summary.items() if section not in ("config_hash", "model", "seed")
+            for k, v in leaves(value, section)]
+    width = max((len(k) for k, _ in rows), default=0)
+    head = f"model {summary.get('model')}, seed {summary.get('seed')}, config {summary.get('config_hash')}"
+    return "\n".join([head, *(f"  {k:<{width}}  {v:>10}" for k, v in rows)])
+
+
+def finished(summary: dict, phases, out: str, as_json: bool) -> None:
+    """How ``run`` and ``report`` end: the headline numbers (JSON with --json), the time breakdown, the report's path."""
+    print(json.dumps(summary, indent=2) if as_json else summary_table(summary))
+    print(phases.text())
+    print(f"report: {out.rstrip('/')}/report.html")
 
 
 def cmd_plan(args) -> int:
@@ -245,13 +305,28 @@ def cluster_resources(address: str | None) -> tuple[dict, dict | None]:
 
 def cmd_submit(args) -> int:
     from jobs import submit
-    from jobs.address import check_dashboard
-    from jobs.submit import cluster_address as cluster_dashboard
 
     run_args = [a for a in args.run_args if a != "--"]
     cfg, _ = run_config(build_parser().parse_args(["run", *run_args]), join=False)  # refuse bad options before submitting
-    check_dashboard(cluster_dashboard(args.address))  # answers within a deadline, or refused
-    return submit.submit(args.address, run_args, cfg.out, cfg.config_hash, wait=args.wait, python=args.python)
+    return submit.submit(args.address, run_args, cfg, wait=args.wait, python=args.python)
+
+
+def cmd_list(args) -> int:
+    from jobs import submit
+
+    jobs = submit.list_jobs(args.address)
+    if args.json:
+        print(json.dumps(jobs))
+    for job in [] if args.json else jobs:
+        print(f"{job['job_id']}  {job['status']:<9}  {job['start_time'] or '-'}  {job['out'] or '-'}")
+    return 0
+
+
+def cmd_stop(args) -> int:
+    from jobs import submit
+
+    print(submit.stop(args.address, args.job_id))
+    return 0
 
 
 def cmd_status(args) -> int:
@@ -275,9 +350,7 @@ def cmd_report(args) -> int:
 
     phases = Phases()
     summary = driver.report(open_store(args.uri), from_rows=args.from_rows, phases=phases)
-    print(json.dumps(summary.as_dict(), indent=2))
-    print(phases.text())
-    print(f"report: {args.uri.rstrip('/')}/report.html")
+    finished(summary.as_dict(), phases, args.uri, args.json)
     return 0
 
 
@@ -312,11 +385,22 @@ def one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-COMMANDS = {"run": cmd_run, "plan": cmd_plan, "submit": cmd_submit, "status": cmd_status, "fetch": cmd_fetch, "report": cmd_report,
-            "compare": cmd_compare, "bench": cmd_bench, "export-model": cmd_export}
+COMMANDS = {"run": cmd_run, "plan": cmd_plan, "submit": cmd_submit, "list": cmd_list, "stop": cmd_stop,
+            "status": cmd_status, "fetch": cmd_fetch, "report": cmd_report, "compare": cmd_compare, "bench": cmd_bench,
+            "export-model": cmd_export}
+
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("induction-sweep")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     from jobs.errors import ConfigError, RunFailed, Terminated
     from jobs.inputs import redact

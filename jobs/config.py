@@ -265,3 +265,9 @@ def plan_shards(cfg: RunConfig) -> list[ShardSpec]:
                     specs.append(ShardSpec(experiment.name, scenario.name, part, s, min(s + cfg.shard_size, cfg.pairs)))
                     part += 1
     return specs
+
+
+def possible_hashes(cfg: RunConfig) -> set[str]:
+    """The config hashes a run of ``cfg`` can have: ``--precision auto`` is resolved only where the
+    cluster's devices are known (GPU or CPU)."""
+    return {replace(cfg, precision=variant.resolve_precision(cfg.precision, device)).config_hash for device in ("cuda", "cpu")}

@@ -27,6 +27,7 @@ from jobs.inputs import redact
 from jobs.phases import Phases
 from jobs.pool import ActorPool, failure, plan_actors, reachable_resources
 from storage import Store, open_store
+from storage.store import TMP_DIR
 from workers import experiments
 from workers.accumulator import Accumulator, shard_partials
 from workers.model import source
@@ -60,17 +61,21 @@ def run(cfg: RunConfig, info: source.ModelInfo | None = None, progress: bool = T
     try:
         with phases.phase("plan"):
             specs = plan_shards(cfg)
-            if existing is not None and cfg.overwrite and existing.get("config_hash") not in cfg.hashes:
+            if existing is not None and cfg.overwrite:
                 manifest.clear(store)
+                existing = None
             manifest.write(store, cfg, len(specs), "running")
             write_vocab(store, token_strings)
             states = manifest.shard_states(store, cfg, specs)
-        partials = {key: Accumulator.from_bytes(data) for key, data in states.partials.items()}  # kept shards
+        merges = BlockMerge(specs, ray.remote(num_cpus=1, max_retries=3)(merge_block).remote)
+        for key, data in states.partials.items():  # kept shards
+            merges.add(key, data)
         todo = states.missing + states.corrupt
         circuits = wants_circuits(cfg)
-        if todo or circuits:  # each shard's partials are decoded as it completes, merged at the end
-            for summary in pool.execute(todo, phases, requested, progress, len(states.done), len(specs)):
-                partials[summary.key] = Accumulator.from_bytes(summary.partials)
+        if todo or circuits:  # each shard's partials go to its block's merge, away from the driver
+            for summary in pool.execute(todo, phases, requested, progress, len(states.done), len(specs),
+                                        sum(s.n_sequences for s in states.done)):
+                merges.add(summary.key, summary.partials)
                 if summary.nonfinite:  # fails now: the rest of the run cannot make it valid
                     raise nonfinite_failure(summary.nonfinite, summary.nonfinite_example, summary.key)
         scores = None
@@ -81,7 +86,9 @@ def run(cfg: RunConfig, info: source.ModelInfo | None = None, progress: bool = T
                 except Exception as exc:  # an actor lost here, or its error: rerunning resumes
                     raise RunFailed(failure(exc)) from None
         pool.kill()
-        return finish(store, cfg, [partials[s.key] for s in specs], scores, phases, token_strings,
+        with phases.phase("merge"):
+            merged = merges.result(ray.get)
+        return finish(store, cfg, merged, len(specs), scores, phases, token_strings,
                       model_loading=phases.model_loading or (existing or {}).get("model_loading"),
                       load_checks=phases.load_checks or (existing or {}).get("load_checks"))
     except BaseException as exc:
@@ -115,13 +122,48 @@ def nonfinite_failure(count: int, example: dict | None, where: str) -> RunFailed
     return exc
 
 
-def finish(store: Store, cfg: RunConfig, partials: list[Accumulator], circuit_scores: dict | None, phases: Phases,
+MERGE_BLOCK = 64  # consecutive shards of the plan whose partials are merged together, away from the driver
+
+
+def merge_block(parts: list[bytes]) -> bytes:
+    """The merge of a block's encoded partials, in their order, encoded (a Ray task during a run)."""
+    return Accumulator.merge([Accumulator.from_bytes(p) for p in parts]).to_bytes()
+
+
+class BlockMerge:
+    """The run's aggregate, merged in a fixed tree: blocks of MERGE_BLOCK consecutive shards of the
+    plan, each merged in plan order as soon as all its shards are in (by ``remote``, a Ray task, so the
+    driver only passes bytes on), then the blocks in order. A resumed run and ``report`` merge the same
+    blocks the same way, so their aggregates equal an undisturbed run's bit for bit."""
+
+    def __init__(self, specs: list[ShardSpec], remote=None):
+        self.blocks = [[s.key for s in specs[i:i + MERGE_BLOCK]] for i in range(0, len(specs), MERGE_BLOCK)]
+        self.block_of = {key: i for i, keys in enumerate(self.blocks) for key in keys}
+        self.waiting: list[dict[str, bytes]] = [{} for _ in self.blocks]
+        self.merged: list = [None] * len(self.blocks)  # a block's merged bytes, or the ref of its Ray task
+        self.remote = remote or merge_block
+
+    def add(self, key: str, data: bytes) -> None:
+        i = self.block_of[key]
+        self.waiting[i][key] = data
+        if self.merged[i] is None and len(self.waiting[i]) == len(self.blocks[i]):
+            self.merged[i] = self.remote([self.waiting[i][k] for k in self.blocks[i]])
+            self.waiting[i] = {}
+
+    def result(self, get=None) -> Accumulator:
+        missing = sum(m is None for m in self.merged)
+        if missing:
+            raise RunFailed(f"{missing} blocks of shards have no partials to merge")
+        blocks = [m if isinstance(m, bytes) else get(m) for m in self.merged]
+        return Accumulator.merge([Accumulator.from_bytes(b) for b in blocks])
+
+
+def finish(store: Store, cfg: RunConfig, merged: Accumulator, n_shards: int, circuit_scores: dict | None, phases: Phases,
            token_strings: list[str] | None = None, model_loading: dict | None = None,
            load_checks: list | None = None) -> aggregate.Summary:
-    """Merge the shards' partials (in plan order, so a resumed run equals an undisturbed one), derive
-    and write the aggregates, draw the report; mark the run complete with its phase breakdown."""
+    """From the run's merged partials (BlockMerge): derive and write the aggregates, draw the report;
+    mark the run complete with its phase breakdown."""
     with phases.phase("aggregation"):
-        merged = Accumulator.merge(partials)
         count, example = merged.nonfinite()
         if count:
             raise nonfinite_failure(count, example, "the stored shards")
@@ -129,13 +171,14 @@ def finish(store: Store, cfg: RunConfig, partials: list[Accumulator], circuit_sc
         if circuit_scores is not None:
             aggregate.add_circuits(agg, circuit_scores)
         agg.write(store)
-    done = manifest.build(cfg, len(partials), "complete", model_loading=model_loading, load_checks=load_checks,
+    done = manifest.build(cfg, n_shards, "complete", model_loading=model_loading, load_checks=load_checks,
                           phases=phases.as_dict(), **neighbors_definition(cfg))
     with phases.phase("report"):
         from jobs import report  # matplotlib (already imported in the background during a run)
 
         report.render(store, done, agg)
     manifest.put(store, {**done, "phases": phases.as_dict()})  # the report's own phase included
+    store.delete_prefix(TMP_DIR)  # a local store's in-flight writes (none are left in flight now)
     return agg.summary
 
 
@@ -156,8 +199,10 @@ def report(store: Store, from_rows: bool = False, phases: Phases | None = None) 
         states = manifest.shard_states(store, cfg, specs)
         if states.missing or states.corrupt:
             raise RunFailed(f"{len(states.missing)} shards missing and {len(states.corrupt)} corrupt under {store.uri}")
-        partials = [rows_partials(store, cfg, s) if from_rows else Accumulator.from_bytes(states.partials[s.key])
-                    for s in specs]
+        merges = BlockMerge(specs)
+        for s in specs:
+            merges.add(s.key, rows_partials(store, cfg, s).to_bytes() if from_rows else states.partials[s.key])
+        merged = merges.result()
     scores = None
     if wants_circuits(cfg):
         from workers.circuits import model_scores
@@ -166,7 +211,7 @@ def report(store: Store, from_rows: bool = False, phases: Phases | None = None) 
             from workers.model import hooked
 
             scores = model_scores(hooked.load_for_scoring(cfg.model, "cpu", cfg.processing)[0], circuit_tokens(cfg))
-    return finish(store, cfg, partials, scores, phases, model_loading=found.get("model_loading"),
+    return finish(store, cfg, merged, len(specs), scores, phases, model_loading=found.get("model_loading"),
                   load_checks=found.get("load_checks"))
 
 

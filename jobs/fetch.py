@@ -22,7 +22,7 @@ from storage import LocalStore, Store, open_store
 from storage.store import check_directory
 
 FETCH_THREADS = 16  # S3 GETs are latency-bound: many at once
-FETCHED = ("manifest.json", "report.html", "vocab.parquet", "aggregates/", "plots/")
+FETCHED = ("manifest.json", "report.html", "vocab.parquet", "neighbors.parquet", "aggregates/", "plots/")
 
 
 @dataclass

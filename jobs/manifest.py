@@ -1,4 +1,7 @@
-"""The run's manifest (``manifest.json``) and the state of its shards, read from storage alone."""
+"""The run's manifest (``manifest.json``) and the state of its shards, read from storage alone.
+
+Importing this module imports neither torch nor Ray (``status`` relies on it): the config and the
+shard plan are imported where they are used."""
 
 from __future__ import annotations
 
@@ -166,6 +169,8 @@ def require(store: Store) -> dict:
 
 def read_run(store: Store) -> tuple[dict, RunConfig]:
     """The run's manifest and its config, from one read; ConfigError where there is no run."""
+    from jobs.config import RunConfig
+
     manifest = require(store)
     return manifest, RunConfig.from_science(manifest["config"], out=store.uri)
 

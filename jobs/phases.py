@@ -4,8 +4,11 @@ actors' own compute and write seconds. Printed at the end of every run and store
 from __future__ import annotations
 
 import os
+import socket
 import time
 from contextlib import contextmanager
+
+JOB_ID_ENV = "INDUCTION_SWEEP_JOB_ID"  # set by ``submit`` in the Ray Job's environment
 
 
 def process_age() -> float:
@@ -88,3 +91,8 @@ def format_eta(seconds: float | None) -> str:
         return "unknown"
     minutes, secs = divmod(int(seconds), 60)
     return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
+
+
+def driver_identity() -> dict:
+    """Where this driver runs, for ``status`` to tell a stopped run from a running one."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "job_id": os.environ.get(JOB_ID_ENV)}

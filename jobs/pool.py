@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from jobs.config import RunConfig
 from jobs.errors import ConfigError, RunFailed, Terminated
 from jobs.manifest import PROGRESS
-from jobs.phases import Phases, format_eta
+from jobs.phases import Phases, driver_identity, format_eta
 from storage import StorageError, Store, open_store
 from storage.store import FORWARDED_ENV
 from workers.model.source import ModelInputError
@@ -179,12 +179,13 @@ class ActorPool:
         self.live, self.starting = [], {}
 
     def execute(self, todo: list[ShardSpec], phases: Phases, requested: float, progress: bool,
-                already: int, total: int) -> Iterator[ShardSummary]:
+                already: int, total: int, sequences_before: int = 0) -> Iterator[ShardSummary]:
         """Run ``todo`` on the actors, each from the moment it is ready; yields each shard's summary as it completes."""
         from ray.exceptions import RayActorError
 
         queue, running = deque(todo), {}  # shard ref -> (actor, spec)
-        report = Progress(progress, sum(s.n_sequences for s in todo), already, total, requested, phases, self.store)
+        report = Progress(progress, sum(s.n_sequences for s in todo), already, total, requested, phases, self.store,
+                          sequences_before)
         first_ready = None
 
         def feed(actor) -> None:
@@ -229,14 +230,19 @@ class ActorPool:
         except (RunFailed, ConfigError):
             raise
         except Exception as exc:
-            stopped = exc.__cause__ or exc.__context__  # SIGTERM or Ctrl-C inside Ray's wait arrives wrapped
-            if isinstance(stopped, Terminated | KeyboardInterrupt):
-                raise stopped from None
-            raise RunFailed(failure(exc)) from None
+            raise signal_behind(exc) or RunFailed(failure(exc)) from None
         finally:
             report.close()
         if todo:
             phases.add("scoring", first_ready)
+
+
+def signal_behind(exc: BaseException) -> BaseException | None:
+    """The SIGTERM or Ctrl-C behind ``exc``: a signal handler's exception raised while Ray's C code
+    waits comes back wrapped (a SystemError whose context it is)."""
+    while exc is not None and not isinstance(exc, Terminated | KeyboardInterrupt):
+        exc = exc.__context__
+    return exc
 
 
 def failure(exc: Exception) -> str:
@@ -248,26 +254,33 @@ def failure(exc: Exception) -> str:
 class Progress:
     """A progress bar on a terminal; elsewhere (a Ray Job's log) a line every PROGRESS_EVERY_S seconds
     with shards done, sequences per second and the time left. The same figures go to the run's
-    ``progress.json`` at that pace, for ``status``. Says once how many actors are ready if not all
-    are after PLACEMENT_WAIT_S (a cluster that cannot grow)."""
+    ``progress.json`` at that pace (and at the start and the first shard), with the driver's host,
+    pid and job id, for ``status``. Shard and sequence counts are the whole run's (``already`` shards
+    holding ``sequences_before`` sequences were done before); the rate is this process's. Says once
+    how many actors are ready if not all are after PLACEMENT_WAIT_S (a cluster that cannot grow)."""
 
     def __init__(self, enabled: bool, sequences: int, already: int, total: int, requested: float, phases: Phases,
-                 store: Store):
+                 store: Store, sequences_before: int = 0):
         from tqdm import tqdm
 
         self.sequences, self.done, self.total, self.store = sequences, already, total, store
+        self.before = sequences_before
         self.requested, self.phases = requested, phases
         self.lines = enabled and not sys.stderr.isatty()
         self.bar = tqdm(total=sequences, unit="seq", unit_scale=True, disable=not enabled or self.lines,
                         desc=f"shards {already}/{total}", mininterval=1.0)
         self.scored, self.start, self.last, self.placement_said = 0, None, time.monotonic(), False
         self.placed, self.none_since, self.none_lost_at, self.history = 0, None, 0.0, deque()
+        self.publish(self.last)  # status knows the driver from the start
+        self.history.clear()  # that publish's sample is no rate's start: the rate counts from the first ready actor
 
     def shard_done(self, sequences: int) -> None:
         self.done += 1
         self.scored += sequences
         self.bar.set_description(f"shards {self.done}/{self.total}", refresh=False)
         self.bar.update(sequences)
+        if self.scored == sequences:  # the first shard: status has a rate from here on
+            self.publish(time.monotonic())
 
     def tick(self, placed: int, asked: int) -> None:
         now = time.monotonic()
@@ -301,10 +314,10 @@ class Progress:
         since, scored_then = self.history[0] if len(self.history) > 1 else (start, 0)
         elapsed = now - max(since, start)
         rate = (self.scored - scored_then) / elapsed if elapsed > 0 else 0.0
-        return {"shards_done": self.done, "shards_total": self.total, "sequences_done": self.scored,
-                "sequences_todo": self.sequences, "seq_per_s": round(rate, 1), "actors": self.placed,
+        return {"shards_done": self.done, "shards_total": self.total, "sequences_done": self.before + self.scored,
+                "sequences_total": self.before + self.sequences, "seq_per_s": round(rate, 1), "actors": self.placed,
                 "eta_s": round((self.sequences - self.scored) / rate, 1) if rate > 0 and self.placed else None,
-                "updated_unix": round(time.time(), 3)}
+                "updated_unix": round(time.time(), 3), "driver": driver_identity()}
 
     def publish(self, now: float) -> None:
         f = self.figures(now)
@@ -313,11 +326,10 @@ class Progress:
         except (StorageError, OSError):  # only the progress is lost; a shard's write failing is what fails the run
             pass
         if self.lines:
-            print(f"progress: shards {f['shards_done']}/{f['shards_total']}, {f['sequences_done']:,}/{f['sequences_todo']:,} "
+            print(f"progress: shards {f['shards_done']}/{f['shards_total']}, {f['sequences_done']:,}/{f['sequences_total']:,} "
                   f"sequences, {f['seq_per_s']:,.0f} seq/s, ETA {format_eta(f['eta_s'])}, {f['actors']} actor(s)",
                   file=sys.stderr, flush=True)
 
     def close(self) -> None:
         self.bar.close()
-        if self.scored:
-            self.publish(time.monotonic())
+        self.publish(time.monotonic())

@@ -97,7 +97,7 @@ def test_a_real_run_in_a_subprocess_writes_no_secret(bucket, short_tmp):
     secrets = {"AWS_SECRET_ACCESS_KEY": "sekritKEY0123456789abcdefXYZ", "AWS_SESSION_TOKEN": "sessTOKEN9876543210zyxwvut"}
     env = {**os.environ, **secrets, "RAY_TMPDIR": str(short_tmp)}
     argv = [sys.executable, "-m", "jobs.cli", *RUN, "--experiment", "all", "--tokens", "8", "--seqs", "4",
-            "--actors", "2", "--out", f"s3://{bucket}/run"]
+            "--actors", "2", "--out", f"s3://{bucket}/run", "--json"]
     proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parent.parent)
     assert proc.returncode == 0, proc.stderr[-3000:]
     stdout = "\n" + proc.stdout  # the summary starts a line, after any log lines

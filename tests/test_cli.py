@@ -88,8 +88,9 @@ def test_another_config_on_the_same_out_and_too_many_gpus(capsys, ray_cluster, t
     capsys.readouterr()
     before = {k: open_store(out).get(k) for k in open_store(out).list()}
     refused(capsys, RUN + ["--out", out, "--seed", "1"], "holds a run with another config")
-    refused(capsys, RUN + ["--out", out, "--gpus-per-actor", "1"], "more GPUs than the cluster has (0)")
     assert {k: open_store(out).get(k) for k in open_store(out).list()} == before
+    refused(capsys, RUN + ["--out", str(tmp_path / "gpus"), "--gpus-per-actor", "1"], "more GPUs than the cluster has (0)")
+    assert not (tmp_path / "gpus").exists()
 
 
 def test_a_real_run_in_a_subprocess_writes_no_secret(bucket, short_tmp):

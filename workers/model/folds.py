@@ -67,8 +67,9 @@ def load_weights(spec: str, device: str | torch.device = "cpu") -> CompactWeight
     """The compact forward's weights read straight from a checkpoint, without TransformerLens, for
     the architectures it computes (``config_fields.route``). Exact steps only: under a LayerNorm the
     residual stream's writes are centred (``centre_residual_writes``), then ``weights_from_state``
-    folds LayerNorm weights (positions unscaled) and value biases. None where the model needs
-    TransformerLens' loading (hub names, RMS, other architectures)."""
+    folds LayerNorm and RMSNorm weights (positions unscaled) and value biases, and repeats grouped
+    keys and values per query head. None where the model needs TransformerLens' loading (hub names,
+    other architectures)."""
     with checkpoint_dir(spec) as directory:
         if directory is None:
             return None
@@ -88,8 +89,9 @@ def load_weights(spec: str, device: str | torch.device = "cpu") -> CompactWeight
     steps = [s for s, on in ((CENTRE_WRITES, effects[CENTRE_WRITES]), ("fold_ln", effects["fold_ln"]),
                              ("fold_value_biases", effects["fold_value_biases"])) if on]
     weights.loading = {"loader": "safetensors", "processing": "exact", "steps": steps,
-                       "exact_because": "the LayerNorm removes the residual stream's mean; its weights fold into "
-                                        "what reads its output (a shortformer's positions unscaled); attention rows sum to 1"}
+                       "exact_because": "a LayerNorm removes the residual stream's mean; a LayerNorm's or RMSNorm's "
+                                        "weights fold into what reads its output (a shortformer's positions unscaled); "
+                                        "attention rows sum to 1"}
     return weights
 
 

@@ -78,7 +78,9 @@ def load_weights(spec: str, device: str | torch.device = "cpu") -> CompactWeight
             return None
         from safetensors.torch import load_file
 
-        state = load_file(str(directory / "model.safetensors"), device=str(device))
+        # folded in float32 whatever the stored dtype: a fold in bf16 would round every product once more
+        state = {k: v.float() if v.is_floating_point() else v
+                 for k, v in load_file(str(directory / "model.safetensors"), device=str(device)).items()}
     effects = step_effects(state, cfg)
     if cfg.normalization_type in ("LN", "LNPre"):
         state_centred = centre_residual_writes(state, include_pos=cfg.positional_embedding_type != "shortformer")

@@ -174,7 +174,11 @@ def test_compiled_forward(precision, attention, mlp):
 
 @pytest.mark.parametrize("attention", ATTENTIONS)
 @pytest.mark.parametrize("shape", [dict(n_layers=1), dict(n_layers=2), dict(n_layers=3, positional_embedding_type="standard"),
-                                   dict(n_layers=2, attn_only=False, d_mlp=256, act_fn="solu_ln")])
+                                   dict(n_layers=2, attn_only=False, d_mlp=256, act_fn="solu_ln"),
+                                   dict(n_layers=2, attn_only=False, d_mlp=256, act_fn="silu", gated_mlp=True,
+                                        normalization_type="RMS", positional_embedding_type="rotary", n_key_value_heads=2),
+                                   dict(n_layers=2, attn_only=False, d_mlp=256, act_fn="gelu", parallel_attn_mlp=True,
+                                        positional_embedding_type="rotary", rotary_dim=8, rotary_adjacent_pairs=True)])
 def test_native_bf16_path_runs_on_meta_tensors(shape, attention):
     """The CUDA bf16 path (bf16 products, float32 sums through mm/bmm out_dtype) cannot run on a
     CPU; on meta tensors every call's shapes and dtypes are still checked."""

@@ -1,7 +1,8 @@
 """The compact forward's weights (``CompactWeights``): read straight from a checkpoint's
-safetensors, or from a HookedTransformer, with exact folds only — LayerNorm weights into the
-products that read them, value biases into b_O, the residual stream's writes centred where a
-LayerNorm reads every one of them.
+safetensors, or from a HookedTransformer, with exact folds only — LayerNorm and RMSNorm weights
+into the products that read them, value biases into b_O, the residual stream's writes centred where
+a LayerNorm reads every one of them — and grouped-query attention's keys and values repeated per
+query head.
 """
 
 from __future__ import annotations

@@ -39,6 +39,13 @@ SHAPES = {
     "gelu-2l": dict(attn_only=False, d_mlp=2048, act_fn="gelu", positional_embedding_type="standard", n_ctx=1024),
     "gpt2-small": dict(n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, act_fn="gelu_new", attn_only=False,
                        positional_embedding_type="standard", n_ctx=1024, d_vocab=50257),
+    # EleutherAI/pythia-160m: rotary on a quarter of each head, attention and MLP in parallel
+    "pythia-160m": dict(n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, act_fn="gelu", attn_only=False,
+                        positional_embedding_type="rotary", rotary_dim=16, parallel_attn_mlp=True, n_ctx=2048, d_vocab=50304),
+    # a Llama-shaped 1.2B model: RMSNorm, gated SiLU MLP, rotary, 4 query heads per key/value head
+    "llama-1b": dict(n_layers=16, d_model=2048, n_heads=32, d_head=64, n_key_value_heads=8, d_mlp=8192, act_fn="silu",
+                     gated_mlp=True, normalization_type="RMS", attn_only=False, positional_embedding_type="rotary",
+                     rotary_base=500000, n_ctx=2048, d_vocab=32000),
 }
 BATCHES = {"cuda": [8192, 32768, 65536], "cpu": [256, 1024]}
 SECONDS = {"cuda": 2.0, "cpu": 1.0}

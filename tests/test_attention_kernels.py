@@ -158,10 +158,16 @@ def test_scorer_with_triton_attention_matches_transformer_lens(toy_model, precis
 @pytest.mark.parametrize("shape", [dict(n_layers=3, positional_embedding_type="standard"),
                                    dict(n_layers=2, attn_only=False, d_mlp=256, act_fn="gelu_new",
                                         positional_embedding_type="standard"),
-                                   dict(n_layers=1, normalization_type=None)])
+                                   dict(n_layers=1, normalization_type=None),
+                                   # rotated queries and keys into the kernel; the last layer through torch
+                                   dict(n_layers=2, attn_only=False, d_mlp=256, act_fn="silu", gated_mlp=True,
+                                        normalization_type="RMS", positional_embedding_type="rotary", n_key_value_heads=2),
+                                   dict(n_layers=2, attn_only=False, d_mlp=256, act_fn="gelu", parallel_attn_mlp=True,
+                                        positional_embedding_type="rotary", rotary_dim=4)])
 def test_other_shapes_through_triton_attention(shape, precision):
-    """Q/K/V from projections (standard positions, a middle layer, MLPs), and no LayerNorm; under bf16
-    every layer before the last takes TF32 products."""
+    """Q/K/V from projections (standard positions, a middle layer, MLPs), and no LayerNorm; rotary
+    embeddings (llama-like with grouped keys, pythia-like); under bf16 every layer before the last
+    takes TF32 products."""
     model = hooked.random_model(d_vocab=512, n_ctx=32, d_model=64, n_heads=4, d_head=16, seed=4, perturb=True, **shape)
     check_parity(model, precision, n=8, attention="triton")
 

@@ -5,7 +5,7 @@ import torch
 
 from workers import experiments
 from workers.compact.forward import CompactForward
-from workers.model import folds, hooked
+from workers.model import folds, hooked, source
 from workers.scoring.logodds import logodds
 from workers.scoring.scorer import scorer_for
 from workers.scoring.variant import ATTENTIONS, Variant
@@ -96,9 +96,56 @@ def test_other_shapes_with_mlps(shape):
     check_parity(model, "fp32")
 
 
-@pytest.mark.parametrize("flags", [dict(gated_mlp=True, act_fn="silu"), dict(act_fn="gelu", parallel_attn_mlp=True),
-                                   dict(act_fn="gelu", positional_embedding_type="rotary", rotary_dim=8),
-                                   dict(act_fn="gelu", normalization_type="RMS")])
+# Today's families at reduced widths, with TransformerLens' flags for each
+FAMILIES = {
+    # Pythia (GPT-NeoX): rotary on a quarter of each head, pairs (i, i + rotary_dim/2), parallel blocks, LN, gelu
+    "pythia": dict(act_fn="gelu", positional_embedding_type="rotary", rotary_dim=4, parallel_attn_mlp=True),
+    # Llama: RMSNorm, gated SiLU MLP, rotary on every dimension
+    "llama": dict(normalization_type="RMS", act_fn="silu", gated_mlp=True, positional_embedding_type="rotary"),
+    # ... with grouped-query attention (Llama 3, Mistral): four query heads share each key/value head
+    "llama-gqa": dict(normalization_type="RMS", act_fn="silu", gated_mlp=True, positional_embedding_type="rotary",
+                      n_key_value_heads=1, rotary_base=500000),
+    # GPT-J: rotary on part of each head with adjacent pairs (2i, 2i+1), parallel blocks, gelu_new
+    "gptj": dict(act_fn="gelu_new", positional_embedding_type="rotary", rotary_dim=8, rotary_adjacent_pairs=True,
+                 parallel_attn_mlp=True),
+    # Gemma-style MLP: gated, tanh-approximated gelu, RMSNorm, rotary
+    "gemma-mlp": dict(normalization_type="RMS", act_fn="gelu_pytorch_tanh", gated_mlp=True,
+                      positional_embedding_type="rotary"),
+}
+
+
+@pytest.mark.parametrize("attention", ON_THIS_DEVICE)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_families(family, precision, attention):
+    """Rotary embeddings, parallel blocks, gated MLPs, RMSNorm and grouped-query attention,
+    TransformerLens-processed, three layers (one in the middle)."""
+    model = hooked.random_model(**{**MLP_SHAPE, "n_layers": 3, **FAMILIES[family]}, seed=7)
+    check_parity(model, precision, attention=attention)
+
+
+@pytest.mark.parametrize("flags", [dict(normalization_type="LN", act_fn="gelu", gated_mlp=True, n_key_value_heads=2),
+                                   dict(normalization_type="RMS", act_fn="silu", gated_mlp=True,
+                                        positional_embedding_type="rotary", rotary_dim=8)])
+def test_saved_norm_weights_fold_exactly(flags):
+    """The weights as saved (norm weights and biases, shared keys and values, nothing folded by
+    TransformerLens): a LayerNorm's bias before a gated MLP acts inside the product, through b_gate
+    and b_up; an RMSNorm's weight folds into its readers."""
+    HookedTransformer, HookedTransformerConfig = source._hooked_transformer()
+    shape = {**MLP_SHAPE, "n_layers": 2, "positional_embedding_type": "standard", **flags}
+    raw = HookedTransformer(HookedTransformerConfig(**shape, seed=8), move_to_device=False)
+    gen = torch.Generator().manual_seed(9)
+    state = {k: v + 0.2 * torch.randn(v.shape, generator=gen) if (".ln" in k or "b_" in k or k.startswith("ln_final"))
+             else v for k, v in raw.state_dict().items()}
+    raw.load_state_dict(state)
+    weights = folds.weights_from_state(state, source.resolved(raw.cfg))
+    if flags["normalization_type"] == "LN":
+        assert weights.b_gate[0].abs().min() > 0 and weights.b_up[0].abs().min() > 0
+    check_parity(raw.eval(), "fp32", scored=weights)
+
+
+@pytest.mark.parametrize("flags", [dict(act_fn="gelu", final_rms=True),
+                                   dict(act_fn="gelu", positional_embedding_type="rotary", use_NTK_by_parts_rope=True)])
 def test_other_blocks_take_transformer_lens_path(flags):
     model = hooked.random_model(**MLP_SHAPE, **{"positional_embedding_type": "standard", **flags})
     assert folds.compact_weights(model) is None
@@ -127,7 +174,11 @@ def test_compiled_forward(precision, attention, mlp):
 
 @pytest.mark.parametrize("attention", ATTENTIONS)
 @pytest.mark.parametrize("shape", [dict(n_layers=1), dict(n_layers=2), dict(n_layers=3, positional_embedding_type="standard"),
-                                   dict(n_layers=2, attn_only=False, d_mlp=256, act_fn="solu_ln")])
+                                   dict(n_layers=2, attn_only=False, d_mlp=256, act_fn="solu_ln"),
+                                   dict(n_layers=2, attn_only=False, d_mlp=256, act_fn="silu", gated_mlp=True,
+                                        normalization_type="RMS", positional_embedding_type="rotary", n_key_value_heads=2),
+                                   dict(n_layers=2, attn_only=False, d_mlp=256, act_fn="gelu", parallel_attn_mlp=True,
+                                        positional_embedding_type="rotary", rotary_dim=8, rotary_adjacent_pairs=True)])
 def test_native_bf16_path_runs_on_meta_tensors(shape, attention):
     """The CUDA bf16 path (bf16 products, float32 sums through mm/bmm out_dtype) cannot run on a
     CPU; on meta tensors every call's shapes and dtypes are still checked."""

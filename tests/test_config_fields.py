@@ -69,6 +69,9 @@ GRID = [
     {"act_fn": "gelu", "parallel_attn_mlp": True, "positional_embedding_type": "rotary", "rotary_dim": 2},
     {"act_fn": "silu", "gated_mlp": True, "normalization_type": "RMS", "positional_embedding_type": "rotary", "n_key_value_heads": 2},
     {"act_fn": "silu", "gated_mlp": True, "normalization_type": "RMSPre", "n_key_value_heads": 4},
+    {"act_fn": "gelu_new", "parallel_attn_mlp": True, "positional_embedding_type": "rotary", "rotary_dim": 2,
+     "rotary_adjacent_pairs": True},
+    {"act_fn": "gelu", "gated_mlp": True, "normalization_type": "LN", "n_key_value_heads": 1},
     {"act_fn": "relu", "positional_embedding_type": "alibi"},
 ]
 
@@ -86,11 +89,19 @@ def test_expected_tensors_are_the_parameters_transformer_lens_builds(extra):
     ({"attn_only": True, "normalization_type": "LNPre", "positional_embedding_type": "shortformer"}, "compact", []),
     ({"act_fn": "gelu_new", "attn_scale": -1.0}, "compact", []),
     ({"act_fn": "gelu", "attention_dir": "bidirectional"}, "transformer_lens", ["attention_dir"]),
-    ({"act_fn": "gelu", "normalization_type": "RMS"}, "transformer_lens", ["normalization_type"]),
-    ({"act_fn": "silu", "gated_mlp": True, "positional_embedding_type": "rotary"}, "transformer_lens",
-     ["positional_embedding_type", "gated_mlp", "rotary_dim"]),
+    ({"act_fn": "gelu", "normalization_type": "RMS"}, "compact", []),
+    ({"act_fn": "silu", "gated_mlp": True, "positional_embedding_type": "rotary", "normalization_type": "RMSPre"}, "compact", []),
+    ({"act_fn": "gelu", "parallel_attn_mlp": True, "positional_embedding_type": "rotary", "rotary_dim": 2,
+      "rotary_adjacent_pairs": True, "rotary_base": 500000}, "compact", []),
+    ({"act_fn": "gelu", "n_key_value_heads": 4}, "compact", []),
+    ({"act_fn": "gelu", "n_key_value_heads": 1}, "compact", []),
+    ({"act_fn": "gelu", "positional_embedding_type": "rotary", "rotary_dim": 3}, "transformer_lens", ["rotary_dim"]),
+    ({"act_fn": "gelu", "positional_embedding_type": "rotary", "use_NTK_by_parts_rope": True}, "transformer_lens",
+     ["use_NTK_by_parts_rope"]),
+    ({"act_fn": "gelu", "final_rms": True}, "transformer_lens", ["final_rms"]),
+    ({"act_fn": "solu_ln", "normalization_type": "RMS"}, "transformer_lens", ["act_fn"]),
+    ({"act_fn": "solu_ln", "gated_mlp": True}, "transformer_lens", ["act_fn"]),
     ({"act_fn": "relu2"}, "transformer_lens", ["act_fn"]),
-    ({"act_fn": "gelu", "n_key_value_heads": 4}, "transformer_lens", ["n_key_value_heads"]),
     ({"act_fn": "gelu", "d_vocab_out": 60}, "transformer_lens", ["d_vocab_out"]),
     # fields that no forward reads where they appear are not a reason to leave the compact forward
     ({"attn_only": True, "act_fn": "xielu", "rotary_base": 500000, "window_size": 8}, "compact", []),
@@ -113,6 +124,7 @@ def test_route(extra, path, fields):
     ({"act_fn": "gelu", "attn_scale": 0.0}, "attn_scale must be positive"),
     ({"act_fn": "gelu", "d_vocab": 10**12}, "d_vocab must be an integer in 6..4194304"),
     ({"act_fn": "gelu", "n_key_value_heads": 3}, "n_key_value_heads 3 does not divide n_heads 4"),
+    ({"act_fn": "gelu", "positional_embedding_type": "rotary", "rotary_base": 0}, "rotary_base must be positive"),
     ({"act_fn": "gelu", "colour": "red"}, "config field 'colour' is not a HookedTransformerConfig field"),
 ])
 def test_configs_no_path_scores_are_refused_naming_the_field(extra, match):

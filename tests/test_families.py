@@ -1,8 +1,8 @@
 """Every TransformerLens family scored exactly (issue 13): loaded as the actors load them (a
 checkpoint directory, ``exact`` processing), their strengths match TransformerLens' own full
-forward of the weights as saved, for every registered experiment, in fp32 and bf16. gelu, SoLU and
-GPT-2 blocks take the compact forward (read straight from the checkpoint); rotary and parallel
-blocks TransformerLens' path. ``--heads`` is refused where it does not apply.
+forward of the weights as saved, for every registered experiment, in fp32 and bf16. Every family
+here takes the compact forward, read straight from the checkpoint. ``--heads`` is refused where it
+does not apply.
 
 The checkpoints are random weights of each family's real architecture (TransformerLens'
 config flags; widths, vocabulary and context reduced), saved as a training script saves them:
@@ -39,10 +39,21 @@ FAMILIES = {
     # in parallel with separate LayerNorms
     "pythia-rotary": dict(n_layers=2, act_fn="gelu", positional_embedding_type="rotary", rotary_dim=4,
                           rotary_adjacent_pairs=False, parallel_attn_mlp=True, original_architecture="GPTNeoXForCausalLM"),
+    # GPT-J (GPTJForCausalLM): rotary on part of each head with adjacent pairs, parallel blocks, one LayerNorm
+    # read by both (two equal ones here), gelu_new
+    "gptj": dict(n_layers=2, act_fn="gelu_new", positional_embedding_type="rotary", rotary_dim=8,
+                 rotary_adjacent_pairs=True, parallel_attn_mlp=True, original_architecture="GPTJForCausalLM"),
+    # Llama (LlamaForCausalLM): RMSNorm, gated SiLU MLP, rotary on every dimension, base 500000 as Llama 3
+    "llama": dict(n_layers=2, normalization_type="RMS", act_fn="silu", gated_mlp=True, positional_embedding_type="rotary",
+                  rotary_base=500000, original_architecture="LlamaForCausalLM"),
+    # ... with grouped-query attention: two heads of queries to each head of keys and values (Llama 3, Mistral)
+    "llama-gqa": dict(n_layers=2, normalization_type="RMS", act_fn="silu", gated_mlp=True, positional_embedding_type="rotary",
+                      n_key_value_heads=2, original_architecture="LlamaForCausalLM"),
 }
-# The scorer's path for each: the compact forward computes every block but pythia's (rotary, parallel)
-COMPACT = {"gelu-2l": "compact", "solu-2l": "compact", "gpt2-small": "compact", "pythia-rotary": "transformer_lens"}
-# Not scored here, but refused --heads all the same: attention-only, yet not the compact forward's architecture.
+# The scorer's path for each: the compact forward computes them all
+COMPACT = {family: "compact" for family in FAMILIES}
+# Not scored here, but refused --heads all the same: attention-only and computed by the compact forward, but
+# with rotary positions, which the heads' circuits do not compute.
 ATTN_ONLY_ROTARY = dict(n_layers=2, attn_only=True, positional_embedding_type="rotary", rotary_dim=16)
 N_SEQS = 16  # sequences per scenario (per-token experiments: 4 tokens x 4 sequences)
 N_NEIGHBORS = 3
@@ -54,7 +65,7 @@ def perturbed(state: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tens
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for key, value in state.items():
-        if ".ln" in key or key.startswith("ln_final") or ".b_" in key:
+        if ".ln" in key or key.startswith("ln_final") or ".b_" in key or "._b_" in key:
             value = value + 0.2 * torch.randn(value.shape, generator=gen)
         if key in ("embed.W_E", "pos_embed.W_pos") or key.endswith(("attn.b_O", "mlp.b_out")):
             value = value + 0.3 + 0.1 * torch.randn(value.shape[:-1] + (1,), generator=gen)
@@ -126,7 +137,8 @@ def test_every_experiment_scored_as_transformer_lens_does(checkpoints, tmp_path,
     loading = runner.loading
     if COMPACT[family] == "compact":
         assert loading["loader"] == "safetensors" and runner.scorer.compact.n_mlps == FAMILIES[family]["n_layers"]
-        assert set(loading["steps"]) == {folds.CENTRE_WRITES, "fold_ln", "fold_value_biases"}  # LN, saved with biases
+        under_ln = FAMILIES[family].get("normalization_type", "LN") == "LN"  # RMSNorm does not remove the mean
+        assert set(loading["steps"]) == {"fold_ln", "fold_value_biases"} | ({folds.CENTRE_WRITES} if under_ln else set())
     else:
         assert loading["loader"] == "transformer_lens" and loading["processing"] == "exact"
         assert {"fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases"} <= set(loading["steps"])
@@ -178,7 +190,7 @@ def test_heads_is_refused_where_it_does_not_apply(capsys, checkpoints, tmp_path,
 
     # the same options without --heads pass every check: the refusal is --heads', not the model's
     cfg, info = run_config(build_parser().parse_args(argv[:-2] + ["--quiet"]))
-    assert not cfg.heads and info.compact == (COMPACT.get(family) == "compact") and not out.exists()
+    assert not cfg.heads and info.compact and not out.exists()  # every model here takes the compact forward
 
 
 @pytest.mark.parametrize("name", ["gelu-2l", "solu-2l", "gpt2-small", "pythia-70m"])

@@ -73,18 +73,28 @@ def test_shard_content_does_not_depend_on_batch_size(runner, tmp_path):
 def test_default_batch_sizes():
     """CUDA batches: 32768 for an attention-only compact forward, less for MLPs by their hidden width
     (the float32 hidden layer at every position within MLP_HIDDEN_BYTES), 2048 on TransformerLens'
-    path; 1024 on a CPU."""
+    path; 1024 on a CPU; fewer where the device's free memory holds fewer; refused in one line where
+    it holds not one sequence."""
+    from workers.model.source import ModelInputError
     from workers.scoring.scorer import scorer_for
-    from workers.shard import default_batch_size
+    from workers.shard import FREE_SHARE, default_batch_size, sequence_bytes
 
     def scorer(**shape):
         return scorer_for(hooked.random_model(d_vocab=512, n_ctx=32, d_model=64, n_heads=4, d_head=16, seed=1, **shape), "fp32")
 
-    cuda = torch.device("cuda")  # only the scorer's path and shapes are read: no GPU needed
+    cuda, cpu, plenty = torch.device("cuda"), torch.device("cpu"), 80 << 30  # only shapes are read: no GPU needed
     attn_only = scorer()
-    assert default_batch_size(cuda, attn_only) == 32768 and default_batch_size(torch.device("cpu"), attn_only) == 1024
+    assert default_batch_size(cuda, attn_only, plenty) == 32768 and default_batch_size(cpu, attn_only, plenty) == 1024
     mlp = dict(attn_only=False, act_fn="gelu", positional_embedding_type="standard")
-    assert default_batch_size(cuda, scorer(d_mlp=2048, **mlp)) == 16384  # gelu-2l's width
-    assert default_batch_size(cuda, scorer(d_mlp=3072, **mlp)) == 8192  # gpt2-small's
-    rotary = scorer(d_mlp=256, attn_only=False, act_fn="gelu", positional_embedding_type="rotary", rotary_dim=8)
-    assert rotary.path == "transformer_lens" and default_batch_size(cuda, rotary) == 2048
+    assert default_batch_size(cuda, scorer(d_mlp=2048, **mlp), plenty) == 16384  # gelu-2l's width
+    assert default_batch_size(cuda, scorer(d_mlp=3072, **mlp), plenty) == 8192  # gpt2-small's
+    llama = scorer(d_mlp=256, attn_only=False, act_fn="silu", gated_mlp=True, normalization_type="RMS",
+                   positional_embedding_type="rotary")
+    one = sequence_bytes(llama)
+    assert one == 2 * 4 * (24 * 512 * 4 + 2 * 512)  # the gated MLP's two products side by side are its widest rows
+    assert default_batch_size(cuda, llama, int(100 * one / FREE_SHARE)) == 64  # the power of two within 100 sequences
+    with pytest.raises(ModelInputError, match=r"^one sequence of this model needs 0 MiB beyond its weights; cpu has 0 MiB free"):
+        default_batch_size(cpu, llama, one)
+    tl = scorer_for(hooked.random_model(d_vocab=512, n_ctx=32, d_model=64, n_heads=4, d_head=16, seed=1, **mlp), "fp32",
+                    fast=False)
+    assert tl.path == "transformer_lens" and default_batch_size(cuda, tl) == 2048

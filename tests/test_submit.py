@@ -105,7 +105,7 @@ def test_an_address_that_does_not_answer_is_refused_in_seconds(tmp_path, capsys)
     address = dead_address()
     assert main(["submit", "--address", address, "--", "--model", "toy-2l", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
-    assert f"no Ray dashboard at {address}" in err and len(err.strip().splitlines()) == 1
+    assert f"the Ray dashboard at {address}" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
 
 

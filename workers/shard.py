@@ -203,20 +203,50 @@ class ShardRunner:
 
 
 MLP_HIDDEN_BYTES = 8 << 30  # the float32 hidden layer of one MLP at every position, on CUDA
+LIVE_ROWS = 4  # float32 copies of a layer's widest rows alive at once in a forward (input, product, activation, sum)
+FREE_SHARE = 0.5  # of the memory free after the weights: the rest for the allocator's slack and compiled graphs
 
 
-def default_batch_size(device: torch.device, scorer: Scorer) -> int:
+def sequence_bytes(scorer: Scorer) -> int:
+    """Memory one sequence takes in a compact forward's batch, both of its runs (induction and
+    shuffled): its widest layer's float32 rows at every position, and its float32 logits (twice: the
+    logits and their exponentials for the log-sum-exp)."""
+    c = scorer.compact
+    widest = max(3 * c.n_heads * c.d_head, c.W_E.shape[1], (2 if c.gated else 1) * c.d_mlp)
+    return 2 * 4 * (SEQ_LEN * widest * LIVE_ROWS + 2 * c.d_vocab)
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free on ``device``: the GPU's (the weights already on it), or the host's available memory."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with open("/proc/meminfo") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return int(fields["MemAvailable"].split()[0]) * 1024
+
+
+def default_batch_size(device: torch.device, scorer: Scorer, free: int | None = None) -> int:
     """Sequences per forward (each is scored twice: induction and shuffled). On CUDA: the compact
     forward at 32768, or for a model with MLPs the largest power of two whose hidden layer (2 × batch
-    × 24 × d_mlp float32) fits MLP_HIDDEN_BYTES: 16384 for gelu-2l, 8192 for gpt2-small."""
+    × 24 × d_mlp float32) fits MLP_HIDDEN_BYTES: 16384 for gelu-2l, 8192 for gpt2-small; 1024 on a
+    CPU. Either way no more than FREE_SHARE of ``free`` (default: what the device has free, the
+    weights loaded) holds (``sequence_bytes``); ModelInputError in one line where not even one
+    sequence fits."""
+    if scorer.path != "compact":
+        return 2048 if device.type == "cuda" else 1024
+    cap = 1024
     if device.type == "cuda":
-        if scorer.path != "compact":
-            return 2048
-        if not scorer.compact.n_mlps:
-            return 32768
-        fits = MLP_HIDDEN_BYTES // (2 * SEQ_LEN * scorer.compact.d_mlp * 4)
-        return min(32768, 1 << max(fits.bit_length() - 1, 8))
-    return 1024
+        cap = 32768
+        if scorer.compact.n_mlps:
+            fits = MLP_HIDDEN_BYTES // (2 * SEQ_LEN * scorer.compact.d_mlp * 4)
+            cap = min(32768, 1 << max(fits.bit_length() - 1, 8))
+    free = free_memory(device) if free is None else free
+    fits = int(FREE_SHARE * free) // sequence_bytes(scorer)
+    if fits < 1:
+        raise source.ModelInputError(
+            f"one sequence of this model needs {sequence_bytes(scorer) / 2**20:.0f} MiB beyond its weights; "
+            f"{device} has {free / 2**20:.0f} MiB free (a smaller model, or a device with more memory)")
+    return min(cap, 1 << (fits.bit_length() - 1))
 
 
 def save_neighbors(store, neighbors: Int[Tensor, "vocab k"]) -> None:

@@ -71,19 +71,20 @@ FIELDS: dict[str, Field] = {
     "d_model": Field(SHAPE, None), "d_head": Field(SHAPE, None), "n_layers": Field(SHAPE, None),
     "n_ctx": Field(SHAPE, None), "n_heads": Field(SHAPE, -1), "d_mlp": Field(SHAPE, None), "d_vocab": Field(SHAPE, -1),
     "d_vocab_out": Field(SHAPE, -1),  # at least d_vocab; the compact forward unembeds d_vocab columns (``route``)
-    "n_key_value_heads": Field(COMPACT, None, compact=(None,)),  # any value, n_heads included, is grouped attention
+    "n_key_value_heads": Field(COMPACT, None, compact=lambda v: True),  # keys and values repeated per query head at load
     # the blocks
     "attn_only": Field(COMPACT, False, compact=(True, False)),
     "act_fn": Field(COMPACT, "relu", compact=COMPACT_ACTIVATIONS, known=TL_ACTIVATIONS, when=_mlp),
-    "normalization_type": Field(COMPACT, "LN", compact=("LN", "LNPre", None), known=NORMALIZATIONS),
-    "positional_embedding_type": Field(COMPACT, "standard", compact=("standard", "shortformer"), known=POSITIONS),
+    "normalization_type": Field(COMPACT, "LN", compact=NORMALIZATIONS, known=NORMALIZATIONS),
+    "positional_embedding_type": Field(COMPACT, "standard", compact=("standard", "shortformer", "rotary"),
+                                       known=POSITIONS),
     "attention_dir": Field(COMPACT, "causal", compact=("causal",), known=("causal", "bidirectional")),
     "eps": Field(COMPACT, 1e-5, compact=lambda v: True),
     "use_attn_scale": Field(COMPACT, True, compact=(True, False)),
     "attn_scale": Field(COMPACT, -1.0, compact=lambda v: True),  # resolved: √d_head for TransformerLens' -1
     "original_architecture": Field(COMPACT, None, compact=lambda v: v not in TL_ARCHITECTURES),
-    "gated_mlp": Field(TRANSFORMER_LENS, False, when=_mlp),
-    "parallel_attn_mlp": Field(TRANSFORMER_LENS, False, when=_mlp),
+    "gated_mlp": Field(COMPACT, False, compact=(True, False), when=_mlp),
+    "parallel_attn_mlp": Field(COMPACT, False, compact=(True, False), when=_mlp),
     "final_rms": Field(TRANSFORMER_LENS, False),
     "num_experts": Field(TRANSFORMER_LENS, None, when=_mlp),
     "experts_per_token": Field(TRANSFORMER_LENS, None, when=lambda c: _mlp(c) and c.num_experts is not None),
@@ -101,10 +102,10 @@ FIELDS: dict[str, Field] = {
     "attn_scores_soft_cap": Field(TRANSFORMER_LENS, -1.0),
     "output_logits_soft_cap": Field(TRANSFORMER_LENS, -1.0),
     "use_attention_sinks": Field(TRANSFORMER_LENS, False),
-    "rotary_dim": Field(TRANSFORMER_LENS, None, when=_rotary),
-    "rotary_base": Field(TRANSFORMER_LENS, 10000, when=_rotary),
+    "rotary_dim": Field(COMPACT, None, compact=lambda v: v % 2 == 0, when=_rotary),  # resolved: d_head where unset
+    "rotary_base": Field(COMPACT, 10000, compact=lambda v: True, when=_rotary),
     "rotary_base_local": Field(TRANSFORMER_LENS, None, when=lambda c: _rotary(c) and c.use_local_attn),
-    "rotary_adjacent_pairs": Field(TRANSFORMER_LENS, False, when=_rotary),
+    "rotary_adjacent_pairs": Field(COMPACT, False, compact=(True, False), when=_rotary),
     "use_dynamic_ntk_rope": Field(TRANSFORMER_LENS, False, when=_rotary),
     "use_NTK_by_parts_rope": Field(TRANSFORMER_LENS, False, when=_rotary),
     **{name: Field(TRANSFORMER_LENS, default, when=lambda c: _rotary(c) and c.use_NTK_by_parts_rope) for name, default in (
@@ -198,6 +199,8 @@ def resolve(raw: dict) -> SimpleNamespace:
         c.rotary_dim = c.d_head
     if _rotary(c):
         _int("rotary_dim", c.rotary_dim, 2, c.d_head)
+        if _real("rotary_base", c.rotary_base) <= 0:
+            raise ConfigFieldError(f"rotary_base must be positive, not {c.rotary_base!r}")
     if _real("eps", c.eps) <= 0:
         raise ConfigFieldError(f"eps must be positive, not {c.eps!r}")
     _real("attn_scale", c.attn_scale)
@@ -227,6 +230,10 @@ def route(c: SimpleNamespace) -> tuple[str, list[str]]:
             to_tl.append(name)
     if c.d_vocab_out != c.d_vocab:
         to_tl.append("d_vocab_out")
+    # SoLU's LayerNorm after the activation is computed as a LayerNorm: not as an RMSNorm, nor inside a
+    # gated MLP (where TransformerLens drops the W_in side)
+    if not c.attn_only and c.act_fn.endswith("_ln") and (c.gated_mlp or c.normalization_type in ("RMS", "RMSPre")):
+        to_tl.append("act_fn")
     return ("transformer_lens" if to_tl else "compact"), to_tl
 
 

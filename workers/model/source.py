@@ -163,8 +163,10 @@ class ModelInfo:
 
     @property
     def attn_only_compact(self) -> bool:
-        """The compact forward of an attention-only model: what --heads and the circuit scores read."""
-        return self.compact and self.cfg.attn_only
+        """The compact forward of an attention-only model: what --heads and the circuit scores read
+        (which compute LayerNorms and added positions, not RMSNorm or rotary embeddings)."""
+        return (self.compact and self.cfg.attn_only and self.cfg.normalization_type in ("LN", "LNPre", None)
+                and self.cfg.positional_embedding_type != "rotary")
 
     def token_strings(self) -> list[str]:
         """Printable string of every id: the tokenizer's, or ``#<id>`` where there is none."""

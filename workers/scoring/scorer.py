@@ -144,7 +144,8 @@ class CompactScorer(Scorer):
         c = self.compact
         return {"path": self.path, "layers": c.n_layers, "heads": c.n_heads, "d_head": c.d_head, "d_model": c.W_E.shape[1],
                 "d_vocab": c.W_E.shape[0], "shortformer": c.shortformer, "layer_norm": c.layer_norm, "act_fn": c.act_fn,
-                "mlp_layer_norm": c.mlp_layer_norm, "d_mlp": c.d_mlp, **self.options}
+                "mlp_layer_norm": c.mlp_layer_norm, "d_mlp": c.d_mlp, "rms": c.rms, "parallel": c.parallel,
+                "rotary_dim": c.rotary_dim, "gated": c.gated, **self.options}
 
     @torch.inference_mode()
     def logodds(self, tokens: Int[Tensor, "batch pos"], targets: Int[Tensor, "batch n_targets"]) -> Float[Tensor, "batch n_targets"]:

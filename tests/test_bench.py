@@ -43,7 +43,7 @@ def test_bench_of_a_shape_with_fewer_layers():
 
 
 @pytest.mark.parametrize("argv, error", [
-    (["--shape", "gelu-9l"], "unknown --shape 'gelu-9l': choose from attn-only-2l, gelu-2l, gpt2-small"),
+    (["--shape", "gelu-9l"], "unknown --shape 'gelu-9l': choose from attn-only-2l, gelu-2l, gpt2-small, pythia-160m, llama-1b"),
     (["--shape", "gelu-2l", "--model", "toy-2l"], "--shape benches random weights and --model a given model: give one of them"),
     (["--device", "cpu", "--precisions", "tf32"], "unknown precision tf32 on cpu: choose from fp32, bf16"),
 ])

@@ -11,6 +11,8 @@
 #            pythia-160m and llama-1b (bf16; with TransformerLens' path beside them), each with its error;
 #   lab/     every variant on attn-only-2l with --check toy-2l (each against TransformerLens on the device)
 #            and the precision bias (--bias 200).
+# GPU_PARTS picks parts (default "e2e bench families lab"; their limits add up to about 14 minutes, so a
+# session with less device time runs some of them, e.g. GPU_PARTS="e2e bench").
 # A smoke test of the script on a CPU machine with the project's venv: PYTHON=.venv/bin/python GPU_SMALL=1 scripts/device/gpu.sh
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -23,6 +25,8 @@ if [ -d .whl ] && [ -z "${GPU_SMALL:-}" ]; then
     export PYTHONPATH="/tmp/site:/tmp/raysite:$PWD/scripts/device/stubs:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export RAY_AUTH_MODE=disabled PYTHONUNBUFFERED=1
+parts="${GPU_PARTS:-e2e bench families lab}"
+want() { [[ " $parts " == *" $1 "* ]]; }
 part() {  # name, seconds, command...
     local name=$1 limit=$2
     shift 2
@@ -32,20 +36,22 @@ part() {  # name, seconds, command...
 }
 if [ -n "${GPU_SMALL:-}" ]; then
     device=(--device cpu --seconds 0.05 --batches 16); shapes=(toy); families=(pythia-160m llama-1b); scale=(--layers 1 --precisions fp32)
-    lab=(--precisions fp32 --only compiled=false); bias=4
-    part e2e 600 env OUT="$root/e2e" PYTHON="$py" E2E_SMALL=1 scripts/device/e2e.sh
+    lab=(--precisions fp32 --only compiled=false); bias=4; flimit=600
+    want e2e && part e2e 600 env OUT="$root/e2e" PYTHON="$py" E2E_SMALL=1 scripts/device/e2e.sh
 else
     device=(--device cuda --seconds 1); shapes=(attn-only-2l gelu-2l gpt2-small); families=(pythia-160m llama-1b); scale=(--precisions bf16)
-    lab=(--batches 65536 --seconds 1); bias=200
-    part e2e 270 env OUT="$root/e2e" PYTHON="$py" scripts/device/e2e.sh
+    lab=(--batches 65536 --seconds 1); bias=200; flimit=90
+    want e2e && part e2e 240 env OUT="$root/e2e" PYTHON="$py" scripts/device/e2e.sh
 fi
 for shape in "${shapes[@]}"; do
+    want bench || break
     what=(--shape "$shape"); [ "$shape" = toy ] && what=()
     part "bench $shape" 60 sh -c "$py -m jobs.cli bench ${what[*]} ${device[*]} --json > '$root/bench/$shape.log' 2>&1; tail -n 4 '$root/bench/$shape.log'"
 done
 for shape in "${families[@]}"; do  # the compact default, then TransformerLens' path on the same shape
-    part "bench $shape" 60 sh -c "$py -m jobs.cli bench --shape $shape ${device[*]} ${scale[*]} --json > '$root/bench/$shape.log' 2>&1; tail -n 3 '$root/bench/$shape.log'"
-    part "transformer_lens $shape" 45 sh -c "$py scripts/bench_lab.py --shape $shape ${device[*]} ${scale[*]} --only fast=false --json > '$root/bench/$shape-tl.log' 2>&1; grep -v '^{' '$root/bench/$shape-tl.log' | tail -n 2"
+    want families || break
+    part "bench $shape" "$flimit" sh -c "$py -m jobs.cli bench --shape $shape ${device[*]} ${scale[*]} --json > '$root/bench/$shape.log' 2>&1; tail -n 3 '$root/bench/$shape.log'"
+    part "transformer_lens $shape" "$flimit" sh -c "$py scripts/bench_lab.py --shape $shape ${device[*]} ${scale[*]} --only fast=false --json > '$root/bench/$shape-tl.log' 2>&1; grep -v '^{' '$root/bench/$shape-tl.log' | tail -n 2"
 done
-part lab 120 sh -c "$py scripts/bench_lab.py ${lab[*]} --check toy-2l --bias $bias --json > '$root/lab/lab.log' 2>&1; grep -v '^{' '$root/lab/lab.log' | tail -n 30"
+want lab && part lab 120 sh -c "$py scripts/bench_lab.py ${lab[*]} --check toy-2l --bias $bias --json > '$root/lab/lab.log' 2>&1; grep -v '^{' '$root/lab/lab.log' | tail -n 30"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null > "$root/gpu.txt" || true

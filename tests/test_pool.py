@@ -99,7 +99,9 @@ def test_bad_resources_per_actor(text, match):
 
 # --- several nodes ---------------------------------------------------------------------------------
 
-SWEEP = ["--model", "toy-2l", "--experiment", "token-powers", "--tokens", "400", "--seqs", "32", "--shard-size", "64",
+# long enough (about a minute of scoring on 2 cores) for an actor on a node added mid-run to start,
+# prove its scorer and take shards
+SWEEP = ["--model", "toy-2l", "--experiment", "token-powers", "--tokens", "400", "--seqs", "96", "--shard-size", "64",
          "--batch-size", "32", "--precision", "fp32"]
 # the GCS notices a dead node within seconds instead of its default half minute
 FAST_FAILURE = {"RAY_health_check_initial_delay_ms": "0", "RAY_health_check_period_ms": "500",
@@ -215,10 +217,10 @@ def test_a_sweep_grows_onto_a_new_node_and_survives_losing_one(ray_cluster, shor
     assert re.search(r"progress: shards \d+/\d+, [\d,]+/[\d,]+ sequences, [\d,]+ seq/s, ETA \d+:\d\d:\d\d", text)
     computed_by = shard_nodes(out)
     assert len(set(computed_by.values())) == 3 and nodes_before < set(computed_by.values())
-    assert_complete_once(str(out), 400, 32)
+    assert_complete_once(str(out), 400, 96)
     # a single-node run of the same science gives the same aggregates, bit for bit
     single = tmp_path / "single"
-    driver.run(resolved(RunConfig(model="toy-2l", out=str(single), experiments=("token-powers",), seqs=32, shard_size=64,
+    driver.run(resolved(RunConfig(model="toy-2l", out=str(single), experiments=("token-powers",), seqs=96, shard_size=64,
                                   batch_size=32, precision="fp32", actors=2), "400"), progress=False)
     assert_same_aggregates(results.open_run(str(single)).aggregates, results.open_run(str(out)).aggregates)
 

@@ -151,3 +151,16 @@ def toy_runs(ray_cluster, tmp_path_factory):
         driver.run(cfg, progress=False)
         runs[name] = str(root / name)
     return runs
+
+
+def copy_run(source: str, to: str, edit_manifest) -> object:
+    """A copy of the run at ``source`` under ``to`` whose manifest is ``edit_manifest(manifest)``: the store."""
+    import json
+
+    from storage import open_store
+
+    copy, original = open_store(to), open_store(source)
+    for key in original.list():
+        copy.put(key, original.get(key))
+    copy.put("manifest.json", json.dumps(edit_manifest(json.loads(copy.get("manifest.json")))).encode())
+    return copy

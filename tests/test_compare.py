@@ -9,6 +9,7 @@ from jobs import cli, compare
 from jobs.aggregate import Aggregates, Summary
 from jobs.config import RunConfig
 from storage import open_store
+from tests.conftest import copy_run
 
 
 def test_two_seeds_of_toy_2l_agree_and_a_random_model_does_not(toy_runs, tmp_path):
@@ -40,13 +41,9 @@ def test_compare_reads_and_writes_s3(toy_runs, bucket):
 
 
 def test_runs_of_other_experiments_are_refused_in_one_line(toy_runs, tmp_path, capsys):
-    other = open_store(str(tmp_path / "other"))
-    source = open_store(toy_runs["seed1"])
-    for key in source.list():
-        other.put(key, source.get(key))
+    other = copy_run(toy_runs["seed1"], str(tmp_path / "other"),
+                     lambda found: {**found, "config": {**found["config"], "experiments": ["token-powers"]}})
     found = json.loads(other.get("manifest.json"))
-    found["config"]["experiments"] = ["token-powers"]
-    other.put("manifest.json", json.dumps(found).encode())
     assert cli.main(["compare", toy_runs["seed0"], str(tmp_path / "other"), "--out", str(tmp_path / "cmp")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "written by another version" in err  # its config hash no longer matches

@@ -13,7 +13,7 @@ from PIL import Image
 
 from jobs import cli, report, results
 from jobs.aggregate import Histogram
-from storage import open_store
+from tests.conftest import copy_run
 from workers.accumulator import LOGODDS_BINS, STRENGTH_BINS, bin_edges
 
 
@@ -88,12 +88,7 @@ def test_token_strings_are_drawn_as_written():
 
 
 def test_a_run_of_an_older_layout_is_refused_in_one_line(toy_runs, tmp_path, capsys):
-    old = open_store(str(tmp_path / "old"))
-    source = open_store(toy_runs["seed1"])
-    for key in source.list():
-        old.put(key, source.get(key))
-    found = json.loads(old.get("manifest.json"))
-    old.put("manifest.json", json.dumps({**found, "config_hash": "0123456789abcdef"}).encode())
+    old = copy_run(toy_runs["seed1"], str(tmp_path / "old"), lambda found: {**found, "config_hash": "0123456789abcdef"})
     before = old.get("report.html")
     assert cli.main(["report", str(tmp_path / "old")]) == 2
     err = capsys.readouterr().err

@@ -21,6 +21,7 @@ from workers.work import ShardSpec
 
 MANIFEST = "manifest.json"
 PROGRESS = "progress.json"  # a running run's rate and time left (jobs/pool.py Progress), read by ``status``
+PROGRESS_EVERY_S = 10.0  # how often a running driver rewrites it (and prints a line where there is no terminal)
 RUN_PREFIXES = ("shards/", "aggregates/", "plots/", "report.html", "vocab.parquet", "neighbors.parquet", PROGRESS, MANIFEST)
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from jobs.config import RunConfig
 from jobs.errors import ConfigError, RunFailed, Terminated
-from jobs.manifest import PROGRESS
+from jobs.manifest import PROGRESS, PROGRESS_EVERY_S
 from jobs.phases import Phases, driver_identity, format_eta
 from storage import StorageError, Store, open_store
 from storage.store import FORWARDED_ENV
@@ -32,7 +32,6 @@ CPU_THREADS_PER_ACTOR = 2
 PLACEMENT_WAIT_S = float(os.environ.get("INDUCTION_SWEEP_PLACEMENT_WAIT_S", "60"))  # then say how many are ready
 # a run whose every actor is lost fails after this long without one ready (replacements pending)
 NO_ACTOR_WAIT_S = float(os.environ.get("INDUCTION_SWEEP_NO_ACTOR_WAIT_S", "900"))
-PROGRESS_EVERY_S = 10.0  # a progress line (and progress.json) this often where there is no terminal
 TICK_S = 1.0
 RATE_WINDOW_S = 60.0  # the progress rate is over this much recent time
 MAX_REACHABLE = 10_000  # an autoscaler maximum this large means "unbounded": room for one actor more

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
     from jobs.aggregate import Aggregates
 
-STALE_S = 60.0  # a running run's progress.json older than this (the driver rewrites it every 10 s): is the driver there?
+STALE_S = 6 * manifest.PROGRESS_EVERY_S  # a running run's progress.json older than this: is the driver there?
 JOBS_API_TIMEOUT_S = 3.0
 
 

@@ -17,7 +17,7 @@ pytest.importorskip("triton")
 
 from test_compact import check_parity, seed_style  # noqa: E402
 
-from workers.compact.forward import layer_norm_pre  # noqa: E402
+from workers.compact.layers import layer_norm_pre  # noqa: E402
 from workers.kernels.attention import causal_attention, last_attention  # noqa: E402
 from workers.model import hooked  # noqa: E402
 from workers.scoring.scorer import scorer_for  # noqa: E402
@@ -197,12 +197,10 @@ def test_heads_trace_is_the_same(toy_model):
     traces = []
     for attention in ("products", "triton"):
         scorer = scorer_for(toy_model, "fp32", compile=False, attention=attention)
-        trace = {}
         with torch.inference_mode():
-            scorer.compact(batch.tokens.to(scorer.device), trace)
-        traces.append(trace)
-    for key in ("pattern", "head_out", "resid"):
-        assert torch.allclose(traces[0][key], traces[1][key], atol=1e-5), key
+            traces.append(scorer.compact.traced(batch.tokens.to(scorer.device))[1])
+    for key in traces[0]._fields:
+        assert torch.allclose(getattr(traces[0], key), getattr(traces[1], key), atol=1e-5), key
 
 
 @pytest.mark.parametrize("compile", [False, True])
@@ -216,6 +214,7 @@ def test_a_kernel_that_fails_to_build_falls_back_to_products(toy_model, monkeypa
         raise RuntimeError("PassManager::run failed\nlong compiler log")
 
     monkeypatch.setattr(workers.kernels.attention, "causal_attention", broken)
+    monkeypatch.setattr(workers.kernels.attention, "last_attention", broken)  # a Triton that builds neither
     with pytest.warns(UserWarning, match="the Triton attention failed .RuntimeError: PassManager::run failed.; using the products"):
         scorer = scorer_for(toy_model, "fp32", compile=compile, attention="triton")
     batch = seed_style(4, toy_model.cfg.d_vocab)

@@ -35,7 +35,7 @@ def test_defaults_are_transformer_lens_own():
         else:
             assert cf.FIELDS[f.name].default == f.default, f.name
     assert cf.TL_ACTIVATIONS == tuple(SUPPORTED_ACTIVATIONS)
-    from workers.compact.forward import ACTIVATIONS
+    from workers.compact.layers import ACTIVATIONS
 
     assert set(cf.COMPACT_ACTIVATIONS) == set(ACTIVATIONS)
 

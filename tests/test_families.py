@@ -136,7 +136,9 @@ def test_every_experiment_scored_as_transformer_lens_does(checkpoints, tmp_path,
     assert runner.scorer.path == COMPACT[family] and runner.scorer.precision == precision
     loading = runner.loading
     if COMPACT[family] == "compact":
-        assert loading["loader"] == "safetensors" and runner.scorer.compact.n_mlps == FAMILIES[family]["n_layers"]
+        compact = runner.scorer.compact
+        assert loading["loader"] == "safetensors"
+        assert sum(b.mlp is not None for b in [*compact.blocks, compact.last]) == FAMILIES[family]["n_layers"]
         under_ln = FAMILIES[family].get("normalization_type", "LN") == "LN"  # RMSNorm does not remove the mean
         assert set(loading["steps"]) == {"fold_ln", "fold_value_biases"} | ({folds.CENTRE_WRITES} if under_ln else set())
     else:

@@ -17,7 +17,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from workers.compact.forward import layer_norm_pre
+from workers.compact.layers import layer_norm_pre
 from workers.model.folds import CompactWeights, compact_weights
 from workers.sequences import B_POS, FIRST_TOKEN, SEQ_LEN
 

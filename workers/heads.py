@@ -13,24 +13,24 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from workers.compact.forward import CompactForward
+from workers.compact.forward import CompactForward, Trace
 from workers.rows import REST, head_column
 from workers.sequences import A_POS, B_POS, SequenceBatch, shuffled_positions
 
 
-def attribution(compact: CompactForward, trace: dict, b: Int[Tensor, " batch"]) -> Float[Tensor, "batch heads_plus_1"]:
-    """Direct logit attribution to ``b`` of each head, then of everything else (last column)."""
-    resid, head_out = trace["resid"], trace["head_out"]
-    u = compact.W_U_rows[b] - compact.W_U_rows.mean(0)  # logit(B) - mean logit, per unit of LN output
-    bias = compact.b_U[b] - compact.b_U.mean()
-    if compact.layer_norm:
-        centred = resid - resid.mean(-1, keepdim=True)
-        scale = torch.sqrt(centred.pow(2).mean(-1, keepdim=True) + compact.eps)
-        heads = torch.einsum("bhd,bd->bh", head_out - head_out.mean(-1, keepdim=True), u) / scale
-        total = torch.einsum("bd,bd->b", centred, u) / scale[:, 0] + bias
-    else:
-        heads = torch.einsum("bhd,bd->bh", head_out, u)
-        total = torch.einsum("bd,bd->b", resid, u) + bias
+def attribution(compact: CompactForward, trace: Trace, b: Int[Tensor, " batch"]) -> Float[Tensor, "batch heads_plus_1"]:
+    """Direct logit attribution to ``b`` of each head, then of everything else (last column): each
+    part of the residual stream through the final normalisation's scale (fixed by the whole stream)."""
+    unembed, num = compact.unembed, compact.num
+    u = unembed.W_U_rows[b] - unembed.W_U_rows.mean(0)  # logit(B) - mean logit, per unit of normalised stream
+    bias = unembed.b_U[b] - unembed.b_U.mean()
+    resid, head_out, scale = trace.resid, trace.head_out, torch.ones_like(trace.resid[:, :1])
+    if num.layer_norm and not num.rms:  # LayerNorm centres each part; RMSNorm only scales
+        resid, head_out = resid - resid.mean(-1, keepdim=True), head_out - head_out.mean(-1, keepdim=True)
+    if num.layer_norm:
+        scale = torch.sqrt(resid.pow(2).mean(-1, keepdim=True) + num.eps)
+    heads = torch.einsum("bhd,bd->bh", head_out, u) / scale
+    total = torch.einsum("bd,bd->b", resid, u) / scale[:, 0] + bias
     return torch.cat([heads, (total - heads.sum(1))[:, None]], dim=1)
 
 
@@ -41,13 +41,11 @@ def head_measures(compact: CompactForward, batch: SequenceBatch) -> dict[str, Te
     rows = torch.arange(len(batch.b), device=batch.b.device)
     moved = shuffled_positions(batch.keys, [A_POS, B_POS])
     for shuffled, tokens, a_pos, b_pos in ((False, batch.tokens, A_POS, B_POS), (True, batch.shuffled, moved[:, 0], moved[:, 1])):
-        trace: dict = {}
-        compact(tokens, trace)
-        pattern = trace["pattern"]  # batch heads pos
+        _, trace = compact.traced(tokens)
         dla = attribution(compact, trace, batch.b)
-        for h in range(compact.n_heads):
-            out[head_column(f"h{h}", "attn_b", shuffled)] = pattern[rows, h, b_pos]
-            out[head_column(f"h{h}", "attn_a", shuffled)] = pattern[rows, h, a_pos]
+        for h in range(compact.num.n_heads):
+            out[head_column(f"h{h}", "attn_b", shuffled)] = trace.pattern[rows, h, b_pos]
+            out[head_column(f"h{h}", "attn_a", shuffled)] = trace.pattern[rows, h, a_pos]
             out[head_column(f"h{h}", "dla_b", shuffled)] = dla[:, h]
         out[head_column(REST, "dla_b", shuffled)] = dla[:, -1]
     return out

@@ -211,9 +211,9 @@ def sequence_bytes(scorer: Scorer) -> int:
     """Memory one sequence takes in a compact forward's batch, both of its runs (induction and
     shuffled): its widest layer's float32 rows at every position, and its float32 logits (twice: the
     logits and their exponentials for the log-sum-exp)."""
-    c = scorer.compact
-    widest = max(3 * c.n_heads * c.d_head, c.W_E.shape[1], (2 if c.gated else 1) * c.d_mlp)
-    return 2 * 4 * (SEQ_LEN * widest * LIVE_ROWS + 2 * c.d_vocab)
+    s = scorer.compact.shape
+    widest = max(3 * s["heads"] * s["d_head"], s["d_model"], (2 if s["gated"] else 1) * s["d_mlp"])
+    return 2 * 4 * (SEQ_LEN * widest * LIVE_ROWS + 2 * s["d_vocab"])
 
 
 def free_memory(device: torch.device) -> int:
@@ -237,8 +237,8 @@ def default_batch_size(device: torch.device, scorer: Scorer, free: int | None = 
     cap = 1024
     if device.type == "cuda":
         cap = 32768
-        if scorer.compact.n_mlps:
-            fits = MLP_HIDDEN_BYTES // (2 * SEQ_LEN * scorer.compact.d_mlp * 4)
+        if scorer.compact.shape["d_mlp"]:
+            fits = MLP_HIDDEN_BYTES // (2 * SEQ_LEN * scorer.compact.shape["d_mlp"] * 4)
             cap = min(32768, 1 << max(fits.bit_length() - 1, 8))
     free = free_memory(device) if free is None else free
     fits = int(FREE_SHARE * free) // sequence_bytes(scorer)

@@ -13,7 +13,7 @@ sequence in registers:
   side (``u = W_Kᵀq`` per head, computed outside). One program LayerNorms its sequence's 24
   residual rows, scores them against every head's ``u`` and mixes them by the pattern: the
   LayerNorm'd ``[batch, pos, d_model]`` is never written, nor the residual rows
-  themselves where they are the embedding's rows plus the layer before's output (forward.Stream).
+  themselves where they are the embedding's rows plus the layer before's output (compact.layers.Stream).
 
 Scores, softmax and mixes are float32 (``input_precision="ieee"``), as the torch path computes them,
 except the first kernel's two products under the tf32 and bf16 precisions: TF32 tensor cores, their
@@ -192,7 +192,7 @@ def _last_attention_kernel(
     added = added_ptr + (b * P + pos)[:, None] * D + dc[None, :]
     u_rows = u_ptr + b * stride_ub + hs.to(tl.int64)[:, None] * stride_uh + dc[None, :]  # the heads' rows of u
     heads = (hs.to(tl.int64) * B + b)[:, None] * D + dc[None, :]  # and of the mix, heads first as W_V's product reads it
-    # LNPre (as forward.layer_norm_pre): the mean from a read of its own, then the rows read less it;
+    # LNPre (as compact.layers.layer_norm_pre): the mean from a read of its own, then the rows read less it;
     # 1/σ is applied to the sums, so the rows are never scaled
     mean = tl.zeros((BLOCK_P,), tl.float32)
     if LAYER_NORM:

@@ -129,7 +129,7 @@ class CompactWeights:
     W_gate: list[Float[Tensor, "d_model d_mlp"]] = dataclasses.field(default_factory=list)  # gated MLPs only
     b_gate: list[Float[Tensor, " d_mlp"]] = dataclasses.field(default_factory=list)  # a LayerNorm's bias through W_gate
     b_up: list[Float[Tensor, " d_mlp"]] = dataclasses.field(default_factory=list)  # ... and through W_in, inside the product
-    act_fn: str | None = None  # a key of compact.forward.ACTIVATIONS
+    act_fn: str | None = None  # a key of compact.layers.ACTIVATIONS
     mlp_layer_norm: bool = False  # SoLU's LayerNorm after the activation (its weights folded into W_out)
     unembedding: Tensor | None = None  # the stored weights' effective unembedding (``effective_unembedding``)
     loading: dict | None = None  # how they were read (the manifest's model_loading)

@@ -112,7 +112,7 @@ class CompactScorer(Scorer):
         fails to build (some machine's Triton or driver), the products attention computes the same numbers."""
         try:
             with TF32(self.precision == "tf32"):  # TF32 or not: another build of the kernel
-                self.compact(torch.zeros(1, min(SEQ_LEN, len(self.compact.W_pos)), dtype=torch.long, device=self.device))
+                self.compact(torch.zeros(1, min(SEQ_LEN, len(self.compact.embed.W_pos)), dtype=torch.long, device=self.device))
         except Exception as e:  # noqa: BLE001 - any compiler error; products compute the same
             warn_fallback("the Triton attention", e, "the products attention")
             self.compact.attention = "products"
@@ -141,18 +141,14 @@ class CompactScorer(Scorer):
     @property
     def shapes(self) -> dict:
         """What a compiled graph depends on besides the precision (workers/scoring/compile_cache.py)."""
-        c = self.compact
-        return {"path": self.path, "layers": c.n_layers, "heads": c.n_heads, "d_head": c.d_head, "d_model": c.W_E.shape[1],
-                "d_vocab": c.W_E.shape[0], "shortformer": c.shortformer, "layer_norm": c.layer_norm, "act_fn": c.act_fn,
-                "mlp_layer_norm": c.mlp_layer_norm, "d_mlp": c.d_mlp, "rms": c.rms, "parallel": c.parallel,
-                "rotary_dim": c.rotary_dim, "gated": c.gated, **self.options}
+        return {"path": self.path, **self.compact.shape, **self.options}
 
     @torch.inference_mode()
     def logodds(self, tokens: Int[Tensor, "batch pos"], targets: Int[Tensor, "batch n_targets"]) -> Float[Tensor, "batch n_targets"]:
         with TF32(self.precision == "tf32"):
             h = self._forward(tokens)
             _, top, rest = self._softmax_parts(h)
-            return self._exact_logodds(h, targets, top, rest, self.compact.W_U_rows, self.compact.b_U)
+            return self._exact_logodds(h, targets, top, rest, self.compact.unembed.W_U_rows, self.compact.unembed.b_U)
 
 
 def _chunked(parts: Callable, h: Float[Tensor, "batch d_model"], rows: int = CHUNK_ROWS):

@@ -1,3 +1,4 @@
+import dataclasses
 import io
 import json
 
@@ -98,3 +99,68 @@ def test_default_batch_sizes():
     tl = scorer_for(hooked.random_model(d_vocab=512, n_ctx=32, d_model=64, n_heads=4, d_head=16, seed=1, **mlp), "fp32",
                     fast=False)
     assert tl.path == "transformer_lens" and default_batch_size(cuda, tl) == 2048
+
+
+@pytest.mark.parametrize("shape", [dict(), dict(attn_only=False, d_mlp=256, act_fn="gelu", positional_embedding_type="standard"),
+                                   dict(attn_only=False, d_mlp=256, act_fn="silu", gated_mlp=True, normalization_type="RMS",
+                                        positional_embedding_type="rotary", n_key_value_heads=2)])
+@pytest.mark.parametrize("device, precision", [("cpu", "fp32"), ("cuda", "bf16"), ("cuda", "fp32")])
+def test_resident_bytes_are_what_the_scorer_holds(shape, device, precision):
+    """The estimate a model is refused by, from its config alone, against the bytes of the forward's
+    buffers (on meta tensors for CUDA: only shapes and dtypes are read), plus on a CPU the float32 weights
+    the forward was made from: within 10 %."""
+    from workers.compact.forward import CompactForward
+    from workers.model import folds
+    from workers.scoring.variant import Variant
+    from workers.shard import resident_bytes
+
+    model = hooked.random_model(d_vocab=4096, n_ctx=32, d_model=128, n_heads=4, d_head=32, n_layers=3, seed=1, **shape)
+    variant = Variant.default(device, precision)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    weights = folds.compact_weights(model)
+    forward = CompactForward(weights, dtype, dtype if variant.native_bf16 else torch.float32, variant.attention,
+                             64 if device == "cuda" else 1).to("meta")
+    held = sum(b.numel() * b.element_size() for b in forward.buffers())
+    if device == "cpu":
+        held += sum(t.numel() * t.element_size() for name in ("W_E", "W_U", "W_Q", "W_K", "W_V", "W_O", "W_in", "W_out", "W_gate")
+                    for t in ([getattr(weights, name)] if isinstance(getattr(weights, name), torch.Tensor) else getattr(weights, name)))
+    estimate = resident_bytes(source.resolved(model.cfg), torch.device(device), precision)
+    assert abs(estimate / held - 1) < 0.1, (estimate, held)
+
+
+def test_a_model_too_big_for_its_device_is_refused_before_it_loads(tmp_path):
+    """A checkpoint of 100 billion float32 weights (a sparse file: its header and size are a real
+    checkpoint's, its weights never written): the actor refuses it in one line, from its config, before
+    it reads a weight or builds the load-time check's reference."""
+    from workers.model import fields
+
+    config = {**json.loads((source.TOY_DIR / "config.json").read_text()), "n_layers": 96, "d_model": 16384, "n_heads": 128,
+              "d_head": 128}
+    header, offset = {}, 0
+    for name, shape in fields.expected_tensors(fields.resolve(config)).items():
+        size = 4 * int(np.prod(shape))
+        header[name], offset = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + size]}, offset + size
+    blob = json.dumps(header).encode()
+    path = tmp_path / "huge"
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(config))
+    with open(path / "model.safetensors", "wb") as f:
+        f.write(len(blob).to_bytes(8, "little") + blob)
+        f.truncate(8 + len(blob) + offset)
+    assert source.describe(str(path)).cfg.d_model == 16384  # a checkpoint the driver accepts
+    params = WorkParams(str(path), seed=3, n_neighbors=0, pair=source.FALLBACK_PAIR, bos=source.DEFAULT_BOS, save_tokens=False,
+                        precision="fp32", heads=False, processing="exact", experiments=(experiments.get("token-powers"),))
+    with pytest.raises(source.ModelInputError, match=rf"^model {path} needs about 7\d\d\.\d GiB for its weights on cpu \(fp32\); "
+                                                     r"cpu has \d+\.\d GiB free \(a smaller model, or a device with more memory\)$"):
+        ShardRunner(params, str(tmp_path / "out"), device="cpu")
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_weights_a_scorer_is_made_from_stay_on_the_host():
+    """The float32 weights a compact scorer is made from load on the host whatever the device asked
+    for (a 1B model's would be 4 GB more of a GPU); the scorer copies its own there in the precision's
+    dtype. No GPU needed: nothing is put on it."""
+    weights, loading = hooked.load_for_scoring("toy-2l", "cuda")
+    tensors = [v for f in dataclasses.fields(weights) for v in (getattr(weights, f.name) if isinstance(getattr(weights, f.name), list)
+                                                                 else [getattr(weights, f.name)]) if isinstance(v, torch.Tensor)]
+    assert loading["loader"] == "safetensors" and len(tensors) > 20 and {t.device.type for t in tensors} == {"cpu"}

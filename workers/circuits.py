@@ -18,7 +18,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from workers.compact.layers import layer_norm_pre
-from workers.model.folds import CompactWeights, compact_weights
+from workers.model.folds import CompactWeights, compact_weights, moved
 from workers.sequences import B_POS, FIRST_TOKEN, SEQ_LEN
 
 
@@ -29,10 +29,11 @@ def _rank(scores: Float[Tensor, "n vocab"], own: Int[Tensor, " n"]) -> Int[Tenso
     return (scores > scores.gather(1, own[:, None])).sum(1)
 
 
-def model_scores(model, tokens: list[int]) -> dict[str, np.ndarray]:
-    """``circuit_scores`` of an attention-only model (a HookedTransformer or its weights), on its
-    device, as numpy arrays."""
+def model_scores(model, tokens: list[int], device: str | torch.device | None = None) -> dict[str, np.ndarray]:
+    """``circuit_scores`` of an attention-only model (a HookedTransformer or its weights), on ``device``
+    (default: the model's), as numpy arrays."""
     weights = model if isinstance(model, CompactWeights) else compact_weights(model)
+    weights = moved(weights, device) if device is not None else weights
     scores = circuit_scores(weights, torch.tensor(tokens, device=weights.W_E.device))
     return {name: values.cpu().numpy() for name, values in scores.items()}
 

@@ -32,6 +32,7 @@ from workers.rows import ScoredBatch
 from workers.scoring import check as load_check
 from workers.scoring import compile_cache
 from workers.scoring.check import Reference, prove
+from workers.scoring.variant import Variant
 from workers.sequences import FIRST_TOKEN, SEQ_LEN, SequenceBatch, make_batch, sequence_keys, target_tokens
 from workers.work import NEIGHBORS_KEY, ShardSpec, ShardSummary, WorkParams
 
@@ -54,6 +55,7 @@ class ShardRunner:
         self.params = params
         self.experiments = {e.name: e for e in params.experiments}
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        check_fits(params.model, self.device, params.precision)
         # the load-time check's reference (TransformerLens' forward of the stored weights) builds in the
         # background while the scorer loads and compiles
         reference = Reference(params.model, params.processing, self.device)
@@ -61,7 +63,7 @@ class ShardRunner:
         self.model, self.loading = self._timed("load", hooked.load_for_scoring, params.model, self.device, params.processing)
         from workers.scoring.scorer import scorer_for
 
-        self.scorer = scorer_for(self.model, params.precision, compile=compile)
+        self.scorer = scorer_for(self.model, params.precision, compile=compile, device=self.device)
         self.batch_size = batch_size or default_batch_size(self.device, self.scorer)
         self.d_vocab = self.model.W_E.shape[0]
         self.neighbors = None
@@ -199,7 +201,7 @@ class ShardRunner:
         """Per-token OV/QK circuit scores from this replica's weights, on its device (workers/circuits.py)."""
         from workers.circuits import model_scores
 
-        return model_scores(self.model, tokens)
+        return model_scores(self.model, tokens, self.device)
 
 
 MLP_HIDDEN_BYTES = 8 << 30  # the float32 hidden layer of one MLP at every position, on CUDA
@@ -223,6 +225,31 @@ def free_memory(device: torch.device) -> int:
     with open("/proc/meminfo") as f:
         fields = dict(line.split(":", 1) for line in f)
     return int(fields["MemAvailable"].split()[0]) * 1024
+
+
+def resident_bytes(cfg, device: torch.device, precision: str) -> int:
+    """About what a scorer of ``cfg`` keeps on ``device`` (source.parameter_count's weights, from the config
+    alone). The compact forward: its layers in the products' dtype (2 bytes a weight for bf16 on CUDA,
+    else float32), the embedding and the target logits' rows float32, a shortformer's layer-0 table;
+    on a CPU, also the float32 weights it was made from. TransformerLens' path: its float32 model."""
+    weights = source.parameter_count(cfg)
+    if not source.compact_supported(cfg):
+        return 4 * weights
+    width = 2 if Variant.default(device.type, precision).native_bf16 else 4
+    embed, unembed = cfg.d_model * cfg.d_vocab, cfg.d_model * cfg.d_vocab_out
+    table = 4 * cfg.d_vocab * 3 * cfg.n_heads * cfg.d_head if cfg.positional_embedding_type == "shortformer" else 0
+    forward = width * (weights - embed - unembed) + 4 * embed + (width + 4) * unembed + table
+    return forward + (4 * weights if device.type == "cpu" else 0)
+
+
+def check_fits(spec: str, device: torch.device, precision: str, free: int | None = None) -> None:
+    """ModelInputError in one line, before anything loads, where the scorer's weights (``resident_bytes``)
+    exceed what ``device`` has free (default: ``free_memory``)."""
+    need = resident_bytes(source.model_config(spec), device, precision)
+    free = free_memory(device) if free is None else free
+    if need > free:
+        raise source.ModelInputError(f"model {spec} needs about {need / 2**30:.1f} GiB for its weights on {device} ({precision}); "
+                                     f"{device} has {free / 2**30:.1f} GiB free (a smaller model, or a device with more memory)")
 
 
 def default_batch_size(device: torch.device, scorer: Scorer, free: int | None = None) -> int:

@@ -140,6 +140,16 @@ class CompactWeights:
     rotary_adjacent_pairs: bool = False  # GPT-J's pairing (2i, 2i+1); else GPT-NeoX's (i, i + rotary_dim/2)
 
 
+def moved(w: CompactWeights, device: str | torch.device) -> CompactWeights:
+    """``w`` with every tensor on ``device``."""
+    def to(value):
+        if isinstance(value, Tensor):
+            return value.to(device)
+        return [t.to(device) for t in value] if isinstance(value, list) else value
+
+    return dataclasses.replace(w, **{f.name: to(getattr(w, f.name)) for f in dataclasses.fields(w)})
+
+
 def compact_weights(model) -> CompactWeights | None:
     """Weights for the compact forward, or None where the architecture needs TransformerLens' path."""
     cfg = resolved(model.cfg)

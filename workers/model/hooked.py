@@ -19,6 +19,7 @@ from workers.model.folds import (
     CENTRE_WRITES,
     CompactWeights,
     centre_residual_writes,
+    compact_weights,
     effective_unembedding,
     load_weights,
     step_effects,
@@ -99,14 +100,19 @@ def load_processed(build, cfg, name: str, processing: str, device: str | torch.d
 
 
 def load_for_scoring(spec: str, device: str | torch.device, processing: str = "exact") -> tuple[Any, dict]:
-    """What a scorer needs, and how it was loaded: the compact forward's weights read from the
-    checkpoint directly where ``exact`` processing allows it (no TransformerLens import), else the
-    TransformerLens model."""
-    weights = load_weights(spec, device) if processing == "exact" else None
+    """What a scorer needs, and how it was loaded. Where the compact forward computes the model: its
+    weights, float32 on the host (the scorer puts its own copies on ``device``, in the precision's
+    dtype), read from the checkpoint directly under ``exact`` processing (no TransformerLens import),
+    else from TransformerLens' model loaded on the host. Otherwise TransformerLens' model on ``device``."""
+    weights = load_weights(spec, "cpu") if processing == "exact" else None
     if weights is not None:
         return weights, weights.loading
-    model = load_model(spec, device, processing)
-    return model, model.induction_sweep_loading
+    model = load_model(spec, "cpu", processing)
+    weights = compact_weights(model)
+    if weights is None:
+        return model.to(device), model.induction_sweep_loading
+    weights.unembedding, weights.loading = model.induction_sweep_unembedding, model.induction_sweep_loading
+    return weights, weights.loading
 
 
 def unembedding_of(model) -> Float[Tensor, "d_model vocab"]:

@@ -93,9 +93,10 @@ def likely_cause(scorer: Scorer, reference: Reference, checks: list, bound: floa
     model = scorer.model
     options = scorer.options
     if options.get("compiled") or "triton" in (options.get("attention"), options.get("lse")):
-        if within(scorer_for(model, scorer.precision, compile=False, attention="products", lse="torch")):
+        if within(scorer_for(model, scorer.precision, compile=False, attention="products", lse="torch", device=scorer.device)):
             return "torch.compile or the Triton kernels on this machine (the eager torch path is within the bound)"
-    if scorer.precision != "fp32" and within(scorer_for(model, "fp32", compile=False, attention="products", lse="torch")):
+    if scorer.precision != "fp32" and within(scorer_for(model, "fp32", compile=False, attention="products", lse="torch",
+                                                        device=scorer.device)):
         return f"{scorer.precision} rounding is too coarse for this model: run with --precision fp32"
     if scorer.path == "compact" and isinstance(model, folds.CompactWeights):
         return ("the compact forward reads this architecture differently from TransformerLens "

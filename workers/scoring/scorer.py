@@ -49,16 +49,18 @@ class Scorer:
 
 
 def scorer_for(model, precision: str = "auto", fast: bool = True, compile: bool | None = None,
-               attention: str | None = None, lse: str | None = None) -> Scorer:
+               attention: str | None = None, lse: str | None = None, device: str | torch.device | None = None) -> Scorer:
     """``model``: a HookedTransformer, or the compact forward's weights (folds.load_weights).
     ``compile``, ``attention``, ``lse``: a Variant's, each defaulting to ``Variant.default``.
-    ``fast=False``: TransformerLens' path even where the compact forward computes the architecture."""
+    ``fast=False``: TransformerLens' path even where the compact forward computes the architecture.
+    ``device``: where a compact scorer computes (default: the model's); its weights are copied there
+    in the precision's dtype, so float32 weights on the host are never on the device."""
     weights = model if isinstance(model, folds.CompactWeights) else folds.compact_weights(model) if fast else None
     if weights is None:
         return TransformerLensScorer(model, precision)
-    device = model.W_E.device
+    device = torch.device(device) if device is not None else model.W_E.device
     variant = Variant.default(device.type, precision).with_options(attention=attention, lse=lse, compiled=compile)
-    return CompactScorer(model, weights, variant)
+    return CompactScorer(model, weights, variant, device)
 
 
 class TransformerLensScorer(Scorer):
@@ -83,8 +85,8 @@ class TransformerLensScorer(Scorer):
 class CompactScorer(Scorer):
     path = "compact"
 
-    def __init__(self, model, weights: folds.CompactWeights, variant: Variant):
-        self.model, self.device, self.requested = model, weights.W_E.device, variant
+    def __init__(self, model, weights: folds.CompactWeights, variant: Variant, device: torch.device):
+        self.model, self.device, self.requested = model, device, variant
         self.precision = variant.precision
         dtype = torch.bfloat16 if variant.precision == "bf16" else torch.float32
         compute = dtype if variant.native_bf16 else torch.float32

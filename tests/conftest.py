@@ -1,17 +1,17 @@
-"""Shared fixtures: the bundled model, a real moto S3 server on 127.0.0.1, a local Ray cluster."""
+"""Shared fixtures: the bundled model, a real moto S3 server on 127.0.0.1, a local Ray cluster, a Ray
+head with a dashboard for Ray Jobs. Shared helpers are in helpers.py."""
 
 from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
 from pathlib import Path
 
+import psutil
 import pytest
 
 # Never touch ~/.ray or a real AWS account from tests.
@@ -25,24 +25,7 @@ os.environ["INDUCTION_SWEEP_S3_ATTEMPTS"] = "3"
 if not shutil.which("nvidia-smi"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-VENV_BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_port(port: int, timeout: float = 30.0) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise TimeoutError(f"nothing listening on 127.0.0.1:{port}")
+from tests.helpers import VENV_BIN, free_port, wait_for_port  # noqa: E402 - after the environment above
 
 
 @pytest.fixture
@@ -153,14 +136,47 @@ def toy_runs(ray_cluster, tmp_path_factory):
     return runs
 
 
-def copy_run(source: str, to: str, edit_manifest) -> object:
-    """A copy of the run at ``source`` under ``to`` whose manifest is ``edit_manifest(manifest)``: the store."""
-    import json
+@pytest.fixture(scope="module")
+def ray_head(moto_server):
+    """One head for the module (starting one costs seconds)."""
+    dashboard, gcs = free_port(), free_port()
+    temp = tempfile.mkdtemp(prefix="rh-", dir="/tmp")
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
+    proc = subprocess.Popen(
+        [str(VENV_BIN / "ray"), "start", "--head", "--block", "--num-cpus=2", "--include-dashboard=true",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--port={gcs}", f"--temp-dir={temp}",
+         "--disable-usage-stats",
+         # the session's other Ray cluster (tests/conftest.py) holds the default agent ports
+         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+         f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(dashboard, timeout=90)
+        yield f"http://127.0.0.1:{dashboard}"
+    finally:
+        stop_head(proc, temp)
+        shutil.rmtree(temp, ignore_errors=True)
 
-    from storage import open_store
 
-    copy, original = open_store(to), open_store(source)
-    for key in original.list():
-        copy.put(key, original.get(key))
-    copy.put("manifest.json", json.dumps(edit_manifest(json.loads(copy.get("manifest.json")))).encode())
-    return copy
+def stop_head(proc: subprocess.Popen, temp: str) -> None:
+    """Raylet first, then the rest, GCS last (the order `ray stop` uses), for this head's processes only."""
+    def ours(name: str):
+        found = []
+        for p in psutil.process_iter(["cmdline"]):
+            cmd = " ".join(p.info["cmdline"] or [])
+            if temp in cmd and name in cmd:
+                found.append(p)
+        return found
+
+    for name in ("raylet", "", "gcs_server"):
+        for p in ours(name):
+            if name or "gcs_server" not in " ".join(p.cmdline()):
+                p.terminate()
+        time.sleep(1)
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    for p in ours(""):
+        p.kill()

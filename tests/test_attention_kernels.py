@@ -15,8 +15,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
-from test_compact import check_parity, seed_style  # noqa: E402
-
+from tests.helpers import check_parity, seed_style  # noqa: E402
 from workers.compact.layers import layer_norm_pre  # noqa: E402
 from workers.kernels.attention import causal_attention, last_attention  # noqa: E402
 from workers.model import hooked  # noqa: E402

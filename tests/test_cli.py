@@ -11,18 +11,9 @@ import pytest
 
 from jobs.cli import main
 from storage import open_store
+from tests.helpers import refused
 
 RUN = ["run", "--model", "toy-2l", "--experiment", "neighbors", "--pairs", "16", "--neighbors", "3", "--quiet"]
-
-
-def refused(capsys, argv, match):
-    """Exit 2, exactly one line on stderr containing ``match``, no traceback."""
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("induction-sweep: error:"), err
-    assert match in lines[0], lines[0]
 
 
 @pytest.mark.parametrize("extra, match", [

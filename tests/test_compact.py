@@ -3,45 +3,11 @@
 import pytest
 import torch
 
-from workers import experiments
+from tests.helpers import check_parity, seed_style
 from workers.compact.forward import CompactForward
 from workers.model import folds, hooked, source
-from workers.scoring.logodds import logodds
 from workers.scoring.scorer import scorer_for
-from workers.scoring.variant import ATTENTIONS, Variant
-from workers.sequences import make_batch, sequence_keys
-
-BOUNDS = {"fp32": 1e-4, "bf16": 0.1}
-
-
-def seed_style(n: int, d_vocab: int):
-    seq = torch.arange(n)
-    keys = sequence_keys(7, experiments.get("neighbors").code, 0, torch.full_like(seq, -1), seq)
-    return make_batch(keys, d_vocab, 1, torch.full_like(seq, -1), torch.full_like(seq, -1))
-
-
-def reference_strength(model, batch, targets) -> torch.Tensor:
-    """TransformerLens: model(tokens) + log_softmax at the last position, in float64 after the forward."""
-    lo = [logodds(torch.log_softmax(hooked.full_logits(model, t)[:, -1].double(), -1), targets)
-          for t in (batch.tokens, batch.shuffled)]
-    return lo[0] - lo[1]
-
-
-def check_parity(model, precision: str, n: int = 128, scored=None, **scorer_options):
-    """``scored`` (default ``model``): what the scorer runs, e.g. the weights as the actors load them."""
-    batch = seed_style(n, model.cfg.d_vocab)
-    targets = torch.stack([batch.b, batch.a, batch.r], 1)
-    ref = reference_strength(model, batch, targets)
-    scorer = scorer_for(model if scored is None else scored, precision, **scorer_options)
-    assert scorer.path == "compact"
-    ind, shuf = scorer.strength(batch.tokens, batch.shuffled, targets)
-    err = ((ind - shuf).double() - ref).abs().max().item()
-    assert err <= BOUNDS[precision], f"{precision}: max |Δ strength| {err}"
-    # what was asked for ran, rather than the fallback taken when a compiler fails
-    options = {"compiled" if k == "compile" else k: v for k, v in scorer_options.items()}
-    assert scorer.variant == Variant.default(scorer.device.type, precision).with_options(**options)
-    return err
-
+from workers.scoring.variant import ATTENTIONS
 
 # triton (an interpreter on a CPU) is checked on smaller batches in tests/test_attention_kernels.py
 ON_THIS_DEVICE = ATTENTIONS if torch.cuda.is_available() else ("sdpa", "products")

@@ -9,7 +9,7 @@ from jobs import cli, compare
 from jobs.aggregate import Aggregates, Summary
 from jobs.config import RunConfig
 from storage import open_store
-from tests.conftest import copy_run
+from tests.helpers import copy_run
 
 
 def test_two_seeds_of_toy_2l_agree_and_a_random_model_does_not(toy_runs, tmp_path):

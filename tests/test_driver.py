@@ -2,23 +2,18 @@
 
 import json
 
-import pandas as pd
 import pyarrow.dataset as pads
 import pytest
 
 from jobs import driver, fetch, manifest, results
-from jobs.config import RunConfig, plan_shards, resolve
+from jobs.config import RunConfig, plan_shards
 from jobs.errors import ConfigError
 from storage import open_store
+from tests.helpers import assert_same_aggregates, resolved
 from workers import experiments
 from workers.model import source
 
 SMALL = dict(model="toy-2l", seqs=4, pairs=48, neighbors=5, shard_size=32, actors=2, batch_size=64)
-
-
-def resolved(cfg: RunConfig, tokens: str | None = None) -> RunConfig:
-    """As the command line does: the config resolved against the model."""
-    return resolve(cfg, source.describe(cfg.model), tokens)
 
 
 def small_run(out, tokens=None, **overrides) -> RunConfig:
@@ -27,19 +22,6 @@ def small_run(out, tokens=None, **overrides) -> RunConfig:
 
 def aggregates_of(uri):
     return results.open_run(uri).aggregates
-
-
-def assert_same_aggregates(a, b, exact=True):
-    """Every table and histogram equal (bit for bit, or within 1e-6), and the same summary."""
-    tables_a, tables_b = a.tables(), b.tables()
-    assert tables_a.keys() == tables_b.keys()
-    for name in tables_a:
-        pd.testing.assert_frame_equal(tables_a[name], tables_b[name], check_exact=exact, rtol=0, atol=1e-6)
-    if exact:
-        assert a.summary == b.summary
-    else:
-        pd.testing.assert_series_equal(pd.json_normalize(a.summary.as_dict()).iloc[0],
-                                       pd.json_normalize(b.summary.as_dict()).iloc[0], rtol=0, atol=1e-6)
 
 
 @pytest.fixture(scope="module")

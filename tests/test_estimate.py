@@ -10,7 +10,7 @@ from jobs import driver
 from jobs.cli import main
 from jobs.config import RunConfig, plan_shards
 from jobs.estimate import RATES, flops_per_forward, read_rates
-from tests.test_driver import resolved
+from tests.helpers import resolved
 
 RUN = ["--model", "toy-2l", "--experiment", "all", "--tokens", "40", "--seqs", "8", "--pairs", "64", "--neighbors", "3",
        "--shard-size", "64", "--precision", "fp32"]

@@ -11,7 +11,7 @@ from torch import Tensor
 from jobs import driver, results
 from jobs.config import RunConfig, parse_experiments, plan_shards
 from storage import open_store
-from tests.test_driver import resolved
+from tests.helpers import resolved
 from workers import experiments
 from workers.experiments import CONTROL, FREE, Experiment, pair_targets
 from workers.sequences import A_POS, B_POS

@@ -1,4 +1,4 @@
-"""Every TransformerLens family scored exactly (issue 13): loaded as the actors load them (a
+"""Every TransformerLens family scored exactly: loaded as the actors load them (a
 checkpoint directory, ``exact`` processing), their strengths match TransformerLens' own full
 forward of the weights as saved, for every registered experiment, in fp32 and bf16. Every family
 here takes the compact forward, read straight from the checkpoint. ``--heads`` is refused where it
@@ -16,8 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_cli import refused
-from tests.test_compact import BOUNDS
+from tests.helpers import BOUNDS, refused
 from workers import experiments
 from workers.model import folds, hooked, source
 from workers.scoring.logodds import logodds

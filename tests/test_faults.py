@@ -18,7 +18,7 @@ from jobs import driver, manifest, results
 from jobs.config import RunConfig, plan_shards
 from jobs.errors import RunFailed
 from storage import open_store
-from tests.test_driver import assert_same_aggregates, resolved
+from tests.helpers import assert_complete_once, assert_same_aggregates, resolved
 
 ROOT = Path(__file__).parent.parent
 SWEEP = dict(model="toy-2l", experiments=("token-powers",), seqs=16, shard_size=64, actors=2, batch_size=64)
@@ -34,16 +34,6 @@ def baseline(ray_cluster, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("baseline") / "run")
     driver.run(sweep(out), progress=False)
     return results.open_run(out).aggregates
-
-
-def assert_complete_once(uri: str, tokens: int, seqs: int) -> None:
-    store = open_store(uri)
-    cfg = manifest.config_of(store)
-    states = manifest.shard_states(store, cfg)
-    assert not states.missing and not states.corrupt
-    assert sorted(store.list("shards/")) == sorted(s.key for s in plan_shards(cfg))  # nothing extra
-    rows = results.open_run(uri).shards().to_table(columns=["scenario", "fixed_token", "seq"]).to_pandas()
-    assert len(rows) == tokens * seqs * 2 and not rows.duplicated().any()
 
 
 def wait_for_shards(store, n: int, timeout: float = 300) -> None:

@@ -17,7 +17,6 @@ from jobs import manifest
 from jobs.cli import main
 from jobs.config import RunConfig
 from storage import open_store
-from tests.test_submit import ray_head  # noqa: F401 - the fixture
 
 ROOT = Path(__file__).parent.parent
 RUN = ["run", "--model", "toy-2l", "--experiment", "neighbors", "--pairs", "16", "--neighbors", "3", "--quiet"]

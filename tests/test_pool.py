@@ -19,9 +19,7 @@ from jobs.config import RunConfig, parse_resources
 from jobs.errors import ConfigError
 from jobs.pool import plan_actors
 from storage import open_store
-from tests.conftest import VENV_BIN, free_port, wait_for_port
-from tests.test_driver import assert_same_aggregates, resolved
-from tests.test_faults import assert_complete_once
+from tests.helpers import VENV_BIN, assert_complete_once, assert_same_aggregates, free_port, resolved, wait_for_port
 from workers.shard import ORIGIN_KEY
 
 ROOT = Path(__file__).parent.parent

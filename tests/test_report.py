@@ -13,7 +13,7 @@ from PIL import Image
 
 from jobs import cli, report, results
 from jobs.aggregate import Histogram
-from tests.conftest import copy_run
+from tests.helpers import copy_run
 from workers.accumulator import LOGODDS_BINS, STRENGTH_BINS, bin_edges
 
 

@@ -2,66 +2,16 @@
 `ray stop`, which would stop every Ray on the machine), the run submitted through the Jobs API."""
 
 import json
-import os
 import re
-import shutil
 import subprocess
-import tempfile
 import time
 
-import psutil
 import pytest
 
 from jobs import manifest, results
 from jobs.cli import build_parser, main, run_config
 from storage import open_store
-from tests.conftest import VENV_BIN, free_port, wait_for_port
-
-
-@pytest.fixture(scope="module")
-def ray_head(moto_server):
-    """One head for the module (starting one costs seconds)."""
-    dashboard, gcs = free_port(), free_port()
-    temp = tempfile.mkdtemp(prefix="rh-", dir="/tmp")
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
-    proc = subprocess.Popen(
-        [str(VENV_BIN / "ray"), "start", "--head", "--block", "--num-cpus=2", "--include-dashboard=true",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--port={gcs}", f"--temp-dir={temp}",
-         "--disable-usage-stats",
-         # the session's other Ray cluster (tests/conftest.py) holds the default agent ports
-         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-         f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for_port(dashboard, timeout=90)
-        yield f"http://127.0.0.1:{dashboard}"
-    finally:
-        stop_head(proc, temp)
-        shutil.rmtree(temp, ignore_errors=True)
-
-
-def stop_head(proc: subprocess.Popen, temp: str) -> None:
-    """Raylet first, then the rest, GCS last (the order `ray stop` uses), for this head's processes only."""
-    def ours(name: str):
-        found = []
-        for p in psutil.process_iter(["cmdline"]):
-            cmd = " ".join(p.info["cmdline"] or [])
-            if temp in cmd and name in cmd:
-                found.append(p)
-        return found
-
-    for name in ("raylet", "", "gcs_server"):
-        for p in ours(name):
-            if name or "gcs_server" not in " ".join(p.cmdline()):
-                p.terminate()
-        time.sleep(1)
-    proc.terminate()
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    for p in ours(""):
-        p.kill()
+from tests.helpers import free_port
 
 
 def test_submit_runs_as_a_ray_job_and_lands_in_the_bucket(ray_head, bucket, capsys, monkeypatch):

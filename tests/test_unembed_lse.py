@@ -7,8 +7,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from test_compact import check_parity  # noqa: E402
-
+from tests.helpers import check_parity  # noqa: E402
 from workers.kernels.unembed_lse import logits_lse  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -146,7 +146,7 @@ def ray_head(moto_server):
         [str(VENV_BIN / "ray"), "start", "--head", "--block", "--num-cpus=2", "--include-dashboard=true",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--port={gcs}", f"--temp-dir={temp}",
          "--disable-usage-stats",
-         # the session's other Ray cluster (tests/conftest.py) holds the default agent ports
+         # the session's other Ray cluster (ray_cluster above) holds the default agent ports
          f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
          f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -110,7 +110,7 @@ def test_a_real_run_in_a_subprocess_writes_no_secret(bucket, short_tmp):
 def test_wrong_credentials(capsys, monkeypatch):
     """A moto server that authenticates: after creating the bucket, unknown keys are refused."""
     from storage.store import s3_client
-    from tests.conftest import VENV_BIN, free_port, wait_for_port
+    from tests.helpers import VENV_BIN, free_port, wait_for_port
 
     port = free_port()
     env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "1"}

@@ -20,6 +20,8 @@ os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ["INDUCTION_SWEEP_S3_ATTEMPTS"] = "3"
+# the load-time check's reference figures (workers/scoring/check.py): kept for the session, not in ~/.cache
+os.environ["INDUCTION_SWEEP_CACHE"] = tempfile.mkdtemp(prefix="induction-sweep-cache-")
 # Without a GPU, Triton kernels run under its interpreter. Triton reads this once, when it is first
 # imported (torch.compile imports it too), so it is set before any test module loads.
 if not shutil.which("nvidia-smi"):
@@ -180,3 +182,7 @@ def stop_head(proc: subprocess.Popen, temp: str) -> None:
         proc.kill()
     for p in ours(""):
         p.kill()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(os.environ["INDUCTION_SWEEP_CACHE"], ignore_errors=True)

@@ -43,6 +43,47 @@ SCORER_KEY = b"induction_sweep.scorer"
 ORIGIN_KEY = b"induction_sweep.origin"  # host, pid and (in Ray) node and actor ids of the computing actor
 
 
+def identities(spec: ShardSpec, lo: int, hi: int, device: torch.device) -> tuple[Int[Tensor, " batch"], Int[Tensor, " batch"]]:
+    """(fixed token or -1, sequence index) of flat sequences ``lo..hi`` of the shard, token-major."""
+    flat = torch.arange(lo, hi, device=device)
+    n_seq = spec.seq_hi - spec.seq_lo
+    fixed = spec.token_lo + flat // n_seq if spec.token_lo >= 0 else torch.full_like(flat, -1)
+    return fixed, spec.seq_lo + flat % n_seq
+
+
+def sequences(params: WorkParams, d_vocab: int, neighbors: Int[Tensor, "vocab k"] | None, experiment: Experiment,
+              scenario: Scenario, fixed: Int[Tensor, " batch"], seq: Int[Tensor, " batch"]
+              ) -> tuple[SequenceBatch, Int[Tensor, "batch n_targets"]]:
+    """The sequences of (fixed token, sequence index) pairs, and their targets (the neighbours' only
+    where ``neighbors`` is given)."""
+    keys = sequence_keys(params.seed, experiment.code, scenario.code, fixed, seq)
+    none = torch.full_like(seq, -1)
+    if experiment.per_token:  # the swept token plays A or B
+        a_fixed, b_fixed = (fixed if scenario.fix_a else none), (fixed if scenario.fix_b else none)
+    else:  # the run's fixed pair
+        pair_a, pair_b = params.pair
+        a_fixed = torch.full_like(seq, pair_a) if scenario.fix_a else none
+        b_fixed = torch.full_like(seq, pair_b) if scenario.fix_b else none
+    batch = make_batch(keys, d_vocab, params.bos, a_fixed, b_fixed, experiment.rule)
+    names = experiment.target_names(params.n_neighbors if neighbors is not None else 0)
+    return batch, target_tokens(names, batch, neighbors)
+
+
+def check_batches(params: WorkParams, d_vocab: int, device: torch.device) -> list[tuple[str, Tensor, Tensor]]:
+    """The load-time check's sequences, known before the model loads: load_check.SEQUENCES split across
+    the run's experiments (the first scenario of each, the first fixed token of a per-token one), each
+    with its shuffled control, and the experiment's targets but the neighbours (they come from the
+    weights; a neighbour's log-odds take the same path as B's): (experiment, tokens, targets)."""
+    out = []
+    per = max(2, load_check.SEQUENCES // len(params.experiments))
+    for experiment in params.experiments:
+        token = (FIRST_TOKEN, FIRST_TOKEN + 1) if experiment.per_token else (-1, -1)
+        spec = ShardSpec(experiment.name, experiment.scenarios[0].name, 0, 0, per, *token)
+        batch, targets = sequences(params, d_vocab, None, experiment, experiment.scenarios[0], *identities(spec, 0, per, device))
+        out.append((experiment.name, torch.cat([batch.tokens, batch.shuffled]), torch.cat([targets, targets])))
+    return out
+
+
 class ShardRunner:
     """One model replica on one device: ``run(spec)`` computes a shard and writes it to ``out``."""
 
@@ -55,10 +96,11 @@ class ShardRunner:
         self.params = params
         self.experiments = {e.name: e for e in params.experiments}
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        check_fits(params.model, self.device, params.precision)
+        cfg = check_fits(params.model, self.device, params.precision)
+        checks = check_batches(params, cfg.d_vocab, self.device)
         # the load-time check's reference (TransformerLens' forward of the stored weights) builds in the
         # background while the scorer loads and compiles
-        reference = Reference(params.model, params.processing, self.device)
+        reference = Reference(params.model, params.processing, self.device, checks)
         # checkpoints the compact forward computes load without TransformerLens (seconds of imports saved per actor)
         self.model, self.loading = self._timed("load", hooked.load_for_scoring, params.model, self.device, params.processing)
         from workers.scoring.scorer import scorer_for
@@ -81,7 +123,7 @@ class ShardRunner:
         self._timed("warm-up", self.warm_up)  # compiles here, not inside the first shard
         if cache is not None and not loaded and self.scorer.options["compiled"]:  # still compiled: no fallback
             self._timed("cache save", compile_cache.save, self.store, cache)
-        self.check = self._timed("check", prove, self.scorer, reference, self.check_batches(), params.model, params.processing)
+        self.check = self._timed("check", prove, self.scorer, reference, checks, params.model, params.processing)
         self.timings["reference"] = reference.build_s  # in the background, from the start
         if source.transformer_lens_import_seconds():  # the TransformerLens import (the loader's or the reference's)
             self.timings["import"] = source.transformer_lens_import_seconds()
@@ -118,20 +160,6 @@ class ShardRunner:
         with torch.inference_mode():
             self.score(experiment, experiment.scenarios[0], *self.identities(spec, 0, n))
 
-    def check_batches(self) -> list[tuple[str, Tensor, Tensor]]:
-        """The load-time check's sequences: load_check.SEQUENCES split across the run's experiments (the
-        first scenario of each, the first fixed token of a per-token one), each with its shuffled control,
-        and the experiment's targets: (experiment, tokens, targets)."""
-        out = []
-        per = max(2, load_check.SEQUENCES // len(self.params.experiments))
-        for experiment in self.params.experiments:
-            scenario = experiment.scenarios[0]
-            token = (FIRST_TOKEN, FIRST_TOKEN + 1) if experiment.per_token else (-1, -1)
-            spec = ShardSpec(experiment.name, scenario.name, 0, 0, per, *token)
-            batch, targets = self.sequences(experiment, scenario, *self.identities(spec, 0, per))
-            out.append((experiment.name, torch.cat([batch.tokens, batch.shuffled]), torch.cat([targets, targets])))
-        return out
-
     def run(self, spec: ShardSpec | dict) -> ShardSummary:
         spec = ShardSpec(**spec) if isinstance(spec, dict) else spec
         experiment = self.experiments[spec.experiment]
@@ -156,11 +184,7 @@ class ShardRunner:
                             time.perf_counter() - computed, partials, nonfinite, example)
 
     def identities(self, spec: ShardSpec, lo: int, hi: int) -> tuple[Int[Tensor, " batch"], Int[Tensor, " batch"]]:
-        """(fixed token or -1, sequence index) of flat sequences ``lo..hi`` of the shard, token-major."""
-        flat = torch.arange(lo, hi, device=self.device)
-        n_seq = spec.seq_hi - spec.seq_lo
-        fixed = spec.token_lo + flat // n_seq if spec.token_lo >= 0 else torch.full_like(flat, -1)
-        return fixed, spec.seq_lo + flat % n_seq
+        return identities(spec, lo, hi, self.device)
 
     @torch.inference_mode()
     def compute(self, spec: ShardSpec) -> ScoredBatch:
@@ -172,17 +196,7 @@ class ShardRunner:
 
     def sequences(self, experiment: Experiment, scenario: Scenario, fixed: Int[Tensor, " batch"],
                   seq: Int[Tensor, " batch"]) -> tuple[SequenceBatch, Int[Tensor, "batch n_targets"]]:
-        """The sequences of (fixed token, sequence index) pairs, and their targets."""
-        keys = sequence_keys(self.params.seed, experiment.code, scenario.code, fixed, seq)
-        none = torch.full_like(seq, -1)
-        if experiment.per_token:  # the swept token plays A or B
-            a_fixed, b_fixed = (fixed if scenario.fix_a else none), (fixed if scenario.fix_b else none)
-        else:  # the run's fixed pair
-            pair_a, pair_b = self.params.pair
-            a_fixed = torch.full_like(seq, pair_a) if scenario.fix_a else none
-            b_fixed = torch.full_like(seq, pair_b) if scenario.fix_b else none
-        batch = make_batch(keys, self.d_vocab, self.params.bos, a_fixed, b_fixed, experiment.rule)
-        return batch, target_tokens(experiment.target_names(self.params.n_neighbors), batch, self.neighbors)
+        return sequences(self.params, self.d_vocab, self.neighbors, experiment, scenario, fixed, seq)
 
     def score(self, experiment: Experiment, scenario: Scenario, fixed: Int[Tensor, " batch"],
               seq: Int[Tensor, " batch"]) -> ScoredBatch:
@@ -242,14 +256,16 @@ def resident_bytes(cfg, device: torch.device, precision: str) -> int:
     return forward + (4 * weights if device.type == "cpu" else 0)
 
 
-def check_fits(spec: str, device: torch.device, precision: str, free: int | None = None) -> None:
-    """ModelInputError in one line, before anything loads, where the scorer's weights (``resident_bytes``)
-    exceed what ``device`` has free (default: ``free_memory``)."""
-    need = resident_bytes(source.model_config(spec), device, precision)
+def check_fits(spec: str, device: torch.device, precision: str, free: int | None = None):
+    """The model's resolved config; ModelInputError in one line, before anything loads, where the
+    scorer's weights (``resident_bytes``) exceed what ``device`` has free (default: ``free_memory``)."""
+    cfg = source.model_config(spec)
+    need = resident_bytes(cfg, device, precision)
     free = free_memory(device) if free is None else free
     if need > free:
         raise source.ModelInputError(f"model {spec} needs about {need / 2**30:.1f} GiB for its weights on {device} ({precision}); "
                                      f"{device} has {free / 2**30:.1f} GiB free (a smaller model, or a device with more memory)")
+    return cfg
 
 
 def default_batch_size(device: torch.device, scorer: Scorer, free: int | None = None) -> int:

@@ -185,14 +185,15 @@ def main(args) -> int:
     sample = bench_batch(REFERENCE_SEQS, d_vocab, bos, device)
     reference = reference_strength(model, sample)
 
-    plain_tokens = bench_batch(PLAIN_BATCH, d_vocab, bos, device).tokens
+    plain_batch = min(PLAIN_BATCH, *batches)  # the post's 256 sequences, or fewer where only smaller batches are benched
+    plain_tokens = bench_batch(plain_batch, d_vocab, bos, device).tokens
 
     @torch.inference_mode()
     def plain_step():
         hooked.full_logits(model, plain_tokens)[:, -1].log_softmax(-1)
 
-    plain_rate, plain_mem = throughput(plain_step, PLAIN_BATCH, device, seconds)
-    print(f"  [1/{steps}] plain loop fp32 batch {PLAIN_BATCH}: {plain_rate:,.0f} forwards/s, {plain_mem:,.0f} MB", flush=True)
+    plain_rate, plain_mem = throughput(plain_step, plain_batch, device, seconds)
+    print(f"  [1/{steps}] plain loop fp32 batch {plain_batch}: {plain_rate:,.0f} forwards/s, {plain_mem:,.0f} MB", flush=True)
 
     results = []
     for i, precision in enumerate(precisions, start=2):
@@ -220,7 +221,7 @@ def main(args) -> int:
 
     report = {"model": name, "shape": model_shape(model), "device": device.type, "gpu": gpu, "torch": torch.__version__,
               "threads": torch.get_num_threads(), "commit": commit(), "timing": TIMING, "plain_forwards_per_s": plain_rate,
-              "results": results,
+              "plain_batch": plain_batch, "results": results,
               "rates": [{"device": device.type, "precision": r["precision"], "forwards_per_s": r["forwards_per_s"],
                          "shape": model_shape(model), "model": name, "machine": gpu or f"{torch.get_num_threads()}-thread CPU",
                          "commit": commit()} for r in results if r["max_abs_err_strength"] <= r["bound"]]}

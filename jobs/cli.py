@@ -169,12 +169,14 @@ def build_parser() -> Parser:
     p = sub.add_parser("bench", help="forwards per second of the default scorer against the plain TransformerLens loop")
     p.add_argument("--model", default=None, help="a model to bench (default: toy-2l on a CPU, random weights of --shape on a GPU)")
     p.add_argument("--shape", default=None,
-                   help="random weights of this hub model's shape: attn-only-2l (the default on a GPU), gelu-2l or gpt2-small")
+                   help="random weights of this hub model's shape: attn-only-2l (the default on a GPU), gelu-2l, gpt2-small, "
+                        "pythia-160m or llama-1b")
     p.add_argument("--layers", default=None, help="with --shape: this many layers instead of the shape's")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--precisions", type=lambda v: v.split(","), default=None, help="comma-separated (default: all)")
     p.add_argument("--batches", default=None,
-                   help="comma-separated batch sizes to try (default 256,1024 on CPU; 8192,32768,65536 on CUDA)")
+                   help="comma-separated batch sizes to try (default 256,1024 on CPU; 8192,32768,65536 on CUDA); the plain "
+                        "loop runs the post's 256 sequences, or the smallest of these where smaller")
     p.add_argument("--seconds", default=None, help="time per measurement (default 1 on CPU, 2 on GPU)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line (what plan --rates reads)")
 

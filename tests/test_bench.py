@@ -38,6 +38,7 @@ def test_bench_of_a_shape_with_fewer_layers():
     report = bench("--shape", "gelu-2l", "--layers", "1", "--device", "cpu", "--seconds", "0.05", "--batches", "32",
                    "--precisions", "fp32")
     assert report["model"] == "gelu-2l" and report["shape"]["n_layers"] == 1 and report["shape"]["d_mlp"] == 2048
+    assert report["plain_batch"] == 32  # the plain loop no larger than the batches benched
     (r,) = report["results"]
     assert r["path"] == "compact" and r["max_abs_err_strength"] <= 1e-4
 

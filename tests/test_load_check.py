@@ -151,10 +151,10 @@ def test_log_odds_past_float32_exp_range_are_exact_on_every_path(tmp_path):
 
 
 def test_reference_figures_are_kept_by_content_and_every_scorer_is_checked_anew(tmp_path, monkeypatch):
-    """A later actor of the same weights, processing and check sequences reads TransformerLens' figures
-    from the node's cache instead of building the model again; its own scorer is still compared with
-    them, so a wrong forward is still refused. Weights that differ by one value, or other sequences
-    (another seed), have figures of their own."""
+    """A later actor of the same weights, processing and check sequences (whatever the run's seed) reads
+    TransformerLens' figures from the node's cache instead of building the model again; its own scorer
+    is still compared with them, so a wrong forward is still refused. Weights that differ by one value,
+    or other sequences (another set of experiments), have figures of their own."""
     from workers.scoring import logodds as logodds_module
 
     monkeypatch.setenv("INDUCTION_SWEEP_CACHE", str(tmp_path / "cache"))
@@ -164,8 +164,10 @@ def test_reference_figures_are_kept_by_content_and_every_scorer_is_checked_anew(
     assert second["per_experiment"] == first["per_experiment"] and 0 < second["max_abs_diff_logodds"] <= 1e-4
     assert len(list((tmp_path / "cache" / "reference").iterdir())) == 1
     reseeded = ShardRunner(dataclasses.replace(params("toy-2l"), seed=4), str(tmp_path / "c"), device="cpu").check
+    assert reseeded["reference_cached"] and reseeded["per_experiment"] == first["per_experiment"]
+    other = ShardRunner(params("toy-2l", names=("token-powers",)), str(tmp_path / "c"), device="cpu").check
     nudged = variant(tmp_path, "nudged", edit=lambda s: s["unembed.b_U"][7:8].add_(1e-3))
-    assert not reseeded["reference_cached"] and not ShardRunner(params(nudged), str(tmp_path / "d"), device="cpu").check["reference_cached"]
+    assert not other["reference_cached"] and not ShardRunner(params(nudged), str(tmp_path / "d"), device="cpu").check["reference_cached"]
     forward = logodds_module.target_logits
     monkeypatch.setattr(logodds_module, "target_logits", lambda h, W_U_rows, b_U, targets: forward(h, W_U_rows, b_U + 1, targets))
     with pytest.raises(ScorerCheckFailed, match="differs from TransformerLens' float64 forward of the stored weights by 1 in log-odds"):

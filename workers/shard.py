@@ -7,6 +7,7 @@ benchmark and tests use it directly. Its constructor loads the model once (and t
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 import json
@@ -70,11 +71,11 @@ def sequences(params: WorkParams, d_vocab: int, neighbors: Int[Tensor, "vocab k"
 
 
 def check_batches(params: WorkParams, d_vocab: int, device: torch.device) -> list[tuple[str, Tensor, Tensor]]:
-    """The load-time check's sequences, known before the model loads: load_check.SEQUENCES split across
+    """The load-time check's sequences (from load_check.SEED), known before the model loads: load_check.SEQUENCES split across
     the run's experiments (the first scenario of each, the first fixed token of a per-token one), each
     with its shuffled control, and the experiment's targets but the neighbours (they come from the
     weights; a neighbour's log-odds take the same path as B's): (experiment, tokens, targets)."""
-    out = []
+    out, params = [], dataclasses.replace(params, seed=load_check.SEED)
     per = max(2, load_check.SEQUENCES // len(params.experiments))
     for experiment in params.experiments:
         token = (FIRST_TOKEN, FIRST_TOKEN + 1) if experiment.per_token else (-1, -1)

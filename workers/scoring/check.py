@@ -30,6 +30,7 @@ from workers.scoring.scorer import Scorer, scorer_for
 from workers.scoring.variant import ACCURACY_BOUNDS
 
 SEQUENCES = 32  # per check, split across the run's experiments; each is scored with its shuffled control
+SEED = 0  # the check's own sequences: the same for every run of a model, whatever its seed, so a node's figures serve them all
 
 
 class ScorerCheckFailed(source.ModelInputError):

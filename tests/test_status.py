@@ -136,10 +136,11 @@ def test_overwrite_computes_a_complete_run_again(finished, tmp_path, capsys):
     shard = sorted((out / "shards").rglob("*.parquet"))[0]
     shard.write_bytes(b"a stale shard")  # would be recomputed by a resume too: here everything is
     before = json.loads((out / "manifest.json").read_text())
-    assert main(["run", *RUN, "--out", str(out), "--overwrite"]) == 0
+    assert main(["run", *RUN, "--out", str(out), "--overwrite", "--seed", "1"]) == 0  # another config, in place of the old
     assert "already complete" not in capsys.readouterr().out
     after = json.loads((out / "manifest.json").read_text())
     assert after["phases"]["shards"]["count"] == before["shards"]  # every shard computed again
+    assert (before["config"]["seed"], after["config"]["seed"]) == (0, 1)
     assert (out / "notes.txt").read_text() == "mine"  # only the run's own files are deleted
 
 

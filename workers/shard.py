@@ -101,7 +101,7 @@ class ShardRunner:
         checks = check_batches(params, cfg.d_vocab, self.device)
         # the load-time check's reference (TransformerLens' forward of the stored weights) builds in the
         # background while the scorer loads and compiles
-        reference = Reference(params.model, params.processing, self.device, checks)
+        reference = Reference(params.model, cfg, params.processing, self.device, checks)
         # checkpoints the compact forward computes load without TransformerLens (seconds of imports saved per actor)
         self.model, self.loading = self._timed("load", hooked.load_for_scoring, params.model, self.device, params.processing)
         from workers.scoring.scorer import scorer_for

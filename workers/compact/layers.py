@@ -45,6 +45,12 @@ def _heads(w: Float[Tensor, "heads d_model d_head"]) -> Float[Tensor, "d_model h
     return w.permute(1, 0, 2).reshape(w.shape[1], -1)
 
 
+def _qk_positions(w: CompactWeights) -> Float[Tensor, "n_ctx d_model"]:
+    """What queries' and keys' inputs add per position: a shortformer's positions, (h + pos) @ W with the
+    weights as trained (W_*_pos: before the LayerNorm's weights were folded in); nothing otherwise."""
+    return w.W_pos if w.shortformer else torch.zeros_like(w.W_pos)
+
+
 class Numerics:
     """What every layer computes with. ``dtype`` rounds the inputs of the projections (Q/K/V, O, the
     last layer's V and O, the MLPs, the unembedding); ``compute`` runs them; their sums are float32.
@@ -159,9 +165,7 @@ class Attention(torch.nn.Module):
         self.num, self.rotary, self.table = num, rotary, i == 0 and w.shortformer
         W_QKV = torch.cat([_heads(w.W_Q[i]), _heads(w.W_K[i]), _heads(w.W_V[i])], dim=1)
         b_QKV = torch.cat([w.b_Q[i].flatten(), w.b_K[i].flatten(), w.b_V[i].flatten()])
-        # shortformer positions are added to the query and key inputs, not values: (h + pos) @ W, with the
-        # weights as trained (W_*_pos: before the LayerNorm's weights were folded in)
-        pos = w.W_pos if w.shortformer else torch.zeros_like(w.W_pos)
+        pos = _qk_positions(w)  # queries and keys only, not values
         pos_QKV = torch.cat([pos @ _heads(w.W_Q_pos[i]), pos @ _heads(w.W_K_pos[i]), pos.new_zeros(len(pos), W_QKV.shape[1] // 3)], 1)
         self.register_buffer("W_QKV", num.cast(W_QKV))
         if self.table:
@@ -216,7 +220,7 @@ class LastAttention(torch.nn.Module):
     def __init__(self, num: Numerics, w: CompactWeights, rotary: Rotary | None):
         super().__init__()
         self.num, self.rotary, last = num, rotary, len(w.W_Q) - 1
-        pos = w.W_pos if w.shortformer else torch.zeros_like(w.W_pos)
+        pos = _qk_positions(w)
         self.register_buffer("W_Q", _heads(w.W_Q[last]).float())
         self.register_buffer("q_bias", (pos @ _heads(w.W_Q_pos[last]) + w.b_Q[last].flatten()).float())  # pos heads_x_d_head
         if rotary is None:

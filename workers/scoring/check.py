@@ -47,8 +47,10 @@ class Reference:
     reads them instead of importing TransformerLens and building the model again. The scorer is
     compared with them anew every time."""
 
-    def __init__(self, spec: str, processing: str, device: torch.device, checks: list[tuple[str, Tensor, Tensor]]):
-        self.device, self.dtype, self.build_s, self.cached = device, torch.float64, 0.0, False
+    def __init__(self, spec: str, cfg, processing: str, device: torch.device, checks: list[tuple[str, Tensor, Tensor]]):
+        """``cfg``: the model's resolved config (source.model_config)."""
+        self.device, self.build_s, self.cached = device, 0.0, False
+        self.dtype = torch.float32 if source.parameter_count(cfg) > source.FLOAT64_PARAMETERS else torch.float64
         pool = ThreadPoolExecutor(1, thread_name_prefix="reference")
         self._values = pool.submit(self._compute, spec, processing, checks)
         pool.shutdown(wait=False)
@@ -59,8 +61,6 @@ class Reference:
 
     def _compute(self, spec: str, processing: str, checks: list) -> list[Tensor]:
         start = time.perf_counter()
-        if source.parameter_count(source.model_config(spec)) > source.FLOAT64_PARAMETERS:
-            self.dtype = torch.float32
         path = cached_path(spec, processing, self.dtype, checks)
         if path is not None and path.is_file():
             values, self.cached = torch.load(path, weights_only=True), True
@@ -113,12 +113,16 @@ def max_error(scorer: Scorer, want: Float[Tensor, "batch n_targets"], tokens: In
     return float(torch.nan_to_num(diff, nan=float("inf")).max())
 
 
+def check_errors(scorer: Scorer, reference: Reference, checks: list[tuple[str, Tensor, Tensor]]) -> dict[str, float]:
+    """``max_error`` of ``scorer`` on each check, by experiment."""
+    return {experiment: max_error(scorer, want, tokens, targets) for (experiment, tokens, targets), want in zip(checks, reference.values())}
+
+
 def prove(scorer: Scorer, reference: Reference, checks: list[tuple[str, Tensor, Tensor]], name: str, processing: str) -> dict:
     """``checks``: (experiment, tokens, targets) in the sweep's layout. The figure, per experiment and
     overall, against ACCURACY_BOUNDS[precision]; ScorerCheckFailed beyond it, naming the likely cause."""
     start = time.perf_counter()
-    errors = {experiment: max_error(scorer, want, tokens, targets)
-              for (experiment, tokens, targets), want in zip(checks, reference.values())}
+    errors = check_errors(scorer, reference, checks)
     worst = max(errors.values())
     bound = ACCURACY_BOUNDS[scorer.precision]
     what = "the stored weights" if processing == "exact" else "the stored weights with TransformerLens' default processing"
@@ -138,7 +142,7 @@ def likely_cause(scorer: Scorer, reference: Reference, checks: list, bound: floa
     """The first simpler scorer that is within the bound names what the failing one adds."""
 
     def within(candidate: Scorer) -> bool:
-        return all(max_error(candidate, want, tokens, targets) <= bound for (_, tokens, targets), want in zip(checks, reference.values()))
+        return max(check_errors(candidate, reference, checks).values()) <= bound
 
     model = scorer.model
     options = scorer.options

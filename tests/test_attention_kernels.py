@@ -77,9 +77,13 @@ def test_tf32_products_round_their_inputs_to_nearest():
         return (tf32(scores.softmax(-1), nearest).double() @ v).transpose(1, 2).reshape(8 * n_pos, -1)
 
     exact = causal_attention(table, tokens, bias, True, n_heads, d_head, 4.0).double()
-    assert (got.double() - emulated(True)).abs().max() < 1e-5
+    nearest, truncated = ((got.double() - emulated(rule)).abs() for rule in (True, False))
+    # The kernel's softmax is float32, the emulation's float64: a weight within that noise of a TF32
+    # boundary may round the other way, off by one TF32 step of that weight times a value.
+    v_max = (table[tokens] + bias).chunk(3, -1)[2].abs().max().item()
+    assert (nearest > 1e-5).double().mean() < 0.01 and nearest.max() < 2**-10 * v_max
     assert (got.double() - exact).abs().max() > 1e-4  # TF32 did round
-    assert (got.double() - emulated(False)).abs().max() > 1e-4  # and not toward zero
+    assert (truncated > 1e-5).double().mean() > 0.5  # and not toward zero
 
 
 @pytest.mark.parametrize("layer_norm", [True, False])

@@ -49,6 +49,10 @@ def _gcs_answers(host: str, port: int) -> bool:
     """Whether a gRPC server (Ray's GCS) completes a connection at host:port within PROBE_S."""
     import grpc
 
+    try:  # a refused connection says no at once; gRPC would retry it until the deadline
+        socket.create_connection((host, port), timeout=PROBE_S).close()
+    except OSError:
+        return False
     channel = grpc.insecure_channel(f"{host}:{port}")
     try:
         grpc.channel_ready_future(channel).result(timeout=PROBE_S)

@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -150,12 +151,21 @@ def usage(case: Case, config: triton.Config, arch: int) -> dict:
     return result
 
 
+def _usage_of(name: str, config: int, arch: int) -> dict:
+    """``usage`` by names a worker process can be sent (a kernel's configs do not pickle)."""
+    case = KERNELS[name]
+    return usage(case, case.kernel.configs[config], arch)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability × 10 (90: H100/H200)")
     parser.add_argument("--json", action="store_true", help="one JSON object: kernel -> configs")
     args = parser.parse_args()
-    results = {name: [usage(case, config, args.arch) for config in case.kernel.configs] for name, case in KERNELS.items()}
+    jobs = [(name, i, args.arch) for name, case in KERNELS.items() for i in range(len(case.kernel.configs))]
+    with ProcessPoolExecutor() as pool:  # each config compiles and assembles on its own: one a core
+        rows = list(pool.map(_usage_of, *zip(*jobs)))
+    results = {name: [row for (of, _, _), row in zip(jobs, rows) if of == name] for name in KERNELS}
     if args.json:
         print(json.dumps(results, indent=1))
         return

@@ -131,7 +131,7 @@ def toy_runs(ray_cluster, tmp_path_factory):
     runs = {}
     for name, model, seed in (("seed0", "toy-2l", 0), ("seed1", "toy-2l", 1), ("random", str(random_dir), 0)):
         cfg = RunConfig(model=model, out=str(root / name), seqs=256, pairs=64, neighbors=15, seed=seed, shard_size=4096,
-                        actors=1, batch_size=512)
+                        actors=2, batch_size=512)
         cfg = resolve(cfg, source.describe(model), "64")
         driver.run(cfg, progress=False)
         runs[name] = str(root / name)

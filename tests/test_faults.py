@@ -64,39 +64,30 @@ def cli(out: str, env=None) -> list[str]:
             "--quiet", "--out", out]
 
 
-def test_driver_killed_mid_run_resumes_to_identical_aggregates(baseline, tmp_path, short_tmp):
+def test_a_killed_driver_and_a_stopped_one_each_resume_to_identical_aggregates(baseline, tmp_path, short_tmp):
+    """SIGKILL of the driver and the local cluster it started: what is visible under shards/ is whole and
+    the manifest still says "running". Then SIGTERM of the rerun (a scheduler's stop, `ray job stop`):
+    exit 143 with one line, the manifest says "failed" with the reason and `status` shows it. The same
+    command then resumes to the undisturbed run's aggregates."""
     out = str(tmp_path / "run")
     env = {**os.environ, "RAY_TMPDIR": str(short_tmp)}
     proc = subprocess.Popen(cli(out), env=env, cwd=ROOT, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     store = open_store(out)
     wait_for_shards(store, 3)
-    seen = set()
     for _ in range(20):  # whatever is visible under shards/ is a whole Parquet file
         for key in store.list("shards/"):
             pq.read_metadata(str(Path(out) / key))
-            seen.add(key)
         time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local cluster it started
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(30)
     done_before = len(store.list("shards/"))
     assert 0 < done_before < len(plan_shards(manifest.config_of(store)))
     assert manifest.read(store)["status"] == "running"
-    rerun = subprocess.run(cli(out), env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert rerun.returncode == 0, rerun.stderr[-2000:]
-    assert_complete_once(out, 96, 16)
-    assert_same_aggregates(baseline, results.open_run(out).aggregates)
 
-
-def test_a_stopped_run_says_so_and_the_rerun_resumes(baseline, tmp_path, short_tmp):
-    """SIGTERM (a scheduler's stop, `ray job stop`) mid-run: exit 143 with one line, the manifest says
-    "failed" with the reason and `status` shows it; the same command resumes to identical aggregates."""
-    out = str(tmp_path / "run")
-    env = {**os.environ, "RAY_TMPDIR": str(short_tmp)}
     proc = subprocess.Popen(cli(out), env=env, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
-    store = open_store(out)
-    wait_for_shards(store, 2)
+    wait_for_shards(store, done_before + 2)
     os.kill(proc.pid, signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-2000:]
@@ -104,9 +95,11 @@ def test_a_stopped_run_says_so_and_the_rerun_resumes(baseline, tmp_path, short_t
     found = manifest.read(store)
     assert found["status"] == "failed" and found["failure"]["reason"] == "terminated by SIGTERM"
     assert "failed: terminated by SIGTERM" in results.status_text(out)
+
     rerun = subprocess.run(cli(out), env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert manifest.read(store)["status"] == "complete" and "failure" not in manifest.read(store)
+    assert_complete_once(out, 96, 16)
     assert_same_aggregates(baseline, results.open_run(out).aggregates)
 
 

@@ -6,8 +6,6 @@ import json
 import os
 import shutil
 import socket
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -18,7 +16,6 @@ from jobs.cli import main
 from jobs.config import RunConfig
 from storage import open_store
 
-ROOT = Path(__file__).parent.parent
 RUN = ["run", "--model", "toy-2l", "--experiment", "neighbors", "--pairs", "16", "--neighbors", "3", "--quiet"]
 
 
@@ -250,13 +247,10 @@ def silent_port():
         conn.close()
 
 
-def cli(*argv, env=None, timeout=120):
-    """The command line in its own process (a hang shows as the subprocess timeout, never as a stuck suite)."""
-    return subprocess.run([sys.executable, "-m", "jobs.cli", *argv], capture_output=True, text=True, timeout=timeout,
-                          cwd=ROOT, env={**os.environ, "INDUCTION_SWEEP_CONNECT_TIMEOUT_S": "1", **(env or {})})
-
-
-def test_an_address_that_accepts_but_is_not_ray(silent_port, tmp_path):
+def test_an_address_that_accepts_but_is_not_ray(silent_port, tmp_path, capfd, monkeypatch):
+    """Each refused before Ray starts, in one line, with no credential in anything this process writes."""
+    monkeypatch.setattr("jobs.address.PROBE_S", 1.0)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     out = str(tmp_path / "out")
     for argv, env, match in [
         (RUN + ["--out", out, "--address", f"127.0.0.1:{silent_port}"], {}, "accepts connections but is not a Ray cluster's GCS"),
@@ -266,10 +260,14 @@ def test_an_address_that_accepts_but_is_not_ray(silent_port, tmp_path):
         (["submit", "--address", "http://127.0.0.1:99999", "--", *RUN[1:], "--out", out], {}, "port in 1..65535"),
         (RUN + ["--out", out, "--address", "http://user:hunter2pw@127.0.0.1:1"], {}, "http://user:***@127.0.0.1:1"),
     ]:
-        proc = cli(*argv, env=env)
-        lines = proc.stderr.strip().splitlines()
-        assert proc.returncode == 2 and len(lines) == 1 and match in lines[0], proc.stderr[-2000:]
-        assert "hunter2pw" not in proc.stderr + proc.stdout
+        with monkeypatch.context() as patch:
+            for name, value in env.items():
+                patch.setenv(name, value)
+            code = main(argv)
+        said = capfd.readouterr()  # file descriptors: gRPC's and Ray's own logging too
+        lines = said.err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and match in lines[0], said.err[-2000:]
+        assert "hunter2pw" not in said.err + said.out
     assert not Path(out).exists()
 
 
@@ -376,15 +374,3 @@ def test_fetch_refuses_a_file_where_a_directory_goes(capsys, tmp_path):
     (tmp_path / "to" / "plots").write_text("a file")
     refused(capsys, ["fetch", str(path), "--to", str(tmp_path / "to")], "is in the way")
     assert sorted(p.name for p in (tmp_path / "to").iterdir()) == ["plots"]
-
-
-def test_a_dashboard_address_for_run_is_translated_or_refused(ray_head, capsys, tmp_path):  # noqa: F811 - the fixture
-    """The dashboard's http:// address answers as one (submit's check); `run` joins the GCS on the
-    same host's 6379 where one answers, else refuses naming what to pass (this head's GCS is elsewhere)."""
-    from jobs.address import GCS_PORT, _gcs_answers, check_dashboard
-
-    check_dashboard(ray_head)
-    if _gcs_answers("127.0.0.1", GCS_PORT):
-        pytest.skip("a Ray cluster of someone else's holds 6379 on this machine")
-    refused(capsys, RUN + ["--out", str(tmp_path / "o"), "--address", ray_head],
-            f"{ray_head} is a Ray dashboard; `run` joins the cluster's GCS address")

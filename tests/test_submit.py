@@ -1,5 +1,6 @@
 """A real Ray Job: a local head started with `ray start --head` (stopped by its own PIDs, never
-`ray stop`, which would stop every Ray on the machine), the run submitted through the Jobs API."""
+`ray stop`, which would stop every Ray on the machine), the run submitted through the Jobs API; and
+that head's dashboard address given to `run`."""
 
 import json
 import re
@@ -11,7 +12,7 @@ import pytest
 from jobs import manifest, results
 from jobs.cli import build_parser, main, run_config
 from storage import open_store
-from tests.helpers import free_port
+from tests.helpers import free_port, refused
 
 
 def test_submit_runs_as_a_ray_job_and_lands_in_the_bucket(ray_head, bucket, capsys, monkeypatch):
@@ -97,7 +98,7 @@ def test_no_wait_list_stop_and_the_status_of_a_stopped_job(ray_head, bucket, cap
     deadline = time.time() + 300
     while not store.exists("progress.json"):
         assert time.time() < deadline, "no progress.json from the job"
-        time.sleep(1)
+        time.sleep(0.25)
     # a second submit while it runs is refused, naming the job and the address
     assert main(["submit", "--address", ray_head, "--", *run]) == 2
     err = capsys.readouterr().err
@@ -106,7 +107,7 @@ def test_no_wait_list_stop_and_the_status_of_a_stopped_job(ray_head, bucket, cap
     assert f"job {job_id} at {ray_head}: stop asked" in capsys.readouterr().out
     while manifest.read(store)["status"] == "running":  # the driver says it was stopped
         assert time.time() < deadline, "the stopped driver did not mark its run"
-        time.sleep(1)
+        time.sleep(0.25)
     assert "failed: terminated by SIGTERM" in results.status_text(out)
     # a driver that could not mark its run (SIGKILL, its node lost) leaves "running": status asks the Jobs API
     found, cfg = manifest.read_run(store)
@@ -115,6 +116,18 @@ def test_no_wait_list_stop_and_the_status_of_a_stopped_job(ray_head, bucket, cap
     monkeypatch.setenv("RAY_ADDRESS", ray_head)
     while results.status(out)["driver"]["state"] == "running":  # Ray marks the job once its driver has exited
         assert time.time() < deadline, "the job was not marked stopped"
-        time.sleep(1)
+        time.sleep(0.25)
     assert results.status(out)["driver"]["state"] == "stopped"
     assert f"job {job_id} is stopped at {ray_head}" in results.status_text(out)
+
+
+def test_a_dashboard_address_for_run_is_translated_or_refused(ray_head, capsys, tmp_path):
+    """The dashboard's http:// address answers as one (submit's check); `run` joins the GCS on the
+    same host's 6379 where one answers, else refuses naming what to pass (this head's GCS is elsewhere)."""
+    from jobs.address import GCS_PORT, _gcs_answers, check_dashboard
+
+    check_dashboard(ray_head)
+    if _gcs_answers("127.0.0.1", GCS_PORT):
+        pytest.skip("a Ray cluster of someone else's holds 6379 on this machine")
+    refused(capsys, ["run", "--model", "toy-2l", "--quiet", "--out", str(tmp_path / "o"), "--address", ray_head],
+            f"{ray_head} is a Ray dashboard; `run` joins the cluster's GCS address")

@@ -133,14 +133,16 @@ def merge_block(parts: list[bytes]) -> bytes:
 class BlockMerge:
     """The run's aggregate, merged in a fixed tree: blocks of MERGE_BLOCK consecutive shards of the
     plan, each merged in plan order as soon as all its shards are in (by ``remote``, a Ray task, so the
-    driver only passes bytes on; the last block on the driver), then the blocks in order. A resumed run and ``report`` merge the same
-    blocks the same way, so their aggregates equal an undisturbed run's bit for bit."""
+    driver only passes bytes on; the last block on the driver), then the blocks in order. A resumed run
+    and ``report`` merge the same blocks the same way, so their aggregates equal an undisturbed run's bit
+    for bit."""
 
     def __init__(self, specs: list[ShardSpec], remote=None):
         self.blocks = [[s.key for s in specs[i:i + MERGE_BLOCK]] for i in range(0, len(specs), MERGE_BLOCK)]
         self.block_of = {key: i for i, keys in enumerate(self.blocks) for key in keys}
         self.waiting: list[dict[str, bytes]] = [{} for _ in self.blocks]
         self.merged: list = [None] * len(self.blocks)  # a block's merged bytes, or the ref of its Ray task
+        self.open = len(self.blocks)  # blocks with shards still to come
         self.remote = remote or merge_block
 
     def add(self, key: str, data: bytes) -> None:
@@ -148,9 +150,9 @@ class BlockMerge:
         self.waiting[i][key] = data
         if self.merged[i] is None and len(self.waiting[i]) == len(self.blocks[i]):
             parts = [self.waiting[i][k] for k in self.blocks[i]]
+            self.open -= 1
             # the run's last block merges here: the driver waits on it anyway, and a task's worker starts in ~1 s
-            last = all(m is not None for j, m in enumerate(self.merged) if j != i)
-            self.merged[i] = merge_block(parts) if last else self.remote(parts)
+            self.merged[i] = merge_block(parts) if self.open == 0 else self.remote(parts)
             self.waiting[i] = {}
 
     def result(self, get=None) -> Accumulator:
